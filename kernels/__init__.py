@@ -1,0 +1,102 @@
+"""Causal scaled-dot-product attention with the heads as a batch dimension.
+
+    from kernels import causal_attention
+    out = causal_attention(q, k, v)          # q: (B, H, Tq, D), k, v: (B, H, Tk, D)
+
+Backends: "triton" (fused FlashAttention-2-style kernel, CUDA), "sdpa" (PyTorch's
+scaled_dot_product_attention), "reference" (the explicit-softmax oracle), and "auto".
+"""
+import torch
+import torch.nn.functional as F
+
+from .reference import causal_attention_reference, causal_mask
+from .validation import BACKENDS, check_attention_args, check_backend
+
+try:
+    from . import flash
+except ImportError as e:  # no triton on this platform (macOS, Windows): pure-PyTorch only
+    flash = None
+    _FLASH_IMPORT_ERROR = str(e)
+
+__all__ = ["causal_attention", "available_backends", "causal_attention_reference"]
+
+
+def _triton_unavailable(q):
+    """Why backend="triton" cannot run q, or None if it can."""
+    if flash is None:
+        return f"triton is not installed ({_FLASH_IMPORT_ERROR})"
+    return flash.supports(q)
+
+
+def available_backends(device=None):
+    """The backends that can run on `device` (default: CUDA if present, else CPU), best first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    names = ["sdpa", "reference"]
+    if flash is not None and (device.type == "cuda" or flash.INTERPRET):
+        names.insert(0, "triton")
+    return names
+
+
+def _sdpa(q, k, v, scale, dropout_p):
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    if Tq == 1:  # one new query sees every key: no mask at all
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    # SDPA's is_causal aligns top-left when Tq != Tk; ours is bottom-right, so pass the mask.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device),
+                                          dropout_p=dropout_p, scale=scale)
+
+
+def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
+    """Causal (masked) scaled-dot-product attention, all heads at once.
+
+    Args:
+        q: (B, H, Tq, D) queries, or (N, Tq, D).
+        k: (B, H, Tk, D) keys, or (N, Tk, D), with Tq <= Tk.
+        v: (B, H, Tk, D) values, or (N, Tk, D).
+        scale: multiplier of q @ k^T; default D ** -0.5.
+        dropout_p: probability of dropping an attention weight (training only; pass 0.0 in
+            eval). The kept weights are scaled by 1 / (1 - dropout_p).
+        backend: "auto" | "triton" | "reference" | "sdpa". "auto" picks Triton on CUDA for
+            float16/bfloat16/float32 with D <= 256, else PyTorch's SDPA.
+
+    The mask is bottom-right aligned: query i sees keys j <= i + (Tk - Tq), which is what a
+    KV cache needs (the new queries are the last Tq positions). For Tq = 2, Tk = 5:
+
+        keys ->  0 1 2 3 4
+        q 0      1 1 1 1 0
+        q 1      1 1 1 1 1
+
+    and for Tq = Tk = 4 the usual lower triangle:
+
+        1 0 0 0
+        1 1 0 0
+        1 1 1 0
+        1 1 1 1
+
+    Returns:
+        (B, H, Tq, D) (or (N, Tq, D)), in q's dtype, on q's device.
+
+    Raises:
+        ValueError / TypeError naming the argument for bad shapes, dtypes, devices, Tq > Tk,
+        dropout_p outside [0, 1), an unknown backend, or "triton" where it cannot run.
+    """
+    check_backend(backend)
+    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
+    scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        use_triton = q4.device.type == "cuda" and _triton_unavailable(q4) is None
+        backend = "triton" if use_triton else "sdpa"
+    if backend == "triton":
+        why = _triton_unavailable(q4)
+        if why is not None:
+            raise ValueError(f"backend='triton' cannot run here: {why}")
+        out = flash.flash_attention(q4, k4, v4, scale, dropout_p)
+    elif backend == "sdpa":
+        out = _sdpa(q4, k4, v4, scale, dropout_p)
+    else:
+        out = causal_attention_reference(q4, k4, v4, scale=scale, dropout_p=dropout_p)
+    return out.squeeze(1) if three_d else out

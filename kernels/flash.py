@@ -1,0 +1,579 @@
+"""Fused causal attention in Triton: FlashAttention-2's algorithm, forward and backward.
+
+Layout of this file, top to bottom: small jitted helpers, the forward kernel, the backward
+kernels, the launchers, the torch custom-op registration, the public function.
+
+Notation: B batch, H heads, Tq queries, Tk keys (Tq <= Tk), D head dim. The causal mask is
+bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq); call Tk - Tq the offset.
+Every query sees key 0, so no row is ever fully masked and the softmax never divides by zero.
+
+Forward (one program per BLOCK_M query rows of one head): stream K/V tiles past the Q tile,
+keep a running max m and running sum l in float32 (online softmax), in base 2 with log2(e)
+folded into the scale. Key tiles wholly below the diagonal run unmasked; only the tiles the
+diagonal crosses are masked; tiles above it are never loaded. Writes O and the row
+log-sum-exp (natural log, float32) for the backward.
+
+Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip and streams the
+query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
+element is written by exactly one program: deterministic, no atomics.
+
+Dropout: one Philox draw per (head, row, column) from a seed that the wrapper takes from
+torch's generator; the backward regenerates the same mask from the same seed.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634  # 1/ln(2): exp2 is cheaper than exp, so scores live in base 2
+LN2 = 0.6931471805599453
+
+# float32 inputs: tf32 tensor-core dots by default (about 1e-3 relative error, as PyTorch's own
+# TF32 matmuls); set LECTURE_FLASH_FP32=ieee or call set_fp32_precision("ieee") for full fp32.
+_fp32_precision = os.environ.get("LECTURE_FLASH_FP32", "tf32")
+
+
+def set_fp32_precision(mode):
+    """Choose how float32 inputs are multiplied: "tf32" (default, fast) or "ieee" (exact fp32)."""
+    global _fp32_precision
+    if mode not in ("tf32", "ieee"):
+        raise ValueError(f"mode must be 'tf32' or 'ieee', got {mode!r}")
+    _fp32_precision = mode
+
+
+def get_fp32_precision():
+    return _fp32_precision
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+# Triton's interpreter multiplies bfloat16 dot operands wrongly (seen with Triton 3.9: garbage
+# of order 1e10, while float16 is right). Under the interpreter only, dots take float32 operands;
+# a product of two bf16/fp16 values is exact in fp32, so this changes no result.
+_UPCAST_DOTS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _UPCAST_DOTS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _keep(seed, bh, rows, cols, Tk, dropout_p):
+    """Dropout keep-mask for one tile: True where (row, col) of head bh survives.
+
+    rows and cols broadcast against each other, so the same call serves a (M, N) tile in the
+    forward and the transposed (N, M) tile in the backward with identical draws.
+    """
+    c0 = (rows * Tk + cols).to(tl.uint32, bitcast=True)
+    c1 = c0 * 0 + bh.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile indexed by (rows, cols); guard only the sides that can overrun."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+               offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
+               BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
+               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key tiles [lo, hi) into the running (acc, l, m) of one Q tile.
+
+    MASKED=False is only called on tiles wholly at or below the diagonal, which also lie wholly
+    inside [0, Tk), so neither the causal mask nor a bounds check is needed there.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        kT = _load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                        offs_d, D, offs_n, Tk, D_PAD, MASKED)  # (HEAD_DIM, BLOCK_N)
+        s = _dot(q, kT, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        if MASKED:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       offs_n, Tk, offs_d, D, MASKED, D_PAD)  # (BLOCK_N, HEAD_DIM)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, SEED,
+              stride_qb, stride_qh, stride_qt, stride_qd,
+              stride_kb, stride_kh, stride_kt, stride_kd,
+              stride_vb, stride_vh, stride_vt, stride_vd,
+              stride_ob, stride_oh, stride_ot, stride_od,
+              H, Tq, Tk, D, scale, dropout_p,
+              TQ_BUCKET, TK_BUCKET,  # autotune keys only
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
+    # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, Tq, offs_d, D, True, D_PAD)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    causal_off = Tk - Tq
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Stage 1: key tiles that every row of this block sees in full. Stage 2: the diagonal.
+    full_end = (start_m + causal_off + 1) // BLOCK_N * BLOCK_N
+    diag_end = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                               stride_vt, stride_vd, offs_m, offs_d, 0, full_end, D, Tk,
+                               causal_off, qk_scale, seed, bh, dropout_p,
+                               BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                               stride_vt, stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk,
+                               causal_off, qk_scale, seed, bh, dropout_p,
+                               BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < Tq
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: ln(2)
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    if D_PAD:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA,
+                    stride_ob, stride_oh, stride_ot, stride_od,
+                    stride_dob, stride_doh, stride_dot, stride_dod,
+                    H, Tq, D,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot
+                   + offs_d[None, :] * stride_od, offs_m, Tq, offs_d, D, True, D_PAD)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                    stride_qt, stride_qd, stride_dot, stride_dod,
+                    offs_n, offs_d, lo, hi, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
+                    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
+                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form.
+
+    Rows past Tq load lse = +inf, so their probabilities are exactly 0 and they add nothing.
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < Tq
+        qT = _load_tile(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                        offs_d, D, offs_m, Tq, D_PAD, True)  # (HEAD_DIM, BLOCK_M)
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        pT = tl.math.exp2(_dot(k, qT, None, DOT_PRECISION) * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                        offs_m, Tq, offs_d, D, True, D_PAD)  # (BLOCK_M, HEAD_DIM)
+        dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
+            pT_kept = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+        else:
+            pT_kept = pT
+        dv = _dot(pT_kept.to(do.dtype), do, dv, DOT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
+                   stride_qb, stride_qh, stride_qt, stride_qd,
+                   stride_kb, stride_kh, stride_kt, stride_kd,
+                   stride_vb, stride_vh, stride_vt, stride_vd,
+                   stride_dob, stride_doh, stride_dot, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                   H, Tq, Tk, D, scale, dropout_p,
+                   TQ_BUCKET, TK_BUCKET,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
+                   + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d, D, True, D_PAD)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt
+                   + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D, True, D_PAD)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * Tq
+    delta_base = DELTA + bh.to(tl.int64) * Tq
+
+    causal_off = Tk - Tq
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Rows i >= start_n - off see some key of this tile; rows i >= start_n + BLOCK_N - 1 - off
+    # see all of it. Stage 1 walks the row tiles the diagonal crosses, stage 2 the rest.
+    first = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
+    full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+    full = tl.minimum(tl.maximum(full, first), Tq)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d,
+                             first, full, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
+                             BLOCK_M, D_PAD, True, DROPOUT, DOT_PRECISION)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d,
+                             full, Tq, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
+                             BLOCK_M, D_PAD, False, DROPOUT, DOT_PRECISION)
+    dk = dk * scale
+    mask = offs_n[:, None] < Tk
+    if D_PAD:
+        mask = mask & (offs_d[None, :] < D)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                  offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
+                  BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
+                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        kT = _load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                        offs_d, D, offs_n, Tk, D_PAD, MASKED)  # (HEAD_DIM, BLOCK_N)
+        vT = _load_tile(v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
+                        offs_d, D, offs_n, Tk, D_PAD, MASKED)
+        p = tl.math.exp2(_dot(q, kT, None, DOT_PRECISION) * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        dp = _dot(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
+                 stride_qb, stride_qh, stride_qt, stride_qd,
+                 stride_kb, stride_kh, stride_kt, stride_kd,
+                 stride_vb, stride_vh, stride_vt, stride_vd,
+                 stride_dob, stride_doh, stride_dot, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                 H, Tq, Tk, D, scale, dropout_p,
+                 TQ_BUCKET, TK_BUCKET,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
+                   + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d, D, True, D_PAD)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    causal_off = Tk - Tq
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = (start_m + causal_off + 1) // BLOCK_N * BLOCK_N
+    diag_end = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
+                       stride_vd, offs_m, offs_d, 0, full_end, D, Tk, causal_off, qk_scale,
+                       seed, bh, dropout_p, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
+                       stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk, causal_off, qk_scale,
+                       seed, bh, dropout_p, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
+    dq = dq * scale
+    mask = row_ok[:, None]
+    if D_PAD:
+        mask = mask & (offs_d[None, :] < D)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, MASK, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write the keep-mask the kernels use, as a (B*H, Tq, Tk) int8 tensor: tests only."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+    ptrs = MASK + bh.to(tl.int64) * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning and launchers
+# ----------------------------------------------------------------------------------------------
+
+_TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "DOT_PRECISION"]
+
+
+def _fits(conf, nargs, big_tile):
+    """Prune configs that cannot pay off: tiles larger than the problem, or too big for head dim."""
+    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    hd = nargs["HEAD_DIM"]
+    if bm > max(16, nargs["TQ_BUCKET"]) * 2 or bn > max(16, nargs["TK_BUCKET"]) * 2:
+        return False
+    if hd >= 256 and bm * bn > big_tile:
+        return False
+    return True
+
+
+def _pruner(big_tile):
+    def prune(configs, nargs, **kwargs):
+        kept = [c for c in configs if _fits(c, nargs, big_tile)]
+        return kept or configs[-1:]
+    return prune
+
+
+def _configs(shapes, stages=(2, 3, 4), warps=(4, 8)):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm, bn in shapes for s in stages for w in warps]
+
+
+# Forward: wide query tiles amortise the Q load; the smallest entry fits head dim 256.
+_FWD_CONFIGS = _configs([(128, 128), (128, 64), (64, 64)], stages=(3, 4)) + \
+    _configs([(64, 32)], stages=(2,), warps=(4,))
+# Backward: dK/dV holds two (BLOCK_N, D) accumulators, dQ one (BLOCK_M, D).
+_DKDV_CONFIGS = _configs([(64, 128), (32, 128), (64, 64)], stages=(2, 3)) + \
+    _configs([(32, 32)], stages=(1,), warps=(4,))
+_DQ_CONFIGS = _configs([(128, 64), (128, 32), (64, 64)], stages=(2, 3)) + \
+    _configs([(32, 32)], stages=(1,), warps=(4,))
+
+if INTERPRET:
+    # The interpreter runs one fixed, small config: tiles of 16 make the small test shapes
+    # cross several tiles, tails and diagonals, and tuning would only cost time.
+    _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
+    _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
+else:
+    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY,
+                                  prune_configs_by={"early_config_prune": _pruner(64 * 64)})(_attn_fwd)
+    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
+                                   prune_configs_by={"early_config_prune": _pruner(32 * 64)})(_attn_bwd_dkdv)
+    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY,
+                                 prune_configs_by={"early_config_prune": _pruner(64 * 32)})(_attn_bwd_dq)
+    _FIXED = {}
+
+
+def _head_dim(D):
+    return max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+
+
+def _bucket(T):
+    return min(triton.next_power_of_2(T), 1 << 16)
+
+
+def _common(q, k, scale, dropout_p, ieee):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    hd = _head_dim(D)
+    return dict(H=H, Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
+                TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, D_PAD=hd != D,
+                DROPOUT=dropout_p > 0.0,
+                DOT_PRECISION="ieee" if (ieee or q.dtype != torch.float32) else "tf32", **_FIXED)
+
+
+def _new_like_bthd(q):
+    """An empty (B, H, T, D) tensor stored as (B, T, H, D): the layout the model wants back."""
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2)
+
+
+def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
+    B, H, Tq, D = q.shape
+    o = _new_like_bthd(q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    meta = _common(q, k, scale, dropout_p, ieee)
+    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
+    _fwd_kernel[grid](q, k, v, o, lse, seed if seed is not None else lse,
+                      *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
+    return o, lse
+
+
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    meta = _common(q, k, scale, dropout_p, ieee)
+    delta = torch.empty_like(lse)
+    pre_block = 64 if not INTERPRET else 16
+    _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
+        HEAD_DIM=meta["HEAD_DIM"], D_PAD=meta["D_PAD"], BLOCK_M=pre_block)
+    dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+    seed = seed if seed is not None else lse
+    _dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, seed,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), **meta)
+    _dq_kernel[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, seed,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), **meta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration as torch custom ops (so torch.compile(fullgraph=True) traces through them)
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lecture_flash::fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
+            scale: float, dropout_p: float, ieee: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, seed, scale, dropout_p, ieee)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, seed, scale, dropout_p, ieee):
+    B, H, Tq, D = q.shape
+    return _new_like_bthd(q), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("lecture_flash::bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
+            scale: float, dropout_p: float, ieee: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
+    return _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, scale, dropout_p, ieee = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.scale, ctx.dropout_p, ctx.ieee = scale, dropout_p, ieee
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+def supports(q):
+    """Why the Triton kernel cannot take q, or None if it can (q is 4-D and validated)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not one of float16, bfloat16, float32"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} is over 256"
+    if q.device.type != "cuda" and not INTERPRET:
+        return (f"tensors are on {q.device.type}; the Triton kernel needs CUDA "
+                "(or TRITON_INTERPRET=1, set before triton is imported, for the CPU interpreter)")
+    return None
+
+
+def draw_seed(device):
+    """The dropout seed, drawn from torch's generator for `device` (so manual_seed replays it)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def flash_attention(q, k, v, scale, dropout_p=0.0):
+    """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels."""
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    o, _ = _fwd_op(q, k, v, seed, float(scale), float(dropout_p), _fp32_precision == "ieee")
+    return o
+
+
+def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p):
+    """The (B, H, Tq, Tk) bool keep-mask the kernels draw for this seed: for tests."""
+    mask = torch.empty(B * H, Tq, Tk, device=seed.device, dtype=torch.int8)
+    grid = (triton.cdiv(Tq, 16), triton.cdiv(Tk, 16), B * H)
+    _dropout_mask_kernel[grid](seed, mask, Tq, Tk, dropout_p, BLOCK_M=16, BLOCK_N=16)
+    return mask.view(B, H, Tq, Tk).bool()

@@ -1,0 +1,45 @@
+"""The pure-PyTorch oracle: explicit masked softmax, in float32 (float64 for float64 inputs).
+
+Every other backend is tested against this function. It is written for clarity, not speed: it
+materialises the whole (Tq, Tk) score matrix.
+"""
+import torch
+
+from .validation import check_attention_args
+
+
+def causal_mask(Tq, Tk, device=None):
+    """(Tq, Tk) bool mask, True where query i may see key j, aligned bottom-right.
+
+    Query i sits at absolute position i + (Tk - Tq), so it sees keys j <= i + Tk - Tq. With
+    Tq == Tk this is the usual lower triangle; with Tq < Tk it is what a KV cache needs.
+    """
+    i = torch.arange(Tq, device=device).unsqueeze(1)
+    j = torch.arange(Tk, device=device).unsqueeze(0)
+    return j <= i + (Tk - Tq)
+
+
+def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_mask=None):
+    """Causal attention computed the plain way, as the lecture does, for all heads at once.
+
+    q: (B, H, Tq, D) or (N, Tq, D); k, v: (B, H, Tk, D) or (N, Tk, D), Tq <= Tk.
+    dropout_mask: optional bool tensor broadcastable to (B, H, Tq, Tk), True = keep. When given,
+    it replaces a random draw, so a test can feed the oracle the very mask a kernel used.
+    Returns a tensor of q's shape and dtype.
+    """
+    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q4.shape[-1] ** -0.5 if scale is None else scale
+    Tq, Tk = q4.shape[-2], k4.shape[-2]
+
+    scores = (q4.to(compute) @ k4.to(compute).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_mask is not None:
+        if dropout_p == 0.0:
+            raise ValueError("dropout_mask was given but dropout_p is 0; pass the p it was drawn with")
+        probs = probs * dropout_mask.to(compute) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = (probs @ v4.to(compute)).to(q.dtype)  # (B, H, Tq, D)
+    return out.squeeze(1) if three_d else out

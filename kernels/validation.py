@@ -1,0 +1,59 @@
+"""Argument checks shared by every backend.
+
+Each check raises a ValueError or TypeError that names the argument and what was expected, so a
+user never meets an IndexError from deep inside a kernel. The checks read only shapes, dtypes and
+devices (never data), so they are free under torch.compile.
+"""
+import torch
+
+BACKENDS = ("auto", "triton", "reference", "sdpa")
+
+
+def check_attention_args(q, k, v, scale, dropout_p):
+    """Validate q/k/v/scale/dropout_p; return (q, k, v) as 4-D tensors and whether input was 3-D."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(
+                f"{name} must be 4-D (B, H, T, D) or 3-D (N, T, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(
+            f"q, k and v must have the same number of dimensions, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+    three_d = q.dim() == 3
+    if three_d:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (Bk, Hk, Dk) != (B, H, D):
+        what = "batch" if Bk != B else "heads" if Hk != H else "head dim"
+        raise ValueError(
+            f"k must match q in batch, heads and head dim ({what} differs): q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}")
+    if Tq == 0 or D == 0:
+        raise ValueError(f"q must have at least one query and a non-empty head dim, got {tuple(q.shape)}")
+    if Tq > Tk:
+        raise ValueError(
+            f"q has more positions than k (Tq={Tq} > Tk={Tk}); the causal mask is bottom-right "
+            "aligned and needs Tq <= Tk")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return q, k, v, three_d
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lecture-flash",
+    version="0.1.0",
+    description="A fast, drop-in causal attention for PyTorch and the 'Let's build GPT' lecture model on it",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kernels", "kernels.*", "gpt", "gpt.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        # A range, not a pin: users with a CUDA build of torch keep it.
+        "torch>=2.4",
+        "numpy",
+        "tqdm",
+        # Triton ships wheels for Linux x86_64 only; elsewhere the pure-PyTorch backends serve.
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "plot": ["matplotlib"],
+    },
+)
