@@ -50,6 +50,16 @@ def _sdpa(q, k, v, scale, dropout_p):
                                           dropout_p=dropout_p, scale=scale)
 
 
+def _auto_backend(q):
+    if q.device.type == "cuda" and _triton_unavailable(q) is None:
+        return "triton"
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        # PyTorch's CPU SDPA kernel loses precision in the bf16 backward (dV error up to 2.3x
+        # that of plain bf16 math, see tests/test_backends.py); the float32 path is exact enough.
+        return "reference"
+    return "sdpa"
+
+
 def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
     """Causal (masked) scaled-dot-product attention, all heads at once.
 
@@ -61,7 +71,8 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
         dropout_p: probability of dropping an attention weight (training only; pass 0.0 in
             eval). The kept weights are scaled by 1 / (1 - dropout_p).
         backend: "auto" | "triton" | "reference" | "sdpa". "auto" picks Triton on CUDA for
-            float16/bfloat16/float32 with D <= 256, else PyTorch's SDPA.
+            float16/bfloat16/float32 with D <= 256, else PyTorch's SDPA (on CPU, the float32
+            reference for float16/bfloat16 inputs, which SDPA's CPU kernel handles less exactly).
 
     The mask is bottom-right aligned: query i sees keys j <= i + (Tk - Tq), which is what a
     KV cache needs (the new queries are the last Tq positions). For Tq = 2, Tk = 5:
@@ -88,8 +99,7 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
     q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
-        use_triton = q4.device.type == "cuda" and _triton_unavailable(q4) is None
-        backend = "triton" if use_triton else "sdpa"
+        backend = _auto_backend(q4)
     if backend == "triton":
         why = _triton_unavailable(q4)
         if why is not None:

@@ -52,15 +52,27 @@ def get_fp32_precision():
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
-# Triton's interpreter multiplies bfloat16 dot operands wrongly (seen with Triton 3.9: garbage
-# of order 1e10, while float16 is right). Under the interpreter only, dots take float32 operands;
-# a product of two bf16/fp16 values is exact in fp32, so this changes no result.
-_UPCAST_DOTS = tl.constexpr(INTERPRET)
+# Two faults of Triton's CPU interpreter (seen with Triton 3.9), mended under the interpreter
+# only, so that the CPU tests see the numbers a GPU computes:
+# - tl.dot on bfloat16 operands returns garbage (float16 is right). Dots take float32 operands
+#   instead; a product of two bf16/fp16 values is exact in fp32, so no result changes.
+# - float32 -> bfloat16 casts truncate, where GPUs round to nearest even; _to rounds by hand.
+_INTERPRETER_FIXES = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU does."""
+    if _INTERPRETER_FIXES and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if _UPCAST_DOTS:
+    if _INTERPRETER_FIXES:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -124,7 +136,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                        offs_n, Tk, offs_d, D, MASKED, D_PAD)  # (BLOCK_N, HEAD_DIM)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        acc = _dot(_to(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -180,9 +192,9 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
     o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     if D_PAD:
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(o_ptrs, _to(acc, O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     else:
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptrs, _to(acc, O.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,10 +251,10 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             pT_kept = pT
-        dv = _dot(pT_kept.to(do.dtype), do, dv, DOT_PRECISION)
+        dv = _dot(_to(pT_kept, do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+        dk = _dot(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -298,9 +310,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
     if D_PAD:
         mask = mask & (offs_d[None, :] < D)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask)
+             + offs_d[None, :] * stride_dkd, _to(dk, DK.dtype.element_ty), mask=mask)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask)
+             + offs_d[None, :] * stride_dvd, _to(dv, DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -325,7 +337,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
             keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+        dq = _dot(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
     return dq
 
 
@@ -375,7 +387,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
     if D_PAD:
         mask = mask & (offs_d[None, :] < D)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
+             + offs_d[None, :] * stride_dqd, _to(dq, DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit

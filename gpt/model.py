@@ -1,0 +1,182 @@
+"""The lecture's GPT with its per-head attention replaced by one batched module.
+
+Module names follow the lecture (token_embedding_table, blocks.i.sa, blocks.i.ffwd.net, ...), so a
+state dict saved by the lecture's gpt.py loads with load_state_dict and gives the same logits.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from kernels import causal_attention
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65     # distinct characters of Tiny Shakespeare
+    block_size: int = 256    # longest context the model sees (learned positions)
+    n_embd: int = 384        # width of the residual stream
+    n_head: int = 6          # attention heads per block; head size = n_embd // n_head
+    n_layer: int = 6         # transformer blocks
+    dropout: float = 0.2     # on attention weights, after each projection, in the MLP
+    backend: str = "auto"    # attention backend, see kernels.causal_attention
+    attn_scale: float = None  # None: head_size ** -0.5 (the lecture's final gpt.py)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class MultiHeadAttention(nn.Module):
+    """All heads of causal self-attention at once: one fused qkv projection, heads as a batch dim.
+
+    Takes the lecture's arguments in the lecture's order and loads the lecture's per-head
+    weights (heads.{i}.key/query/value.weight, heads.{i}.tril) as well as its own layout.
+    `scale` defaults to head_size ** -0.5; the earliest lecture notes use n_embd ** -0.5.
+    """
+
+    def __init__(self, num_heads, head_size, n_embd=None, dropout=0.0, backend="auto", scale=None):
+        super().__init__()
+        self.num_heads, self.head_size = num_heads, head_size
+        self.n_embd = n_embd if n_embd is not None else num_heads * head_size
+        self.qkv = nn.Linear(self.n_embd, 3 * num_heads * head_size, bias=False)  # [q; k; v]
+        self.proj = nn.Linear(num_heads * head_size, self.n_embd)
+        self.attn_dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+        self.backend = backend
+        self.scale = scale
+
+    def project_qkv(self, x):
+        """(B, T, C) -> q, k, v each (B, H, T, hs), as strided views of one projection."""
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_size)
+        return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+    def merge_heads(self, out):
+        """(B, H, T, hs) -> projected, dropped-out (B, T, C)."""
+        B, _, T, _ = out.shape
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size)
+        return self.resid_dropout(self.proj(out))
+
+    def forward(self, x):
+        q, k, v = self.project_qkv(x)
+        out = causal_attention(q, k, v, scale=self.scale,
+                               dropout_p=self.attn_dropout if self.training else 0.0,
+                               backend=self.backend)
+        return self.merge_heads(out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The lecture stores one key/query/value Linear per head; stack them into our qkv.
+        heads = {}
+        for key in [k for k in state_dict if k.startswith(prefix + "heads.")]:
+            m = re.fullmatch(re.escape(prefix) + r"heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
+            if m is None:
+                continue  # left in place: load_state_dict reports it as unexpected
+            tensor = state_dict.pop(key)
+            if m.group(2) != "tril":  # the causal mask buffer is implied by the kernel
+                heads[(int(m.group(1)), m.group(2))] = tensor
+        if heads:
+            n = self.num_heads
+            if sorted({i for i, _ in heads}) != list(range(n)) or len(heads) != 3 * n:
+                raise ValueError(f"{prefix}heads.*: expected key/query/value weights for heads "
+                                 f"0..{n - 1}, got {sorted(heads)}")
+            state_dict[prefix + "qkv.weight"] = torch.cat(
+                [heads[(i, part)] for part in ("query", "key", "value") for i in range(n)], dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class FeedForward(nn.Module):
+    """The lecture's MLP: expand by 4, ReLU, project back, dropout."""
+
+    def __init__(self, n_embd, dropout):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.sa = MultiHeadAttention(cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.dropout,
+                                     cfg.backend, cfg.attn_scale)
+        self.ffwd = FeedForward(cfg.n_embd, cfg.dropout)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
+        return x + self.ffwd(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.position_embedding_table = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids, T <= block_size -> logits (B, T, vocab), loss or None."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"idx has {T} positions but block_size is {self.config.block_size}; "
+                             "crop the context (generate does this)")
+        pos = torch.arange(T, device=idx.device)
+        x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(self.blocks(x)))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Append max_new_tokens sampled tokens to idx (B, T); the lecture's distribution.
+
+        Each step sees the last block_size tokens, as in the lecture. temperature scales the
+        logits (1.0: the lecture); top_k keeps only the k likeliest tokens.
+        """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
+        return torch.cat([idx] + new, dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Yield each new (B, 1) token as it is sampled; see generate."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be a non-empty (B, T) prompt, got shape {tuple(idx.shape)}")
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
+            if top_k is not None:
+                kth = torch.topk(probs, min(top_k, probs.shape[-1])).values[:, -1:]
+                probs = probs.masked_fill(probs < kth, 0.0)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next

@@ -1,0 +1,57 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. The variable
+# must be set before triton is first imported, which happens when `kernels` is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU, with the reason)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; the interpreter twin of this test runs on CPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generated_text(n_chars=60_000, seed=0):
+    """A stand-in corpus with Shakespeare's flavour of structure, for machines without the file."""
+    rng = random.Random(seed)
+    words = ("the king my lord thou art what shall we do good night sweet prince to be or not "
+             "that is question love hath made me fool o romeo wherefore fair").split()
+    names = ("ROMEO", "JULIET", "HAMLET", "KING", "QUEEN")
+    lines = []
+    while sum(len(s) for s in lines) < n_chars:
+        lines.append(f"{rng.choice(names)}:")
+        for _ in range(rng.randint(1, 4)):
+            lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize() + rng.choice(".,;!?"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def text_path(tmp_path_factory):
+    """Tiny Shakespeare from the shared folder (or $GPT_DATA), else a small generated text."""
+    for candidate in (os.environ.get("GPT_DATA"), SHARED_TEXT):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    path = tmp_path_factory.mktemp("data") / "generated.txt"
+    path.write_text(_generated_text())
+    return path
