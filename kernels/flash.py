@@ -108,6 +108,10 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 # Forward
 # ----------------------------------------------------------------------------------------------
 
+# Lengths vary call to call; specialising on them (divisible by 16 or not) would recompile
+# every config for each new length, which is most of the cost of a first call.
+_NO_SPECIALIZE = ["H", "Tq", "Tk", "D", "TQ_BUCKET", "TK_BUCKET"]
+
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
@@ -141,7 +145,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, O, LSE, SEED,
               stride_qb, stride_qh, stride_qt, stride_qd,
               stride_kb, stride_kh, stride_kt, stride_kd,
@@ -258,7 +262,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
                    stride_qb, stride_qh, stride_qt, stride_qd,
                    stride_kb, stride_kh, stride_kt, stride_kd,
@@ -341,7 +345,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                  stride_qb, stride_qh, stride_qt, stride_qd,
                  stride_kb, stride_kh, stride_kt, stride_kd,
@@ -408,51 +412,54 @@ def _dropout_mask_kernel(SEED, MASK, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, B
 _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "DOT_PRECISION"]
 
 
-def _fits(conf, nargs, big_tile):
-    """Prune configs that cannot pay off: tiles larger than the problem, or too big for head dim."""
+def _fits(conf, args):
+    """Configs worth trying: tiles no larger than the problem, and small enough for head dim
+    256 (two K/V stages of a 128 x 256 tile would not fit in shared memory)."""
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    hd = nargs["HEAD_DIM"]
-    if bm > max(16, nargs["TQ_BUCKET"]) * 2 or bn > max(16, nargs["TK_BUCKET"]) * 2:
+    if bm > max(32, args["TQ_BUCKET"]) or bn > max(32, args["TK_BUCKET"]):
         return False
-    if hd >= 256 and bm * bn > big_tile:
-        return False
-    return True
+    return args["HEAD_DIM"] < 256 or bm * bn <= 64 * 32
 
 
-def _pruner(big_tile):
-    def prune(configs, nargs, **kwargs):
-        kept = [c for c in configs if _fits(c, nargs, big_tile)]
-        return kept or configs[-1:]
-    return prune
+def _prune(configs, nargs, **kwargs):
+    args = {**nargs, **kwargs}  # Triton 3.6 passes keyword arguments apart from nargs
+    return [c for c in configs if _fits(c, args)] or configs[-1:]
 
 
-def _configs(shapes, stages=(2, 3, 4), warps=(4, 8)):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-            for bm, bn in shapes for s in stages for w in warps]
+def _cfg(bm, bn, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
 
 
-# Forward: wide query tiles amortise the Q load; the smallest entry fits head dim 256.
-_FWD_CONFIGS = _configs([(128, 128), (128, 64), (64, 64)], stages=(3, 4)) + \
-    _configs([(64, 32)], stages=(2,), warps=(4,))
-# Backward: dK/dV holds two (BLOCK_N, D) accumulators, dQ one (BLOCK_M, D).
-_DKDV_CONFIGS = _configs([(64, 128), (32, 128), (64, 64)], stages=(2, 3)) + \
-    _configs([(32, 32)], stages=(1,), warps=(4,))
-_DQ_CONFIGS = _configs([(128, 64), (128, 32), (64, 64)], stages=(2, 3)) + \
-    _configs([(32, 32)], stages=(1,), warps=(4,))
+# Few configs on purpose: each costs a compile per (dtype, head dim). The first that fits is
+# the fixed choice when autotuning is off; the last fits everything.
+_CONFIGS = {
+    # Forward: wide query tiles amortise the Q load.
+    "fwd": [_cfg(128, 64, 3, 8), _cfg(128, 128, 3, 8), _cfg(128, 64, 3, 4), _cfg(64, 64, 3, 4),
+            _cfg(64, 32, 2, 4)],
+    # dK/dV holds two (BLOCK_N, D) accumulators and streams narrow query tiles.
+    "dkdv": [_cfg(64, 128, 2, 8), _cfg(32, 128, 3, 4), _cfg(32, 64, 3, 4), _cfg(32, 32, 1, 4)],
+    # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles.
+    "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
+}
+_JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+AUTOTUNE = not INTERPRET and os.environ.get("LECTURE_FLASH_AUTOTUNE", "1") != "0"
+_TUNED = {name: triton.autotune(_CONFIGS[name], key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
+          for name, fn in _JIT.items()} if AUTOTUNE else {}
 
-if INTERPRET:
-    # The interpreter runs one fixed, small config: tiles of 16 make the small test shapes
-    # cross several tiles, tails and diagonals, and tuning would only cost time.
-    _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
-    _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
-else:
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY,
-                                  prune_configs_by={"early_config_prune": _pruner(64 * 64)})(_attn_fwd)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
-                                   prune_configs_by={"early_config_prune": _pruner(32 * 64)})(_attn_bwd_dkdv)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY,
-                                 prune_configs_by={"early_config_prune": _pruner(64 * 32)})(_attn_bwd_dq)
-    _FIXED = {}
+
+def _launch(name, tiles_along, args, meta):
+    """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N>, the second B*H."""
+    n, block, bh = tiles_along
+    if AUTOTUNE:
+        _TUNED[name][lambda m: (triton.cdiv(n, m[block]), bh)](*args, **meta)
+        return
+    if INTERPRET:
+        # One small fixed tile: the test shapes then cross several tiles, tails and diagonals.
+        conf = _cfg(16, 16, 1, 4)
+    else:
+        conf = _prune(_CONFIGS[name], meta)[0]
+    _JIT[name][(triton.cdiv(n, conf.kwargs[block]), bh)](
+        *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
 
 
 def _head_dim(D):
@@ -470,7 +477,7 @@ def _common(q, k, scale, dropout_p, ieee):
     return dict(H=H, Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, D_PAD=hd != D,
                 DROPOUT=dropout_p > 0.0,
-                DOT_PRECISION="ieee" if (ieee or q.dtype != torch.float32) else "tf32", **_FIXED)
+                DOT_PRECISION="ieee" if (ieee or q.dtype != torch.float32) else "tf32")
 
 
 def _new_like_bthd(q):
@@ -484,9 +491,8 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
     o = _new_like_bthd(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     meta = _common(q, k, scale, dropout_p, ieee)
-    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, o, lse, seed if seed is not None else lse,
-                      *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
+    _launch("fwd", (Tq, "BLOCK_M", B * H), (q, k, v, o, lse, seed if seed is not None else lse,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride()), meta)
     return o, lse
 
 
@@ -501,12 +507,10 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
         HEAD_DIM=meta["HEAD_DIM"], D_PAD=meta["D_PAD"], BLOCK_M=pre_block)
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
     seed = seed if seed is not None else lse
-    _dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H)](
-        q, k, v, do, dk, dv, lse, delta, seed,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), **meta)
-    _dq_kernel[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, seed,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), **meta)
+    _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed, *q.stride(),
+            *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()), meta)
+    _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, *q.stride(),
+            *k.stride(), *v.stride(), *do.stride(), *dq.stride()), meta)
     return dq, dk, dv
 
 
