@@ -9,6 +9,26 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+def head_attention(q, k, v, tril, scale, dropout=None):
+    """The body of the lecture's Head.forward on projected q, k, v of shape (B, T, hs)."""
+    T = q.shape[1]
+    wei = q @ k.transpose(-2, -1) * scale  # (B, T, T)
+    wei = wei.masked_fill(tril[:T, :T] == 0, float("-inf"))
+    wei = F.softmax(wei, dim=-1)
+    if dropout is not None:
+        wei = dropout(wei)
+    return wei @ v  # (B, T, hs)
+
+
+def per_head_attention(q, k, v, scale=None):
+    """The lecture's attention on (B, H, T, hs) inputs: one head at a time, then torch.cat."""
+    T, hs = q.shape[-2], q.shape[-1]
+    scale = hs**-0.5 if scale is None else scale
+    tril = torch.tril(torch.ones(T, T, device=q.device))
+    return torch.stack([head_attention(q[:, h], k[:, h], v[:, h], tril, scale)
+                        for h in range(q.shape[1])], dim=1)
+
+
 class Head(nn.Module):
     """One head of self-attention."""
 
@@ -25,13 +45,9 @@ class Head(nn.Module):
         B, T, C = x.shape
         k = self.key(x)    # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
-        d = k.shape[-1] if self.scale_by == "head_size" else C
-        wei = q @ k.transpose(-2, -1) * d**-0.5  # (B, T, T)
-        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
-        wei = F.softmax(wei, dim=-1)
-        wei = self.dropout(wei)
         v = self.value(x)  # (B, T, hs)
-        return wei @ v     # (B, T, hs)
+        d = k.shape[-1] if self.scale_by == "head_size" else C
+        return head_attention(q, k, v, self.tril, d**-0.5, self.dropout)
 
 
 class MultiHeadAttention(nn.Module):

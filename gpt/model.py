@@ -56,20 +56,24 @@ class MultiHeadAttention(nn.Module):
     def project_qkv(self, x):
         """(B, T, C) -> q, k, v each (B, H, T, hs), as strided views of one projection."""
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_size)
-        return [t.transpose(1, 2) for t in qkv.unbind(2)]
+        qkv = F.linear(x, self.qkv.weight).view(B, T, 3, self.num_heads, self.head_size)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def merge_heads(self, out):
         """(B, H, T, hs) -> projected, dropped-out (B, T, C)."""
         B, _, T, _ = out.shape
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size)
-        return self.resid_dropout(self.proj(out))
+        return _dropout(self, F.linear(out, self.proj.weight, self.proj.bias), self.resid_dropout.p)
 
-    def forward(self, x):
+    def forward(self, x, attend=None):
+        """x (B, T, C) -> (B, T, C). attend(q, k, v) replaces the attention (KV caches use it)."""
         q, k, v = self.project_qkv(x)
-        out = causal_attention(q, k, v, scale=self.scale,
-                               dropout_p=self.attn_dropout if self.training else 0.0,
-                               backend=self.backend)
+        if attend is None:
+            out = causal_attention(q, k, v, scale=self.scale,
+                                   dropout_p=self.attn_dropout if self.training else 0.0,
+                                   backend=self.backend)
+        else:
+            out = attend(q, k, v)
         return self.merge_heads(out)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -105,7 +109,17 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x):
-        return self.net(x)
+        up, _, down, drop = self.net  # called functionally: module calls cost more than tiny matmuls
+        h = F.linear(F.relu(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
+        return _dropout(self, h, drop.p)
+
+
+def _dropout(module, x, p):
+    return F.dropout(x, p, training=True) if module.training and p > 0 else x
+
+
+def _layer_norm(ln, x):
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class Block(nn.Module):
@@ -117,9 +131,9 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
 
-    def forward(self, x):
-        x = x + self.sa(self.ln1(x))
-        return x + self.ffwd(self.ln2(x))
+    def forward(self, x, attend=None):
+        x = x + self.sa(_layer_norm(self.ln1, x), attend)
+        return x + self.ffwd(_layer_norm(self.ln2, x))
 
 
 class GPT(nn.Module):
@@ -146,37 +160,83 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"idx has {T} positions but block_size is {self.config.block_size}; "
                              "crop the context (generate does this)")
-        pos = torch.arange(T, device=idx.device)
-        x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
-        logits = self.lm_head(self.ln_f(self.blocks(x)))  # (B, T, vocab)
+        logits = self.head(self.hidden(idx))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); the lecture's distribution.
+    def hidden(self, idx):
+        """Token ids (B, T) at positions [0, T) -> the last block's output (B, T, C)."""
+        x = self.embed(idx, torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return x
 
-        Each step sees the last block_size tokens, as in the lecture. temperature scales the
-        logits (1.0: the lecture); top_k keeps only the k likeliest tokens.
+    def embed(self, idx, pos):
+        """Token ids (B, T) at positions pos (T,) -> (B, T, C)."""
+        return F.embedding(idx, self.token_embedding_table.weight) + \
+            F.embedding(pos, self.position_embedding_table.weight)
+
+    def head(self, x):
+        """Final layer norm and vocabulary projection: (..., C) -> (..., vocab)."""
+        return F.linear(_layer_norm(self.ln_f, x), self.lm_head.weight, self.lm_head.bias)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None, seed=None, stop=None, cuda_graphs=None):
+        """Continue idx (B, T) by max_new_tokens tokens sampled as the lecture samples them.
+
+        Exact: every token is drawn from softmax(logits) of the model run on the last
+        block_size tokens, as the lecture's generate does, only faster. While the sequence
+        fits in block_size a KV cache holds earlier positions, so each token costs one
+        position; past block_size the lecture's crop shifts all positions every step, so each
+        token costs one forward over a static (B, block_size) window (captured in a CUDA graph
+        on CUDA). See gpt/generate.py.
+
+        temperature: divides the logits; 0 means greedy (argmax). top_k: keep the k likeliest
+        tokens. top_p: keep the smallest set of tokens whose probability reaches top_p.
+        generator / seed: a torch.Generator (on idx's device) or a seed for a new one.
+        stop: a token-id sequence; generation ends once every row has produced it (this reads
+        the tokens back to the host after each step).
+        cuda_graphs: capture the per-token steps in CUDA graphs (default: on for CUDA).
+        idx may also be a list of 1-D prompts of different lengths: a list comes back.
         """
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
+        if isinstance(idx, (list, tuple)):
+            from .generate import generate_batch
+            return generate_batch(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, generator=self._generator(idx, generator, seed),
+                                  cuda_graphs=cuda_graphs)
+        new = []
+        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, seed, cuda_graphs):
+            new.append(tok)
+            if stop and self._stopped(torch.cat(new, dim=1), stop):
+                break
         return torch.cat([idx] + new, dim=1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Yield each new (B, 1) token as it is sampled; see generate."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must be a non-empty (B, T) prompt, got shape {tuple(idx.shape)}")
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
-            if top_k is not None:
-                kth = torch.topk(probs, min(top_k, probs.shape[-1])).values[:, -1:]
-                probs = probs.masked_fill(probs < kth, 0.0)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-            yield idx_next
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               generator=None, seed=None, cuda_graphs=None):
+        """Yield each new (B, 1) token as it is sampled; arguments as generate."""
+        from .generate import stream_tokens
+        if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] > 0:
+            if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+                raise ValueError(f"idx holds token ids outside [0, {self.config.vocab_size})")
+        yield from stream_tokens(self, idx, max_new_tokens, temperature, top_k, top_p,
+                                 self._generator(idx, generator, seed), cuda_graphs)
+
+    def _generator(self, idx, generator, seed):
+        if seed is None:
+            return generator
+        if generator is not None:
+            raise ValueError("pass generator or seed, not both")
+        return torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+
+    @staticmethod
+    def _stopped(new, stop):
+        stop = torch.as_tensor(stop, device=new.device)
+        n = len(stop)
+        if n == 0 or new.shape[1] < n:
+            return False
+        windows = new.unfold(1, n, 1)  # (B, steps - n + 1, n)
+        return bool((windows == stop).all(-1).any(-1).all())

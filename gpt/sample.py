@@ -22,7 +22,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with mass >= p")
+    p.add_argument("--stop", default=None, help="stop once this text has been generated")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run the steps eagerly")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--backend", default="auto")
@@ -75,16 +78,24 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if not prompt:
         sys.exit("error: --prompt is empty")
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    sys.stdout.write(args.prompt)
-    t0, n = time.perf_counter(), 0
-    for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, generator):
-        sys.stdout.write(tok.decode(token[0].tolist()))
-        sys.stdout.flush()
-        n += 1
+    try:
+        tokens = model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              seed=args.seed, cuda_graphs=False if args.no_cuda_graphs else None)
+        sys.stdout.write(args.prompt)
+        t0, n, text = time.perf_counter(), 0, ""
+        for token in tokens:
+            piece = tok.decode(token[0].tolist())  # reading the token back is the only sync
+            n += 1
+            if args.stop:
+                text += piece
+                if args.stop in text:  # print up to and including the stop text, then end
+                    sys.stdout.write(piece[:len(piece) - (len(text) - text.index(args.stop) - len(args.stop))])
+                    break
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
     print(f"{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):,.1f} tokens/s", file=sys.stderr)

@@ -443,8 +443,22 @@ _CONFIGS = {
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 AUTOTUNE = not INTERPRET and os.environ.get("LECTURE_FLASH_AUTOTUNE", "1") != "0"
-_TUNED = {name: triton.autotune(_CONFIGS[name], key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
-          for name, fn in _JIT.items()} if AUTOTUNE else {}
+
+
+def _tune_bench(fn, quantiles=None, **kwargs):
+    # Shorter than do_bench's defaults (25 ms warm-up, 100 ms): enough to rank a few configs.
+    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
+
+
+def _autotune(fn, configs):
+    kwargs = dict(key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+    try:  # Triton >= 3.3: a custom timer, and tuned configs cached on disk across processes
+        return triton.autotune(configs, do_bench=_tune_bench, cache_results=True, **kwargs)(fn)
+    except TypeError:
+        return triton.autotune(configs, **kwargs)(fn)
+
+
+_TUNED = {name: _autotune(fn, _CONFIGS[name]) for name, fn in _JIT.items()} if AUTOTUNE else {}
 
 
 def _launch(name, tiles_along, args, meta):

@@ -43,3 +43,19 @@ def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_ma
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = (probs @ v4.to(compute)).to(q.dtype)  # (B, H, Tq, D)
     return out.squeeze(1) if three_d else out
+
+
+def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None):
+    """Batched explicit masked softmax with every op in the inputs' own dtype, no validation.
+
+    This is what a user writes by hand (and PyTorch's math path computes): the low-precision
+    baseline of the tolerance rule, and "naive-batched" in the benchmark.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    s = (q @ k.transpose(-2, -1)) * scale
+    s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.dtype) / (1 - dropout_p)
+    return p @ v
