@@ -57,7 +57,7 @@ def measure(fn, device, min_time=0.5, max_reps=50):
     """(median, p20, p80) milliseconds of fn()."""
     if device.type == "cuda":
         from triton.testing import do_bench
-        return tuple(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+        return tuple(do_bench(fn, warmup=25, rep=60, quantiles=[0.5, 0.2, 0.8]))
     fn()  # warm-up
     times, start = [], time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
@@ -104,7 +104,7 @@ def _flex():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
         return f"FlexAttention is not in this torch ({e})"
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=True)  # one compile for every length
     masks = {}
 
     def causal(b, h, q_idx, kv_idx):
@@ -133,7 +133,7 @@ def attention_impls(device, quick):
         impls["flex"] = impls["compiled-naive"] = why
     else:
         impls["flex"] = _flex()
-        impls["compiled-naive"] = torch.compile(naive_causal_attention, dynamic=False)
+        impls["compiled-naive"] = torch.compile(naive_causal_attention, dynamic=True)
     if "triton" in available_backends(device) and device.type == "cuda":
         impls["triton"] = lambda q, k, v: causal_attention(q, k, v, backend="triton")
     else:
@@ -254,46 +254,65 @@ def bench_gpt_train(device, quick, log):
     cfg = train_cfg(device, quick)
     B, T = cfg["batch_size"], cfg["block_size"]
     runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16), ("float32", None)]
+    L, H, hs = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
     rows = []
     for dtype_name, amp in runs:
         peak = matmul_peak_tflops(device, amp or torch.float32) if device.type == "cuda" else None
+        steps, skipped = {}, {}
         for impl in ("lecture", "sdpa-batched", "project", "project-compiled"):
             if impl == "project-compiled" and quick and device.type == "cpu":
-                rows.append(dict(impl=impl, dtype=dtype_name, skipped="compiling takes longer than --quick allows on a CPU"))
+                skipped[impl] = "compiling takes longer than --quick allows on a CPU"
                 continue
-            torch.manual_seed(0)
-            model = build_model(impl, cfg, device)
-            n_params = sum(p.numel() for p in model.parameters())
-            step_model = torch.compile(model) if impl == "project-compiled" else model
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
-            x = torch.randint(VOCAB, (B, T), device=device)
-            y = torch.randint(VOCAB, (B, T), device=device)
-
-            def step():
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    _, loss = step_model(x, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
             try:
-                for _ in range(3):
-                    step()  # warm-up (and compilation)
-                sync(device)
-                ms, _, _ = measure(step, device, min_time=2.0, max_reps=20)
-                mem = peak_memory_mb(step, device)
+                steps[impl] = make_train_step(impl, cfg, device, amp)
             except Exception as e:
-                rows.append(dict(impl=impl, dtype=dtype_name, skipped=skipped_reason(e)))
+                skipped[impl] = skipped_reason(e)
+        times = {impl: [] for impl in steps}
+        if device.type == "cuda":
+            for impl, (step, _) in steps.items():
+                times[impl] = [measure(step, device)[0]]
+        else:  # round-robin, so that drift on a shared CPU hits every implementation alike
+            for _ in range(5 if quick else 10):
+                for impl, (step, _) in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    times[impl].append((time.perf_counter() - t0) * 1e3)
+        for impl in ("lecture", "sdpa-batched", "project", "project-compiled"):
+            if impl in skipped:
+                rows.append(dict(impl=impl, dtype=dtype_name, skipped=skipped[impl]))
                 continue
-            L, H, hs = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+            step, n_params = steps[impl]
+            ms = statistics.median(times[impl])
             flops_per_token = 6 * n_params + 12 * L * H * hs * T  # PaLM's estimate, as nanoGPT
             tok_s = B * T / (ms / 1e3)
             rows.append(dict(impl=impl, dtype=dtype_name, tokens_per_s=tok_s, ms_per_iter=ms,
                              mfu=flops_per_token * tok_s / (peak * 1e12) if peak else None,
-                             peak_mem_mb=mem, B=B, T=T,
+                             peak_mem_mb=peak_memory_mb(step, device), B=B, T=T,
                              mfu_peak=f"measured 8192^3 {dtype_name} matmul: {peak:.0f} TFLOP/s" if peak else None))
             log(f"  gpt_train {dtype_name} {impl}: {ms:.1f} ms/iter, {tok_s:,.0f} tokens/s")
-            del model, step_model, opt
+        del steps
     return rows
+
+
+def make_train_step(impl, cfg, device, amp):
+    """A warmed-up closure doing one full training step, and the model's parameter count."""
+    torch.manual_seed(0)
+    model = build_model(impl, cfg, device)
+    step_model = torch.compile(model) if impl == "project-compiled" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    x = torch.randint(VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
+    y = torch.randint(VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, loss = step_model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):
+        step()  # warm-up (and compilation)
+    sync(device)
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def bench_generate(device, quick, log):
@@ -390,9 +409,12 @@ def print_rows(title, rows, metric, baseline="lecture"):
             print(f"{key:9} {r['impl']:24} {fmt(v, '14,.1f')} {metric}{extra} {ratio} {r.get('skipped', '')}")
 
 
-def write_outputs(report, out_dir, log):
+def write_outputs(report, out_dir, log, results_file=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    if results_file is not None:
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(report, indent=1))
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["section", "impl", "key", "metric", "value", "device", "torch", "date"])
@@ -404,10 +426,11 @@ def write_outputs(report, out_dir, log):
                         continue
                     w.writerow([section, r["impl"], key, metric, value, report["device"],
                                 report["versions"]["torch"], report["date"]])
-    try:
-        plot_attention(report, out_dir / "attention.png")
-    except ImportError:
-        log("matplotlib is not installed: no attention.png (pip install -e '.[plot]')")
+    if report.get("complete"):
+        try:
+            plot_attention(report, out_dir / "attention.png")
+        except ImportError:
+            log("matplotlib is not installed: no attention.png (pip install -e '.[plot]')")
 
 
 def plot_attention(report, path):
@@ -465,28 +488,32 @@ def main(argv=None):
               "settings": {"quick": args.quick, "sections": sections,
                            "dtypes": [str(d).replace("torch.", "") for d in dtypes]},
               "attention": [], "gpt_train": [], "generate": []}
+    out_dir = Path(args.out)
+    results_file = None
+    if device.type == "cuda" and not args.quick and not args.only and not args.dtype:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", report["device"]).strip("-").lower()
+        results_file = ROOT / "bench" / "results" / f"{slug}-{report['date'][:10]}.json"
     t0 = time.time()
-    if "attention" in sections:
-        report["attention"] = bench_attention(device, dtypes, args.quick, log)
-    if "gpt_train" in sections:
-        report["gpt_train"] = bench_gpt_train(device, args.quick, log)
-    if "generate" in sections:
-        report["generate"] = bench_generate(device, args.quick, log)
-    report["seconds"] = round(time.time() - t0, 1)
+    # The short sections first; the report is written after each, marked complete at the end,
+    # so a run cut short still leaves an honest (partial) file.
+    runners = {"gpt_train": bench_gpt_train, "generate": bench_generate, "attention": bench_attention}
+    for section in ("gpt_train", "generate", "attention"):
+        if section not in sections:
+            continue
+        if section == "attention":
+            report[section] = bench_attention(device, dtypes, args.quick, log)
+        else:
+            report[section] = runners[section](device, args.quick, log)
+        report["seconds"] = round(time.time() - t0, 1)
+        report["complete"] = section == [s for s in ("gpt_train", "generate", "attention") if s in sections][-1]
+        write_outputs(report, out_dir, log, results_file)
 
     print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}")
     print_attention(report["attention"])
     print_rows("gpt_train (full step: forward, backward, AdamW)", report["gpt_train"], "tokens_per_s")
     print_rows("generate (batch 1, one-token prompt)", report["generate"], "tokens_per_s")
-    out_dir = Path(args.out)
-    write_outputs(report, out_dir, log)
-    print(f"\nwrote {out_dir}/results.json, results.csv ({report['seconds']} s)")
-    if device.type == "cuda" and not args.quick and not args.only and not args.dtype:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", report["device"]).strip("-").lower()
-        dest = ROOT / "bench" / "results" / f"{slug}-{report['date'][:10]}.json"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(report, indent=1))
-        print(f"wrote {dest}")
+    print(f"\nwrote {out_dir}/results.json, results.csv ({report['seconds']} s)"
+          + (f" and {results_file}" if results_file else ""))
 
 
 if __name__ == "__main__":

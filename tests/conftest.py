@@ -18,12 +18,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; the interpreter twin of this test runs on CPU")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; the interpreter twin of this test runs on CPU")
+    # pytest-benchmark micro-benchmarks run only when asked for (pytest --benchmark-only).
+    no_bench = pytest.mark.skip(reason="a micro-benchmark: run with pytest --benchmark-only")
+    bench_only = config.getoption("benchmark_only", default=False)
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "benchmark" in getattr(item, "fixturenames", ()) and not bench_only:
+            item.add_marker(no_bench)
 
 
 @pytest.fixture(scope="session")

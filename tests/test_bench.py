@@ -1,0 +1,61 @@
+"""bench/run.py --quick writes the documented schema; CPU micro-benchmarks (--benchmark-only)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import causal_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = (int, float)
+
+
+def test_quick_bench_writes_the_schema(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "== attention" in r.stdout and "== gpt_train" in r.stdout and "== generate" in r.stdout
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert isinstance(report["device"], str) and isinstance(report["date"], str)
+    assert set(report["versions"]) >= {"python", "torch", "triton", "cuda"}
+    fields = {"attention": ("impl", "pass", "dtype", "B", "H", "T", "D"),
+              "gpt_train": ("impl", "dtype"), "generate": ("impl",)}
+    metrics = {"attention": ("ms", "ms_p20", "ms_p80", "tflops"),
+               "gpt_train": ("tokens_per_s", "ms_per_iter"), "generate": ("tokens_per_s", "new_tokens")}
+    for section in fields:
+        rows = report[section]
+        assert rows, section
+        for row in rows:
+            assert all(k in row for k in fields[section]), row
+            if "skipped" in row:
+                assert isinstance(row["skipped"], str) and not any(m in row for m in metrics[section])
+            else:
+                assert all(isinstance(row[m], NUMBER) and row[m] > 0 for m in metrics[section]), row
+    ran = {r["impl"] for r in report["attention"] if "ms" in r}
+    assert {"lecture", "naive-batched", "sdpa-math", "project-auto"} <= ran
+    assert {r["impl"] for r in report["attention"] if "skipped" in r} >= {"triton"}  # no GPU here
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("section,impl,key,metric,value") and len(csv_lines) > 10
+
+
+@pytest.fixture
+def qkv():
+    torch.manual_seed(0)
+    return [torch.randn(8, 6, 256, 64) for _ in range(3)]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_benchmark_attention_forward(benchmark, qkv, backend):
+    out = benchmark(lambda: causal_attention(*qkv, backend=backend))
+    assert out.shape == qkv[0].shape
+
+
+def test_benchmark_generate(benchmark):
+    from gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_embd=64, n_head=4, n_layer=4, dropout=0.0)).eval()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    out = benchmark(lambda: model.generate(idx, 64, seed=0))
+    assert out.shape == (1, 65)

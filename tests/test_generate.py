@@ -1,0 +1,136 @@
+"""Generation is exact: the lecture's distribution, through the KV cache and past block_size."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt import GPT, GPTConfig
+from gpt.generate import KVCache, decode_one_token, prefill, sample
+from gpt.lecture import GPTLanguageModel
+
+
+def pair(block_size, n_layer=2):
+    cfg = dict(vocab_size=65, block_size=block_size, n_embd=32, n_head=4, n_layer=n_layer, dropout=0.0)
+    torch.manual_seed(block_size)
+    lecture = GPTLanguageModel(**cfg).double().eval()
+    ours = GPT(GPTConfig(**cfg)).double().eval()
+    ours.load_state_dict(lecture.state_dict())
+    return lecture, ours
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("prompt_len", [1, 5, 40])
+def test_greedy_equals_the_lecture_token_for_token(block_size, prompt_len):
+    lecture, ours = pair(block_size)
+    idx = torch.randint(65, (2, prompt_len))
+    expect = idx
+    for _ in range(3 * block_size):  # the lecture's generate, with argmax for multinomial
+        logits, _ = lecture(expect[:, -block_size:])
+        expect = torch.cat([expect, logits.view(2, -1, 65)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours.generate(idx, 3 * block_size, temperature=0), expect)
+    assert torch.equal(ours.generate(idx, 3 * block_size, top_k=1), expect)
+
+
+def oracle_generate(model, idx, n, generator, **kw):
+    """Sample from the oracle's probabilities: the full window each step, reference attention."""
+    for blk in model.blocks:
+        blk.sa.backend = "reference"
+    try:
+        for _ in range(n):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, sample(logits[:, -1], generator=generator, **kw)], dim=1)
+    finally:
+        for blk in model.blocks:
+            blk.sa.backend = "auto"
+    return idx
+
+
+@pytest.mark.parametrize("kw", [{}, dict(temperature=0.7), dict(top_k=10), dict(top_p=0.8),
+                                dict(temperature=1.3, top_k=20, top_p=0.95)], ids=str)
+def test_sampling_matches_the_oracle_with_the_same_generator(kw):
+    _, ours = pair(8)
+    idx = torch.randint(65, (3, 2))
+    got = ours.generate(idx, 30, generator=torch.Generator().manual_seed(7), **kw)
+    expect = oracle_generate(ours, idx, 30, torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(got, expect)
+    assert torch.equal(ours.generate(idx, 30, seed=7, **kw), got)
+
+
+def test_default_sampling_is_the_lecture_generate():
+    lecture, ours = pair(8)
+    idx = torch.randint(65, (1, 3))
+    expect = lecture.generate(idx, 30, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours.generate(idx, 30, generator=torch.Generator().manual_seed(3)), expect)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    probs = F.softmax(logits, -1)[0]
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        assert sample(logits, top_k=2, generator=g).item() in (0, 1)
+        # top_p just above p0 keeps the two likeliest; p0 itself keeps only the first
+        assert sample(logits, top_p=probs[0].item() + 1e-3, generator=g).item() in (0, 1)
+        assert sample(logits, top_p=probs[0].item() * 0.999, generator=g).item() == 0
+
+
+def test_prompts_of_different_lengths():
+    _, ours = pair(8)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [7, 8, 9]]
+    outs = ours.generate(prompts, 12, temperature=0)
+    for p, out in zip(prompts, outs):
+        alone = ours.generate(torch.tensor([p]), 12, temperature=0)[0]
+        assert torch.equal(out, alone)
+
+
+def test_stop_sequence_ends_generation():
+    _, ours = pair(8)
+    idx = torch.tensor([[1]])
+    full = ours.generate(idx, 40, temperature=0)
+    stop = full[0, 5:7].tolist()
+    out = ours.generate(idx, 40, temperature=0, stop=stop)
+    assert out.shape[1] < full.shape[1] and out[0, -2:].tolist() == stop
+
+
+def test_static_decode_step_equals_the_eager_one():
+    """The CUDA-graph step (full cache, masked) against the eager step (sliced cache)."""
+    _, ours = pair(16)
+    x = torch.randint(65, (2, 9))
+    with torch.no_grad():
+        eager, static = (KVCache(ours, 2, "cpu", torch.float64) for _ in range(2))
+        prefill(ours, x[:, :8], eager), prefill(ours, x[:, :8], static)
+        pos = torch.tensor([8])
+        a = decode_one_token(ours, x[:, 8:9], (pos, 8), eager)
+        b = decode_one_token(ours, x[:, 8:9], pos, static, static=True)
+        full = ours(x)[0][:, -1]
+    torch.testing.assert_close(a, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_generate_exactly(device):
+    _, ours = pair(32)
+    ours = ours.float().to(device)
+    idx = torch.randint(65, (2, 3), device=device)
+    eager = ours.generate(idx, 100, temperature=0, cuda_graphs=False)
+    graphed = ours.generate(idx, 100, temperature=0, cuda_graphs=True)
+    assert torch.equal(eager, graphed)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(top_k=66), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "non-empty"),
+    (dict(idx=torch.full((1, 2), 99)), "token ids outside"),
+])
+def test_bad_arguments(kw, words):
+    _, ours = pair(8)
+    args = dict(idx=torch.zeros(1, 1, dtype=torch.long), max_new_tokens=5)
+    args.update(kw)
+    with pytest.raises(ValueError, match=words):
+        ours.generate(**args)
+    with pytest.raises(ValueError, match="empty"):
+        ours.generate([], 3)
