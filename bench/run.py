@@ -169,9 +169,11 @@ def attention_grid(device, dtypes, quick):
     return points
 
 
-def bench_attention(device, dtypes, quick, log):
+def bench_attention(device, dtypes, quick, log, rows=None, save=lambda: None):
+    """Time every implementation over the grid; rows are appended to `rows` and save() is
+    called after each grid point, so a run cut short keeps what it measured."""
     impls = attention_impls(device, quick)
-    rows = []
+    rows = [] if rows is None else rows
     for dtype, B, H, T, D in attention_grid(device, dtypes, quick):
         torch.manual_seed(0)
         sets = [[torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
@@ -223,6 +225,7 @@ def bench_attention(device, dtypes, quick, log):
         del sets, do
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save()
     return rows
 
 
@@ -500,13 +503,17 @@ def main(argv=None):
     for section in ("gpt_train", "generate", "attention"):
         if section not in sections:
             continue
+        last = section == [s for s in ("gpt_train", "generate", "attention") if s in sections][-1]
+
+        def save(final=False):
+            report["seconds"] = round(time.time() - t0, 1)
+            report["complete"] = final
+            write_outputs(report, out_dir, log, results_file)
         if section == "attention":
-            report[section] = bench_attention(device, dtypes, args.quick, log)
+            bench_attention(device, dtypes, args.quick, log, rows=report["attention"], save=save)
         else:
             report[section] = runners[section](device, args.quick, log)
-        report["seconds"] = round(time.time() - t0, 1)
-        report["complete"] = section == [s for s in ("gpt_train", "generate", "attention") if s in sections][-1]
-        write_outputs(report, out_dir, log, results_file)
+        save(final=last)
 
     print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}")
     print_attention(report["attention"])

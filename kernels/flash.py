@@ -32,7 +32,8 @@ LOG2E = 1.4426950408889634  # 1/ln(2): exp2 is cheaper than exp, so scores live 
 LN2 = 0.6931471805599453
 
 # float32 inputs: tf32 tensor-core dots by default (about 1e-3 relative error, as PyTorch's own
-# TF32 matmuls); set LECTURE_FLASH_FP32=ieee or call set_fp32_precision("ieee") for full fp32.
+# TF32 matmuls; the backward uses 3xTF32, see _bwd_impl); set LECTURE_FLASH_FP32=ieee or call
+# set_fp32_precision("ieee") for full fp32 everywhere.
 _fp32_precision = os.environ.get("LECTURE_FLASH_FP32", "tf32")
 
 
@@ -71,7 +72,22 @@ def _to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _round_tf32(x):
+    """float32 -> nearest tf32 (10-bit mantissa), ties to even, kept in a float32 register."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0xFFF + ((bits >> 13) & 1))) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if DOT_PRECISION == "tf32" and a.dtype == tl.float32:
+        # The tensor cores read a float32 operand as tf32 by dropping its low 13 bits: that
+        # truncation is biased, and measured on an H100 it made our error over twice
+        # PyTorch's tf32 error (cuBLAS rounds). Rounding first makes the drop exact. Under the
+        # interpreter, this is also what makes its float32 dot behave as tf32.
+        a = _round_tf32(a)
+        b = _round_tf32(b)
     if _INTERPRETER_FIXES:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -514,6 +530,12 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     meta = _common(q, k, scale, dropout_p, ieee)
+    if meta["DOT_PRECISION"] == "tf32":
+        # The backward recomputes P and uses delta = rowsum(dO * O); in single-pass tf32 those
+        # errors do not cancel as they do in plain math, and dK came out over twice PyTorch's
+        # own tf32 error. Three tf32 passes (hi*hi + hi*lo + lo*hi) give near-fp32 accuracy
+        # on the tensor cores.
+        meta["DOT_PRECISION"] = "tf32x3"
     delta = torch.empty_like(lse)
     pre_block = 64 if not INTERPRET else 16
     _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](

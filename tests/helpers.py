@@ -7,7 +7,7 @@ the output and each of dq, dk, dv, and it scales with dtype without per-dtype ma
 import torch
 
 from kernels import causal_attention
-from kernels.reference import causal_attention_reference, naive_causal_attention
+from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
 
 SLACK = 1e-5
 
@@ -35,8 +35,55 @@ def assert_by_rule(got, ref64, low, names=("out", "dq", "dk", "dv"), factor=2.0)
     assert not failures, "; ".join(failures)
 
 
+def round_tf32(x):
+    """float32 -> nearest tf32 value (ties to even), as a tensor core sees a rounded operand."""
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192  # -8192 == 0xFFFFE000
+    return bits.view(torch.float32)
+
+
+class _TF32MatMul(torch.autograd.Function):
+    """a @ b with every operand, forward and backward, rounded to tf32 (as cuBLAS TF32 does)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return round_tf32(a) @ round_tf32(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = (round_tf32(t) for t in ctx.saved_tensors)
+        g = round_tf32(g)
+        return g @ b.transpose(-2, -1), a.transpose(-2, -1) @ g
+
+
+def tf32_naive_attention(q, k, v, scale, dropout_p=0.0, keep=None):
+    """PyTorch's math attention as TF32 matmuls compute it: each matmul operand rounded to tf32."""
+    mm = _TF32MatMul.apply
+    s = mm(q, k.transpose(-2, -1)) * scale
+    s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1 - dropout_p)
+    return mm(p, v)
+
+
+def uses_tf32(q, backend):
+    """Whether `backend` multiplies these float32 inputs in tf32 (the Triton kernel's default)."""
+    if q.dtype != torch.float32 or backend not in ("triton", "auto"):
+        return False
+    if backend == "auto" and q.device.type != "cuda":
+        return False
+    from kernels import flash
+    return flash is not None and flash.get_fp32_precision() == "tf32"
+
+
 def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None, run=None):
-    """Run `backend` (or `run(q, k, v)`) on q, k, v and hold output and grads to the rule."""
+    """Run `backend` (or `run(q, k, v)`) on q, k, v and hold output and grads to the rule.
+
+    For float32 in tf32 mode the baseline is PyTorch's math with TF32 matmuls, as the rule says:
+    PyTorch's own error at the same precision.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     do = torch.randn(q.shape, device=q.device, dtype=q.dtype)
     if run is None:
@@ -45,7 +92,8 @@ def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None,
     got = _grads(run, (q, k, v), do)
     ref64 = _grads(lambda a, b, c: causal_attention_reference(
         a, b, c, scale=scale, dropout_p=dropout_p, dropout_mask=keep), [x.double() for x in (q, k, v)], do.double())
-    low = _grads(lambda a, b, c: naive_causal_attention(a, b, c, scale, dropout_p, keep), (q, k, v), do)
+    baseline = tf32_naive_attention if uses_tf32(q, backend) else naive_causal_attention
+    low = _grads(lambda a, b, c: baseline(a, b, c, scale, dropout_p, keep), (q, k, v), do)
     assert got[0].shape == q.shape and got[0].dtype == q.dtype
     assert_by_rule(got, ref64, low)
     return got
