@@ -83,7 +83,7 @@ def skipped_reason(e):
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return "out of memory"
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"{type(e).__name__}: {text[:200]}"
+    return f"{type(e).__name__}: {text.split('. ')[0][:160]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,10 +144,11 @@ def attention_impls(device, quick):
 
 def check_forward(impl, q, k, v):
     """None if impl's output on the first head obeys the tolerance rule of the tests, else why."""
-    out = impl(q, k, v)[:1, :1]
-    qs, ks, vs = q[:1, :1], k[:1, :1], v[:1, :1]
-    ref = causal_attention_reference(qs.double(), ks.double(), vs.double())
-    base = (naive_causal_attention(qs, ks, vs).double() - ref).abs().max().item()
+    with torch.no_grad():
+        out = impl(q, k, v)[:1, :1]
+        qs, ks, vs = q[:1, :1], k[:1, :1], v[:1, :1]
+        ref = causal_attention_reference(qs.double(), ks.double(), vs.double())
+        base = (naive_causal_attention(qs, ks, vs).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     if not err <= 2 * base + 1e-5:
         return f"wrong: max|err| {err:.2e} > 2 x {base:.2e} (PyTorch's own) + 1e-5"
@@ -178,6 +179,7 @@ def bench_attention(device, dtypes, quick, log, rows=None, save=lambda: None):
         torch.manual_seed(0)
         sets = [[torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
                 for _ in range(2)]
+        plain = [[t.detach() for t in qkv] for qkv in sets]  # forward-only: some kernels refuse grads
         do = torch.randn(B, H, T, D, device=device, dtype=dtype)
         flops = 4 * B * H * T * T * D / 2  # causal: half of the two (T x T x D) matmuls
         base = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, D=D)
@@ -188,7 +190,7 @@ def bench_attention(device, dtypes, quick, log, rows=None, save=lambda: None):
                     rows.append(dict(impl=name, **{"pass": p}, **base, skipped=impl))
                 continue
             try:
-                wrong = check_forward(impl, *sets[0])
+                wrong = check_forward(impl, *plain[0])
             except Exception as e:  # cannot run here (no kernel for this dtype/device, OOM...)
                 wrong = f"skipped: {skipped_reason(e)}"
             for p in ("fwd", "fwd+bwd"):
@@ -197,7 +199,7 @@ def bench_attention(device, dtypes, quick, log, rows=None, save=lambda: None):
                     row["skipped"] = wrong
                     rows.append(row)
                     continue
-                cycle = itertools.cycle(sets)
+                cycle = itertools.cycle(plain if p == "fwd" else sets)
                 if p == "fwd":
                     def fn():
                         with torch.no_grad():
@@ -222,7 +224,7 @@ def bench_attention(device, dtypes, quick, log, rows=None, save=lambda: None):
             log(f"  attention {base['dtype']} B={B} H={H} T={T} D={D} {name}: "
                 + ", ".join(f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
                             for r in rows[-2:]))
-        del sets, do
+        del sets, plain, do
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
