@@ -9,7 +9,9 @@ against the oracle first (a wrong one is reported, not timed). CUDA timings come
 triton.testing.do_bench (median, p20, p80; it flushes L2 between runs, and the inputs rotate
 between two copies as well); CPU timings from time.perf_counter, repeated, median.
 Writes OUT/results.json, OUT/results.csv and, with matplotlib, OUT/attention.png. On CUDA the
-default grid's JSON is also written to bench/results/<device>-<date>.json.
+JSON also goes to bench/results/<device>-<date>[-<only>][-<dtype>].json (written after every
+grid point, "complete": true at the end), so a grid too long for one sitting can be run in
+parts, e.g. --only gpt_train --only generate, then --only attention --dtype bfloat16.
 """
 import argparse
 import csv
@@ -251,12 +253,13 @@ def build_model(impl, cfg, device):
     return GPT(GPTConfig(vocab_size=VOCAB, backend=backend, **shape)).to(device)
 
 
-def train_cfg(device, quick):
+def model_cfg(device):
+    """The lecture's model on a GPU, its small first config on a CPU."""
     return LECTURE_CFG if device.type == "cuda" else SMALL_CFG
 
 
 def bench_gpt_train(device, quick, log):
-    cfg = train_cfg(device, quick)
+    cfg = model_cfg(device)
     B, T = cfg["batch_size"], cfg["block_size"]
     runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16), ("float32", None)]
     L, H, hs = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
@@ -324,7 +327,7 @@ def bench_generate(device, quick, log):
     """Tokens/s at batch 1. "project" is a whole run as a user makes it (one-token prompt);
     project:cache times only the in-cache regime (block_size - 1 tokens from a one-token prompt)
     and project:window only the past-block_size regime (a block_size prompt)."""
-    cfg = LECTURE_CFG if device.type == "cuda" else SMALL_CFG
+    cfg = model_cfg(device)
     bs = cfg["block_size"]
     new = 2000 if device.type == "cuda" else (300 if quick else 1000)
     runs = [("lecture", 1, new), ("project", 1, new), ("project:cache", 1, bs - 1),
@@ -495,9 +498,11 @@ def main(argv=None):
               "attention": [], "gpt_train": [], "generate": []}
     out_dir = Path(args.out)
     results_file = None
-    if device.type == "cuda" and not args.quick and not args.only and not args.dtype:
+    if device.type == "cuda" and not args.quick:
+        # A grid split over several runs (--only, --dtype) leaves one report per part.
+        part = "".join(f"-{x}" for x in (args.only or []) + (args.dtype or []))
         slug = re.sub(r"[^A-Za-z0-9]+", "-", report["device"]).strip("-").lower()
-        results_file = ROOT / "bench" / "results" / f"{slug}-{report['date'][:10]}.json"
+        results_file = ROOT / "bench" / "results" / f"{slug}-{report['date'][:10]}{part}.json"
     t0 = time.time()
     # The short sections first; the report is written after each, marked complete at the end,
     # so a run cut short still leaves an honest (partial) file.
