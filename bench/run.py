@@ -506,7 +506,7 @@ def main(argv=None):
     t0 = time.time()
     # The short sections first; the report is written after each, marked complete at the end,
     # so a run cut short still leaves an honest (partial) file.
-    runners = {"gpt_train": bench_gpt_train, "generate": bench_generate, "attention": bench_attention}
+    runners = {"gpt_train": bench_gpt_train, "generate": bench_generate}
     for section in ("gpt_train", "generate", "attention"):
         if section not in sections:
             continue

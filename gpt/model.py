@@ -208,10 +208,15 @@ class GPT(nn.Module):
                                   top_p=top_p, generator=self._generator(idx, generator, seed),
                                   cuda_graphs=cuda_graphs)
         new = []
+        stop = torch.as_tensor(stop, device=idx.device) if stop else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, seed, cuda_graphs):
             new.append(tok)
-            if stop and self._stopped(torch.cat(new, dim=1), stop):
-                break
+            if stop is not None and len(new) >= len(stop):
+                # only the newest len(stop) tokens can complete the stop sequence
+                done |= (torch.cat(new[-len(stop):], dim=1) == stop).all(dim=1)
+                if bool(done.all()):
+                    break
         return torch.cat([idx] + new, dim=1)
 
     @torch.no_grad()
@@ -231,12 +236,3 @@ class GPT(nn.Module):
         if generator is not None:
             raise ValueError("pass generator or seed, not both")
         return torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
-
-    @staticmethod
-    def _stopped(new, stop):
-        stop = torch.as_tensor(stop, device=new.device)
-        n = len(stop)
-        if n == 0 or new.shape[1] < n:
-            return False
-        windows = new.unfold(1, n, 1)  # (B, steps - n + 1, n)
-        return bool((windows == stop).all(-1).any(-1).all())

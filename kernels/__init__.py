@@ -99,11 +99,12 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
     q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
-        backend = _auto_backend(q4)
-    if backend == "triton":
+        backend = _auto_backend(q4)  # picks "triton" only where it can run
+    elif backend == "triton":
         why = _triton_unavailable(q4)
         if why is not None:
             raise ValueError(f"backend='triton' cannot run here: {why}")
+    if backend == "triton":
         out = flash.flash_attention(q4, k4, v4, scale, dropout_p)
     elif backend == "sdpa":
         out = _sdpa(q4, k4, v4, scale, dropout_p)
