@@ -17,8 +17,8 @@ Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip 
 query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
 element is written by exactly one program: deterministic, no atomics.
 
-Dropout: one Philox draw per (head, row, column) from a seed that the wrapper takes from
-torch's generator; the backward regenerates the same mask from the same seed.
+Dropout: a 32-bit Philox draw per (head, row, key), four keys to a Philox call, from a seed that
+the wrapper takes from torch's generator; the backward regenerates the same mask from the seed.
 """
 import os
 from typing import Optional, Tuple
@@ -95,16 +95,27 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, bh, rows, cols, Tk, dropout_p):
-    """Dropout keep-mask for one tile: True where (row, col) of head bh survives.
+def _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep-mask of the (BLOCK_M, BLOCK_N) tile at rows offs_m, keys start_n + ...: True
+    where that weight of head bh survives.
 
-    rows and cols broadcast against each other, so the same call serves a (M, N) tile in the
-    forward and the transposed (N, M) tile in the backward with identical draws.
+    One Philox call gives four 32-bit draws, so each call serves four neighbouring keys: the
+    call for (row, key group g) fills keys 4g .. 4g + 3. That is a quarter of the Philox work
+    of one call per weight, and the mask does not depend on the tile sizes (BLOCK_N is a
+    multiple of 4 and tiles start at multiples of BLOCK_N), so the forward and both backward
+    kernels, each with its own tiles, redraw the same mask.
     """
-    c0 = (rows * Tk + cols).to(tl.uint32, bitcast=True)
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = (offs_m[:, None] * ((Tk + 3) // 4) + groups[None, :]).to(tl.uint32, bitcast=True)
     c1 = c0 * 0 + bh.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    k0 = (tl.uint_to_uniform_float(r0) >= dropout_p).to(tl.int8)  # int8: the common case
+    k1 = (tl.uint_to_uniform_float(r1) >= dropout_p).to(tl.int8)  # for join and reshape
+    k2 = (tl.uint_to_uniform_float(r2) >= dropout_p).to(tl.int8)
+    k3 = (tl.uint_to_uniform_float(r3) >= dropout_p).to(tl.int8)
+    # join adds a minor axis: this is (M, N/4, 2, 2) with [m, g, i, j] = k_{2i+j}, so the
+    # row-major reshape puts k_j at key 4g + j.
+    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (BLOCK_M, BLOCK_N)) != 0
 
 
 @triton.jit
@@ -131,8 +142,8 @@ _NO_SPECIALIZE = ["H", "Tq", "Tk", "D", "TQ_BUCKET", "TK_BUCKET"]
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-               BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+               MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold key tiles [lo, hi) into the running (acc, l, m) of one Q tile.
 
     MASKED=False is only called on tiles wholly at or below the diagonal, which also lie wholly
@@ -152,7 +163,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            keep = _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                        offs_n, Tk, offs_d, D, MASKED, D_PAD)  # (BLOCK_N, HEAD_DIM)
@@ -201,11 +212,11 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, 0, full_end, D, Tk,
                                causal_off, qk_scale, seed, bh, dropout_p,
-                               BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+                               BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk,
                                causal_off, qk_scale, seed, bh, dropout_p,
-                               BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
+                               BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
     acc = acc / l_i[:, None]
     row_ok = offs_m < Tq
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: ln(2)
@@ -244,9 +255,9 @@ def _bwd_preprocess(O, DO, DELTA,
 @triton.jit
 def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     stride_qt, stride_qd, stride_dot, stride_dod,
-                    offs_n, offs_d, lo, hi, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    start_n, offs_n, offs_d, lo, hi, D, Tq, Tk, causal_off, qk_scale, seed, bh,
+                    dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form.
 
     Rows past Tq load lse = +inf, so their probabilities are exactly 0 and they add nothing.
@@ -266,7 +277,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                         offs_m, Tq, offs_d, D, True, D_PAD)  # (BLOCK_M, HEAD_DIM)
         dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
+            keep = tl.trans(_keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N))
             pT_kept = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
@@ -318,13 +329,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
     full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
     full = tl.minimum(tl.maximum(full, first), Tq)
     dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                             stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d,
+                             stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
                              first, full, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, D_PAD, True, DROPOUT, DOT_PRECISION)
+                             BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
     dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                             stride_qt, stride_qd, stride_dot, stride_dod, offs_n, offs_d,
+                             stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
                              full, Tq, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, D_PAD, False, DROPOUT, DOT_PRECISION)
+                             BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
     dk = dk * scale
     mask = offs_n[:, None] < Tk
     if D_PAD:
@@ -338,8 +349,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
 @triton.jit
 def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                   offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                  BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                  MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -354,7 +365,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
             p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
         dp = _dot(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            keep = _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
@@ -398,10 +409,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
     diag_end = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
     dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
                        stride_vd, offs_m, offs_d, 0, full_end, D, Tk, causal_off, qk_scale,
-                       seed, bh, dropout_p, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
     dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
                        stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk, causal_off, qk_scale,
-                       seed, bh, dropout_p, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
+                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
     dq = dq * scale
     mask = row_ok[:, None]
     if D_PAD:
@@ -416,7 +427,7 @@ def _dropout_mask_kernel(SEED, MASK, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+    keep = _keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, Tk, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = MASK + bh.to(tl.int64) * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
@@ -623,9 +634,11 @@ def flash_attention(q, k, v, scale, dropout_p=0.0):
     return o
 
 
-def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p):
-    """The (B, H, Tq, Tk) bool keep-mask the kernels draw for this seed: for tests."""
+def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):
+    """The (B, H, Tq, Tk) bool keep-mask the kernels draw for this seed: for tests. `block` is
+    the (rows, keys) tile it is drawn in; the mask must not depend on it."""
+    bm, bn = block
     mask = torch.empty(B * H, Tq, Tk, device=seed.device, dtype=torch.int8)
-    grid = (triton.cdiv(Tq, 16), triton.cdiv(Tk, 16), B * H)
-    _dropout_mask_kernel[grid](seed, mask, Tq, Tk, dropout_p, BLOCK_M=16, BLOCK_N=16)
+    grid = (triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * H)
+    _dropout_mask_kernel[grid](seed, mask, Tq, Tk, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
     return mask.view(B, H, Tq, Tk).bool()

@@ -119,12 +119,23 @@ def test_dropout_keep_rate_and_reproducibility(device):
     assert abs(rate - (1 - p)) < 0.01, f"keep rate {rate:.4f}, expected {1 - p}"
     # Different heads and rows draw different masks.
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    # One Philox call serves four neighbouring keys: its four draws must be independent, so
+    # both-kept pairs of neighbours come at (1 - p)^2 (3 sigma of this estimate is about 0.006).
+    both = (keep[..., :-1] & keep[..., 1:]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 0.012, f"neighbours both kept {both:.4f}, expected {(1 - p) ** 2}"
     q, k, v = inputs(1, 2, 30, 30, 16, torch.float32, device)
     runs = []
     for seed in (1, 1, 2):
         torch.manual_seed(seed)
         runs.append(causal_attention(q, k, v, dropout_p=p, backend="triton"))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_dropout_mask_does_not_depend_on_tiles(device):
+    """The forward and the two backward kernels draw the mask in tiles of their own sizes."""
+    seed = torch.tensor([1234], device=device, dtype=torch.int64)
+    masks = [flash.dropout_keep_mask(seed, 1, 2, 70, 75, 0.5, block=b) for b in ((16, 16), (32, 64), (64, 32))]
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
 
 
 def test_backward_is_deterministic(device):
