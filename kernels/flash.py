@@ -136,8 +136,11 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 # ----------------------------------------------------------------------------------------------
 
 # Lengths vary call to call; specialising on them (divisible by 16 or not) would recompile
-# every config for each new length, which is most of the cost of a first call.
-_NO_SPECIALIZE = ["H", "Tq", "Tk", "D", "TQ_BUCKET", "TK_BUCKET"]
+# every config for each new length, which is most of the cost of a first call. The head dim D
+# is the opposite: a model has one, and it is a constexpr, because a padded head dim (40 of 64)
+# masks the loads along D; only a known D lets those loads vectorise, and without vector
+# loads Triton cannot pipeline them (bench/compile_report.py showed D=40 unpipelined).
+_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
@@ -178,7 +181,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
               stride_kb, stride_kh, stride_kt, stride_kd,
               stride_vb, stride_vh, stride_vt, stride_vd,
               stride_ob, stride_oh, stride_ot, stride_od,
-              H, Tq, Tk, D, scale, dropout_p,
+              H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -236,7 +239,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
 def _bwd_preprocess(O, DO, DELTA,
                     stride_ob, stride_oh, stride_ot, stride_od,
                     stride_dob, stride_doh, stride_dot, stride_dod,
-                    H, Tq, D,
+                    H, Tq, D: tl.constexpr,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient."""
     bh = tl.program_id(1)
@@ -297,7 +300,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
                    stride_dob, stride_doh, stride_dot, stride_dod,
                    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                   H, Tq, Tk, D, scale, dropout_p,
+                   H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -379,7 +382,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                  stride_vb, stride_vh, stride_vt, stride_vd,
                  stride_dob, stride_doh, stride_dot, stride_dod,
                  stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                 H, Tq, Tk, D, scale, dropout_p,
+                 H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -440,10 +443,13 @@ _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "DOT_PRECISION"]
 
 
 def _fits(conf, args):
-    """Configs worth trying: tiles no larger than the problem, and small enough for head dim
-    256 (two K/V stages of a 128 x 256 tile would not fit in shared memory)."""
+    """Configs worth trying: tiles no larger than the problem, small enough for head dim 256
+    (two K/V stages of a 128 x 256 tile would not fit in shared memory), and the register-hungry
+    ones only for 2-byte rows of at most 64 (wider, they spill: bench/compile_report.py)."""
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
     if bm > max(32, args["TQ_BUCKET"]) or bn > max(32, args["TK_BUCKET"]):
+        return False
+    if getattr(conf, "narrow_rows_only", False) and args["HEAD_DIM"] * args["Q"].element_size() > 128:
         return False
     return args["HEAD_DIM"] < 256 or bm * bn <= 64 * 32
 
@@ -453,18 +459,22 @@ def _prune(configs, nargs, **kwargs):
     return [c for c in configs if _fits(c, args)] or configs[-1:]
 
 
-def _cfg(bm, bn, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+def _cfg(bm, bn, stages, warps, narrow_rows_only=False):
+    conf = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+    conf.narrow_rows_only = narrow_rows_only
+    return conf
 
 
 # Few configs on purpose: each costs a compile per (dtype, head dim). The first that fits is
-# the fixed choice when autotuning is off; the last fits everything.
+# the fixed choice when autotuning is off; the last fits everything. Registers and spills of
+# each, for any GPU target, from a CPU: python bench/compile_report.py
 _CONFIGS = {
     # Forward: wide query tiles amortise the Q load.
     "fwd": [_cfg(128, 64, 3, 8), _cfg(128, 128, 3, 8), _cfg(128, 64, 3, 4), _cfg(64, 64, 3, 4),
             _cfg(64, 32, 2, 4)],
     # dK/dV holds two (BLOCK_N, D) accumulators and streams narrow query tiles.
-    "dkdv": [_cfg(64, 128, 2, 8), _cfg(32, 128, 3, 4), _cfg(32, 64, 3, 4), _cfg(32, 32, 1, 4)],
+    "dkdv": [_cfg(64, 128, 2, 8, narrow_rows_only=True), _cfg(32, 128, 2, 8), _cfg(32, 64, 3, 4),
+             _cfg(32, 32, 1, 4)],
     # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles.
     "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
 }
@@ -488,19 +498,45 @@ def _autotune(fn, configs):
 _TUNED = {name: _autotune(fn, _CONFIGS[name]) for name, fn in _JIT.items()} if AUTOTUNE else {}
 
 
+# A config the GPU cannot hold (more shared memory than it has, or registers ptxas cannot
+# allocate) fails when it is loaded, before anything runs.
+_TOO_BIG = tuple(getattr(triton.runtime.errors, n) for n in ("OutOfResources", "PTXASError")
+                 if hasattr(triton.runtime.errors, n))
+_FIXED = {}  # (kernel, specialisation) -> the config that loaded, for the untuned path
+
+
+def _first_that_loads(configs, run):
+    """run(conf) for each config in turn until one loads on this GPU; the config that did."""
+    for conf in configs[:-1]:
+        try:
+            run(conf)
+            return conf
+        except _TOO_BIG:
+            continue  # an A100 or RTX card has less shared memory than an H100: next, smaller
+    run(configs[-1])
+    return configs[-1]
+
+
 def _launch(name, tiles_along, args, meta):
     """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N>, the second B*H."""
     n, block, bh = tiles_along
     if AUTOTUNE:
         _TUNED[name][lambda m: (triton.cdiv(n, m[block]), bh)](*args, **meta)
         return
+
+    def run(conf):
+        _JIT[name][(triton.cdiv(n, conf.kwargs[block]), bh)](
+            *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
+
     if INTERPRET:
         # One small fixed tile: the test shapes then cross several tiles, tails and diagonals.
-        conf = _cfg(16, 16, 1, 4)
+        run(_cfg(16, 16, 1, 4))
+        return
+    key = (name, args[0].dtype, args[0].device, *(meta[k] for k in _TUNE_KEY))
+    if key in _FIXED:
+        run(_FIXED[key])
     else:
-        conf = _prune(_CONFIGS[name], meta)[0]
-    _JIT[name][(triton.cdiv(n, conf.kwargs[block]), bh)](
-        *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
+        _FIXED[key] = _first_that_loads(_prune(_CONFIGS[name], {"Q": args[0]}, **meta), run)
 
 
 def _head_dim(D):

@@ -229,3 +229,45 @@ def test_offsets_past_int32(device):
     ref = causal_attention_reference(q[:, last], k[:, last], v[:, last])
     assert max_err(out[:, last], ref) < 0.02
     del q, k, v, out
+
+
+def test_untuned_launch_falls_back_to_a_config_that_loads():
+    """With autotuning off, a config this GPU cannot hold (an A100 has 163 KB of shared memory
+    per block, an RTX 4090 99 KB) gives way to the next one that fits the problem."""
+    OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
+    tried = []
+
+    def run(conf):
+        tried.append(conf.kwargs["BLOCK_M"])
+        if conf.kwargs["BLOCK_M"] > 32:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    chosen = flash._first_that_loads(flash._CONFIGS["dq"], run)
+    assert chosen.kwargs["BLOCK_M"] == 32 and tried == [128, 128, 64, 32]
+
+    def broken(conf):
+        raise ValueError("a real error")
+
+    with pytest.raises(ValueError, match="a real error"):  # only "too big" moves on
+        flash._first_that_loads(flash._CONFIGS["dq"], broken)
+
+
+def test_untuned_launch_path(monkeypatch):
+    """The launcher's GPU path with autotuning off (CPU tests otherwise take the interpreter's
+    fixed tile): grid, config arguments, and the choice remembered per specialisation."""
+    launches = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw["BLOCK_M"], kw["num_warps"]))
+
+    monkeypatch.setattr(flash, "INTERPRET", False)
+    monkeypatch.setattr(flash, "AUTOTUNE", False)
+    monkeypatch.setattr(flash, "_JIT", {"dq": FakeKernel()})
+    monkeypatch.setattr(flash, "_FIXED", {})
+    q = torch.empty(2, 3, 300, 64, dtype=torch.bfloat16)
+    meta = dict(TQ_BUCKET=512, TK_BUCKET=512, HEAD_DIM=64, DROPOUT=False, DOT_PRECISION="ieee")
+    for _ in range(2):
+        flash._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
+    assert launches == [((3, 6), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
+    assert list(flash._FIXED.values()) == [flash._CONFIGS["dq"][0]]
