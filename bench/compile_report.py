@@ -1,0 +1,186 @@
+"""What the compiler makes of the Triton kernels for a GPU, on any machine, GPU or not.
+
+    python bench/compile_report.py                        # H100 (sm_90), bf16, D 64 and 128
+    python bench/compile_report.py --arch 80 --dtype float16 --head-dim 64 --dropout
+    python bench/compile_report.py --fixed                # only the configs used untuned
+
+Triton compiles ahead of time for a named target without a device (its bundled ptxas makes the
+cubin). For each kernel (fwd, dkdv, dq) and autotune config this prints registers per thread,
+stack bytes (spilled registers live there), shared memory against the target's per-block limit,
+whether the K/V loads are software-pipelined (async copies), and the SASS instruction count.
+
+These are static facts, not timings: a config that spills or does not pipeline is slow, but
+which of the clean ones is fastest only a GPU can say (bench/run.py). A config that needs more
+shared memory than the target has is skipped, as the autotuner and the untuned launcher skip
+it. The exit status is 1 if any variant fails to compile or no config of a kernel fits, so CI
+can hold every kernel to "it builds for a GPU" without one.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_report.py compiles real GPU code: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import flash  # noqa: E402
+
+# Shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # in the input dtype
+FLOAT32 = {"LSE", "DELTA"}
+# Plain integer arguments that launches leave unspecialised (see flash._NO_SPECIALIZE).
+UNSPECIALISED = set(flash._NO_SPECIALIZE)
+
+
+def signature(fn, dtype, constexprs):
+    """Argument types and attributes as a real launch of flash's wrappers presents them: 16-byte
+    aligned pointers, strides divisible by 16, head-dim strides equal to 1 (contiguous rows)."""
+    for name in fn.arg_names:
+        if name.startswith("stride_") and name.endswith("d"):
+            constexprs[name] = 1
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name in TENSORS:
+            sig[name] = "*" + dtype
+        elif name in FLOAT32:
+            sig[name] = "*fp32"
+        elif name == "SEED":
+            sig[name] = "*i64"
+        elif name in ("scale", "dropout_p"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if fn.params[i].is_constexpr:
+            raise TypeError(f"{fn.__name__}: constexpr argument {name} has no value here")
+        if sig[name].startswith("*") or (sig[name] == "i32" and name not in UNSPECIALISED):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_kernel(kind, dtype, head_dim, config, dropout, arch):
+    fn = flash._JIT[kind]
+    hd = flash._head_dim(head_dim)
+    precision = "ieee"
+    if dtype == "fp32" and flash.get_fp32_precision() == "tf32":
+        precision = "tf32" if kind == "fwd" else "tf32x3"  # as flash._bwd_impl does
+    constexprs = dict(D=head_dim, HEAD_DIM=hd, D_PAD=hd != head_dim, DROPOUT=dropout, DOT_PRECISION=precision,
+                      **config.kwargs)
+    sig, attrs = signature(fn, dtype, constexprs)
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def _cuobjdump(kernel, *args):
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() or "cubin" not in kernel.asm:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "kernel.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        r = subprocess.run([str(tool), *args, str(path)], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+def inspect(kernel):
+    """registers, stack bytes, shared bytes, pipelined, SASS instruction count (None: unknown)."""
+    facts = dict(regs=None, stack=None, shared=kernel.metadata.shared, sass=None)
+    ttgir = kernel.asm.get("ttgir", "")
+    facts["pipelined"] = "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir
+    usage = _cuobjdump(kernel, "-res-usage") or ""
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if m:
+        facts["regs"], facts["stack"] = int(m.group(1)), int(m.group(2))
+    sass = _cuobjdump(kernel, "-sass")
+    if sass is not None:
+        ops = collections.Counter(m.group(1) for m in re.finditer(
+            r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+        facts["sass"] = sum(ops.values())
+    return facts
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT),
+                   help="compute capability x10: 90 H100/H200, 80 A100, 86/89 RTX 30/40 (default 90)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable (default bfloat16)")
+    p.add_argument("--head-dim", default="64,128", help="comma-separated, 1..256 (default 64,128)")
+    p.add_argument("--kernel", action="append", choices=sorted(flash._CONFIGS), help="repeatable (default all)")
+    p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
+    p.add_argument("--fixed", action="store_true",
+                   help="stop at the config each kernel uses with autotuning off (the first that fits)")
+    args = p.parse_args(argv)
+    try:
+        args.head_dims = [int(d) for d in args.head_dim.split(",")]
+    except ValueError:
+        p.error(f"--head-dim must be comma-separated integers, got {args.head_dim!r}")
+    if not all(1 <= d <= 256 for d in args.head_dims):
+        p.error(f"--head-dim values must be in 1..256, got {args.head_dim!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    limit = SMEM_LIMIT[args.arch]
+    print(f"triton {triton.__version__}, target sm_{args.arch}, shared memory limit {limit} bytes per block")
+    print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
+          f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'pipelined':>9s} {'SASS':>6s}  note")
+    failures = 0
+    show = lambda v: "?" if v is None else v  # noqa: E731
+    for dtype in [DTYPES[d] for d in (args.dtype or ["bfloat16"])]:
+        for kind in args.kernel or list(flash._CONFIGS):
+            for D in args.head_dims:
+                # The configs flash tries for a long sequence of this head dim and dtype, in order.
+                q = torch.empty(0, dtype=TORCH_DTYPES[dtype])
+                configs = flash._prune(flash._CONFIGS[kind], dict(
+                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash._head_dim(D)))
+                loads = False
+                for c in configs:
+                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                    head = (f"{kind:6s} {dtype:5s} {D:3d} {f'{bm}x{bn}':>7s} {c.num_warps:5d} "
+                            f"{c.num_stages:6d}")
+                    try:
+                        f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch))
+                    except Exception as e:  # report every variant, then fail at the end
+                        failures += 1
+                        print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")
+                        continue
+                    notes = []
+                    if f["shared"] > limit:  # the autotuner and the untuned launcher move on
+                        notes.append("too much shared memory for this target: skipped")
+                    elif not loads:
+                        loads = True
+                        notes.append("the untuned choice")
+                    if f["stack"]:
+                        notes.append("spills")
+                    print(f"{head} {show(f['regs']):>4} {show(f['stack']):>5} {f['shared']:7d} "
+                          f"{'yes' if f['pipelined'] else 'no':>9s} {show(f['sass']):>6}  {', '.join(notes)}")
+                    if args.fixed and loads:
+                        break
+                if not loads:
+                    failures += 1
+                    print(f"{kind:6s} {dtype:5s} {D:3d}  no config fits this target")
+    if failures:
+        print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
