@@ -3,6 +3,7 @@
     python bench/run.py                 # the default grid for this machine's device
     python bench/run.py --quick         # a small grid (under 2 minutes on 2 CPU cores)
     python bench/run.py --only attention --dtype bfloat16 --out bench/out
+    python bench/run.py --only gpt_train --profile   # where each training step's time goes
 
 Every implementation is timed in this process, on the same inputs, after a warm-up, and checked
 against the oracle first (a wrong one is reported, not timed). CUDA timings come from
@@ -79,6 +80,37 @@ def peak_memory_mb(fn, device):
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+# Kernels of an attention implementation (ours, SDPA's backends, FlexAttention), by name.
+ATTENTION_KERNELS = re.compile(r"attn|attention|flash|fmha|cudnn|_bwd_preprocess|dropout_mask", re.I)
+
+
+def profile_steps(step, device, path, n=3):
+    """Profile n calls of step(): write the op table to `path` and return where the time went
+    (per call): wall ms, GPU-busy ms and attention-kernel ms (GPU only). GPU busy well under
+    wall means the host (Python, launches) is the bottleneck, not the kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e3 / n
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort, row_limit=25))
+    found = dict(profile_wall_ms=wall)
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        found["gpu_busy_ms"] = sum(e.self_device_time_total for e in kernels) / 1e3 / n
+        found["attention_kernels_ms"] = sum(e.self_device_time_total for e in kernels
+                                            if ATTENTION_KERNELS.search(e.key)) / 1e3 / n
+    return found
 
 
 def skipped_reason(e):
@@ -258,7 +290,7 @@ def model_cfg(device):
     return LECTURE_CFG if device.type == "cuda" else SMALL_CFG
 
 
-def bench_gpt_train(device, quick, log):
+def bench_gpt_train(device, quick, log, profile_dir=None):
     cfg = model_cfg(device)
     B, T = cfg["batch_size"], cfg["block_size"]
     runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16), ("float32", None)]
@@ -298,6 +330,10 @@ def bench_gpt_train(device, quick, log):
                              peak_mem_mb=peak_memory_mb(step, device), B=B, T=T,
                              mfu_peak=f"measured 8192^3 {dtype_name} matmul: {peak:.0f} TFLOP/s" if peak else None))
             log(f"  gpt_train {dtype_name} {impl}: {ms:.1f} ms/iter, {tok_s:,.0f} tokens/s")
+            if profile_dir is not None:
+                found = profile_steps(step, device, profile_dir / f"profile-gpt_train-{dtype_name}-{impl}.txt")
+                rows[-1].update(found)
+                log("    profile: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
         del steps
     return rows
 
@@ -475,6 +511,9 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     p.add_argument("--quick", action="store_true", help="a small grid")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="folder for results.json/csv/png")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each training step: OUT/profile-*.txt, and GPU-busy and "
+                        "attention-kernel ms per step in the gpt_train rows")
     return p.parse_args(argv)
 
 
@@ -506,7 +545,11 @@ def main(argv=None):
     t0 = time.time()
     # The short sections first; the report is written after each, marked complete at the end,
     # so a run cut short still leaves an honest (partial) file.
-    runners = {"gpt_train": bench_gpt_train, "generate": bench_generate}
+    profile_dir = out_dir if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    runners = {"gpt_train": lambda *a: bench_gpt_train(*a, profile_dir=profile_dir),
+               "generate": bench_generate}
     for section in ("gpt_train", "generate", "attention"):
         if section not in sections:
             continue

@@ -44,6 +44,19 @@ def test_quick_bench_writes_the_schema(tmp_path):
     assert csv_lines[0].startswith("section,impl,key,metric,value") and len(csv_lines) > 10
 
 
+def test_profile_flag_writes_where_the_step_time_goes(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
+                        "--only", "gpt_train", "--profile", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [row for row in json.loads((tmp_path / "results.json").read_text())["gpt_train"] if "ms_per_iter" in row]
+    assert {row["impl"] for row in rows} >= {"lecture", "project"}
+    for row in rows:
+        assert row["profile_wall_ms"] > 0
+        table = (tmp_path / f"profile-gpt_train-float32-{row['impl']}.txt").read_text()
+        assert "Self CPU" in table and "aten::" in table
+
+
 def _can_compile_for_cuda():
     try:
         return importlib.util.find_spec("triton.backends.nvidia") is not None
