@@ -80,8 +80,9 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch):
     hd = flash._head_dim(head_dim)
     precision = "ieee"
     if dtype == "fp32" and flash.get_fp32_precision() == "tf32":
-        precision = "tf32" if kind == "fwd" else "tf32x3"  # as flash._bwd_impl does
+        precision = "tf32"
     constexprs = dict(D=head_dim, HEAD_DIM=hd, D_PAD=hd != head_dim, DROPOUT=dropout, DOT_PRECISION=precision,
+                      OFFS_64=False,
                       **config.kwargs)
     sig, attrs = signature(fn, dtype, constexprs)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),

@@ -95,20 +95,49 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_x3(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """A backward dot with an operand the forward never multiplied (dO, P, dS). In tf32 mode
+    these take three tf32 passes (hi*hi + hi*lo + lo*hi, near-fp32): single-pass tf32 left dK
+    at over twice PyTorch's own tf32 error, as those errors do not cancel the way they do in
+    plain math."""
+    if DOT_PRECISION == "tf32" and a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        out = _dot(a, b, acc, DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _as_forward_saw(x, DOT_PRECISION: tl.constexpr):
+    """Q, K or V as the forward's tf32 dots read them (rounded), for the backward. The forward's
+    P and O come from the rounded operands, and the backward rests on them (the saved LSE,
+    delta = rowsum(dO * O)); with unrounded ones the recomputed P no longer matches the LSE and
+    dP - delta is off by dO . (V - round(V)), tf32 errors that do not cancel. With one key P = 1
+    and the true dQ and dK are 0: PyTorch's are 0, ours were 1e-3 before this."""
+    if DOT_PRECISION == "tf32" and x.dtype == tl.float32:
+        x = _round_tf32(x)
+    return x
+
+
+@triton.jit
 def _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout keep-mask of the (BLOCK_M, BLOCK_N) tile at rows offs_m, keys start_n + ...: True
     where that weight of head bh survives.
 
     One Philox call gives four 32-bit draws, so each call serves four neighbouring keys: the
-    call for (row, key group g) fills keys 4g .. 4g + 3. That is a quarter of the Philox work
-    of one call per weight, and the mask does not depend on the tile sizes (BLOCK_N is a
-    multiple of 4 and tiles start at multiples of BLOCK_N), so the forward and both backward
-    kernels, each with its own tiles, redraw the same mask.
+    call with counter (key group g, head, row, 0) fills keys 4g .. 4g + 3. That is a quarter of
+    the Philox work of one call per weight, and the mask does not depend on the tile sizes
+    (BLOCK_N is a multiple of 4 and tiles start at multiples of BLOCK_N), so the forward and
+    both backward kernels, each with its own tiles, redraw the same mask. Row, head and group
+    each have a counter word of their own, so no two weights share a draw at any length (one
+    word holding row * Tk / 4 + g would wrap from T = 131072 on).
     """
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    c0 = (offs_m[:, None] * ((Tk + 3) // 4) + groups[None, :]).to(tl.uint32, bitcast=True)
-    c1 = c0 * 0 + bh.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    zero = tl.zeros([BLOCK_M, BLOCK_N // 4], tl.uint32)
+    groups = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    c0 = zero + groups[None, :]
+    c1 = zero + bh.to(tl.uint32)
+    c2 = zero + offs_m[:, None].to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
     k0 = (tl.uint_to_uniform_float(r0) >= dropout_p).to(tl.int8)  # int8: the common case
     k1 = (tl.uint_to_uniform_float(r1) >= dropout_p).to(tl.int8)  # for join and reshape
     k2 = (tl.uint_to_uniform_float(r2) >= dropout_p).to(tl.int8)
@@ -116,6 +145,17 @@ def _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK
     # join adds a minor axis: this is (M, N/4, 2, 2) with [m, g, i, j] = k_{2i+j}, so the
     # row-major reshape puts k_j at key 4g + j.
     return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (BLOCK_M, BLOCK_N)) != 0
+
+
+@triton.jit
+def _offsets(start, N: tl.constexpr, OFFS_64: tl.constexpr):
+    """start + [0, N): row or column indices, in int64 where an offset inside one head's
+    (T, D) slab can pass 2**31 (OFFS_64, see _offsets_need_64). Products with them (the
+    pointer offsets) are then int64 too; batch and head offsets always are."""
+    offs = start + tl.arange(0, N)
+    if OFFS_64:
+        offs = offs.to(tl.int64)
+    return offs
 
 
 @triton.jit
@@ -152,7 +192,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
     MASKED=False is only called on tiles wholly at or below the diagonal, which also lie wholly
     inside [0, Tk), so neither the causal mask nor a bounds check is needed there.
     """
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N).to(offs_d.dtype)  # int64 where the kernel's offsets are
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
@@ -184,7 +224,8 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
               H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -196,8 +237,8 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     v_base = V + b * stride_vb + h * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
+    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                    offs_m, Tq, offs_d, D, True, D_PAD)
     seed = 0
@@ -239,14 +280,14 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
 def _bwd_preprocess(O, DO, DELTA,
                     stride_ob, stride_oh, stride_ot, stride_od,
                     stride_dob, stride_doh, stride_dot, stride_dod,
-                    H, Tq, D: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+                    H, Tq, D: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = _offsets(tl.program_id(0) * BLOCK_M, BLOCK_M, OFFS_64)
+    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot
                    + offs_d[None, :] * stride_od, offs_m, Tq, offs_d, D, True, D_PAD)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
@@ -265,30 +306,31 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
     Rows past Tq load lse = +inf, so their probabilities are exactly 0 and they add nothing.
     """
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M).to(offs_d.dtype)  # int64 where the kernel's offsets are
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
         row_ok = offs_m < Tq
-        qT = _load_tile(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
-                        offs_d, D, offs_m, Tq, D_PAD, True)  # (HEAD_DIM, BLOCK_M)
+        qT = _as_forward_saw(_load_tile(q_base + offs_m[None, :] * stride_qt
+                                        + offs_d[:, None] * stride_qd, offs_d, D, offs_m, Tq,
+                                        D_PAD, True), DOT_PRECISION)  # (HEAD_DIM, BLOCK_M)
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         pT = tl.math.exp2(_dot(k, qT, None, DOT_PRECISION) * qk_scale - lse2[None, :])
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
         do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                         offs_m, Tq, offs_d, D, True, D_PAD)  # (BLOCK_M, HEAD_DIM)
-        dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dpT = _dot_x3(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keep = tl.trans(_keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N))
             pT_kept = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             pT_kept = pT
-        dv = _dot(_to(pT_kept, do.dtype), do, dv, DOT_PRECISION)
+        dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+        dk = _dot_x3(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -303,17 +345,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
                    H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = _offsets(start_n, BLOCK_N, OFFS_64)
+    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
                    + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d, D, True, D_PAD)
     v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt
                    + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D, True, D_PAD)
+    k = _as_forward_saw(k, DOT_PRECISION)
+    v = _as_forward_saw(v, DOT_PRECISION)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -355,23 +400,25 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                   MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N).to(offs_d.dtype)  # int64 where the kernel's offsets are
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        kT = _load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                        offs_d, D, offs_n, Tk, D_PAD, MASKED)  # (HEAD_DIM, BLOCK_N)
-        vT = _load_tile(v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
-                        offs_d, D, offs_n, Tk, D_PAD, MASKED)
+        kT = _as_forward_saw(_load_tile(k_base + offs_n[None, :] * stride_kt
+                                        + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
+                                        D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
+        vT = _as_forward_saw(_load_tile(v_base + offs_n[None, :] * stride_vt
+                                        + offs_d[:, None] * stride_vd, offs_d, D, offs_n, Tk,
+                                        D_PAD, MASKED), DOT_PRECISION)
         p = tl.math.exp2(_dot(q, kT, None, DOT_PRECISION) * qk_scale - lse2[:, None])
         if MASKED:
             p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
-        dp = _dot(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = _dot_x3(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _dot(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+        dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
     return dq
 
 
@@ -385,16 +432,18 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                  H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
+    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     row_ok = offs_m < Tq
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
-                   + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d, D, True, D_PAD)
+    q = _as_forward_saw(_load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
+                                   + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d, D, True,
+                                   D_PAD), DOT_PRECISION)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                     + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -431,7 +480,7 @@ def _dropout_mask_kernel(SEED, MASK, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, B
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, Tk, dropout_p, BLOCK_M, BLOCK_N)
-    ptrs = MASK + bh.to(tl.int64) * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :]
+    ptrs = MASK + bh.to(tl.int64) * Tq * Tk + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
 
@@ -557,6 +606,17 @@ def _common(q, k, scale, dropout_p, ieee):
                 DOT_PRECISION="ieee" if (ieee or q.dtype != torch.float32) else "tf32")
 
 
+_INT32_LIMIT = 2**31  # module-level so a test can lower it and run the int64 path on small shapes
+
+
+def _offsets_need_64(*tensors):
+    """Whether an element offset inside one (batch, head) slab of these (B, H, T, D) tensors can
+    reach 2**31. The (B, T, H, D) storage the model uses puts a whole T x H x D block between a
+    head's first and last row, so this happens with T * H * D >= 2**31 even in one batch row."""
+    return any((t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= _INT32_LIMIT
+               for t in tensors)
+
+
 def _new_like_bthd(q):
     """An empty (B, H, T, D) tensor stored as (B, T, H, D): the layout the model wants back."""
     B, H, T, D = q.shape
@@ -568,6 +628,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
     o = _new_like_bthd(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     meta = _common(q, k, scale, dropout_p, ieee)
+    meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
     _launch("fwd", (Tq, "BLOCK_M", B * H), (q, k, v, o, lse, seed if seed is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride()), meta)
     return o, lse
@@ -577,18 +638,13 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     meta = _common(q, k, scale, dropout_p, ieee)
-    if meta["DOT_PRECISION"] == "tf32":
-        # The backward recomputes P and uses delta = rowsum(dO * O); in single-pass tf32 those
-        # errors do not cancel as they do in plain math, and dK came out over twice PyTorch's
-        # own tf32 error. Three tf32 passes (hi*hi + hi*lo + lo*hi) give near-fp32 accuracy
-        # on the tensor cores.
-        meta["DOT_PRECISION"] = "tf32x3"
+    dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+    meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv)
     delta = torch.empty_like(lse)
     pre_block = 64 if not INTERPRET else 16
     _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
-        HEAD_DIM=meta["HEAD_DIM"], D_PAD=meta["D_PAD"], BLOCK_M=pre_block)
-    dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+        o, do, delta, *o.stride(), *do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
+        D_PAD=meta["D_PAD"], OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     seed = seed if seed is not None else lse
     _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed, *q.stride(),
             *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()), meta)
