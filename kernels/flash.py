@@ -80,14 +80,26 @@ def _round_tf32(x):
 
 
 @triton.jit
+def _tf32_rounded(x, DOT_PRECISION: tl.constexpr):
+    """x as a tf32 dot should read it: float32 rounded to the nearest tf32, in tf32 mode.
+
+    The tensor cores read a float32 operand as tf32 by dropping its low 13 bits: that
+    truncation is biased, and measured on an H100 it made our error over twice PyTorch's tf32
+    error (cuBLAS rounds). Rounding first makes the drop exact; under the interpreter, it is
+    also what makes a float32 dot behave as tf32. Each operand is rounded once, where it is
+    loaded or made. The backward rounds Q, K and V exactly as the forward did: the saved LSE and
+    delta = rowsum(dO * O) come from the rounded ones, and with unrounded ones the recomputed P
+    no longer matches the LSE and dP - delta is off by dO . (V - round(V)). With one key P = 1
+    and the true dQ and dK are 0, as PyTorch's are; ours were 1e-3 before this."""
+    if DOT_PRECISION == "tf32" and x.dtype == tl.float32:
+        x = _round_tf32(x)
+    return x
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if DOT_PRECISION == "tf32" and a.dtype == tl.float32:
-        # The tensor cores read a float32 operand as tf32 by dropping its low 13 bits: that
-        # truncation is biased, and measured on an H100 it made our error over twice
-        # PyTorch's tf32 error (cuBLAS rounds). Rounding first makes the drop exact. Under the
-        # interpreter, this is also what makes its float32 dot behave as tf32.
-        a = _round_tf32(a)
-        b = _round_tf32(b)
+    """a @ b (+ acc), accumulating in float32. In tf32 mode the operands must come through
+    _tf32_rounded."""
     if _INTERPRETER_FIXES:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -108,19 +120,7 @@ def _dot_x3(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _as_forward_saw(x, DOT_PRECISION: tl.constexpr):
-    """Q, K or V as the forward's tf32 dots read them (rounded), for the backward. The forward's
-    P and O come from the rounded operands, and the backward rests on them (the saved LSE,
-    delta = rowsum(dO * O)); with unrounded ones the recomputed P no longer matches the LSE and
-    dP - delta is off by dO . (V - round(V)), tf32 errors that do not cancel. With one key P = 1
-    and the true dQ and dK are 0: PyTorch's are 0, ours were 1e-3 before this."""
-    if DOT_PRECISION == "tf32" and x.dtype == tl.float32:
-        x = _round_tf32(x)
-    return x
-
-
-@triton.jit
-def _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout keep-mask of the (BLOCK_M, BLOCK_N) tile at rows offs_m, keys start_n + ...: True
     where that weight of head bh survives.
 
@@ -196,8 +196,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        kT = _load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                        offs_d, D, offs_n, Tk, D_PAD, MASKED)  # (HEAD_DIM, BLOCK_N)
+        kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
+                                      + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
+                                      D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
         s = _dot(q, kT, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
@@ -206,11 +207,13 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                       offs_n, Tk, offs_d, D, MASKED, D_PAD)  # (BLOCK_N, HEAD_DIM)
-        acc = _dot(_to(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        v = _tf32_rounded(_load_tile(v_base + offs_n[:, None] * stride_vt
+                                     + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D,
+                                     MASKED, D_PAD), DOT_PRECISION)  # (BLOCK_N, HEAD_DIM)
+        acc = _dot(_tf32_rounded(_to(p, v.dtype), DOT_PRECISION), v, acc * alpha[:, None],
+                   DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -239,8 +242,8 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
 
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                   offs_m, Tq, offs_d, D, True, D_PAD)
+    q = _tf32_rounded(_load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                                 offs_m, Tq, offs_d, D, True, D_PAD), DOT_PRECISION)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -311,7 +314,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
         row_ok = offs_m < Tq
-        qT = _as_forward_saw(_load_tile(q_base + offs_m[None, :] * stride_qt
+        qT = _tf32_rounded(_load_tile(q_base + offs_m[None, :] * stride_qt
                                         + offs_d[:, None] * stride_qd, offs_d, D, offs_m, Tq,
                                         D_PAD, True), DOT_PRECISION)  # (HEAD_DIM, BLOCK_M)
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -322,7 +325,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                         offs_m, Tq, offs_d, D, True, D_PAD)  # (BLOCK_M, HEAD_DIM)
         dpT = _dot_x3(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = tl.trans(_keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N))
+            keep = tl.trans(_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
             pT_kept = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
@@ -357,8 +360,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
                    + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d, D, True, D_PAD)
     v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt
                    + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D, True, D_PAD)
-    k = _as_forward_saw(k, DOT_PRECISION)
-    v = _as_forward_saw(v, DOT_PRECISION)
+    k = _tf32_rounded(k, DOT_PRECISION)
+    v = _tf32_rounded(v, DOT_PRECISION)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -404,10 +407,10 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        kT = _as_forward_saw(_load_tile(k_base + offs_n[None, :] * stride_kt
+        kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
                                         + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
                                         D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
-        vT = _as_forward_saw(_load_tile(v_base + offs_n[None, :] * stride_vt
+        vT = _tf32_rounded(_load_tile(v_base + offs_n[None, :] * stride_vt
                                         + offs_d[:, None] * stride_vd, offs_d, D, offs_n, Tk,
                                         D_PAD, MASKED), DOT_PRECISION)
         p = tl.math.exp2(_dot(q, kT, None, DOT_PRECISION) * qk_scale - lse2[:, None])
@@ -415,7 +418,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
             p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
         dp = _dot_x3(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
@@ -441,7 +444,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     row_ok = offs_m < Tq
-    q = _as_forward_saw(_load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
+    q = _tf32_rounded(_load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
                                    + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d, D, True,
                                    D_PAD), DOT_PRECISION)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
@@ -479,7 +482,7 @@ def _dropout_mask_kernel(SEED, MASK, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, Tk, dropout_p, BLOCK_M, BLOCK_N)
+    keep = _keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = MASK + bh.to(tl.int64) * Tq * Tk + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 

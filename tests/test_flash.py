@@ -154,9 +154,9 @@ def test_dropout_mask_does_not_depend_on_tiles(device):
 
 
 @triton.jit
-def _keep_of_rows(SEED, ROWS, OUT, Tk, p, N_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_of_rows(SEED, ROWS, OUT, p, N_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.load(ROWS + tl.arange(0, N_ROWS))
-    keep = flash._keep(tl.load(SEED), tl.program_id(0), rows, 0, Tk, p, N_ROWS, BLOCK_N)  # head 0
+    keep = flash._keep(tl.load(SEED), tl.program_id(0), rows, 0, p, N_ROWS, BLOCK_N)  # head 0
     tl.store(OUT + tl.arange(0, N_ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
              keep.to(tl.int8))
 
@@ -167,7 +167,7 @@ def test_dropout_rows_far_apart_draw_different_masks(device):
     seed = torch.tensor([77], device=device, dtype=torch.int64)
     rows = torch.tensor([0, 131072, 1, 131073], device=device, dtype=torch.int32)
     out = torch.empty(4, 64, device=device, dtype=torch.int8)
-    _keep_of_rows[(1,)](seed, rows, out, 131072, 0.5, N_ROWS=4, BLOCK_N=64)
+    _keep_of_rows[(1,)](seed, rows, out, 0.5, N_ROWS=4, BLOCK_N=64)
     assert not torch.equal(out[0], out[1]) and not torch.equal(out[2], out[3])
     # And the kernels' own mask agrees with this helper where both are drawn (rows 0 and 1).
     assert torch.equal(out[[0, 2], :64].bool(), flash.dropout_keep_mask(seed, 1, 1, 2, 64, 0.5)[0, 0])
