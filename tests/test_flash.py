@@ -240,6 +240,30 @@ def test_compiles_without_graph_breaks(device):
         torch.testing.assert_close(a, b)
 
 
+def test_eager_calls_skip_the_custom_op_and_compiled_graphs_keep_it(device):
+    """Eager: a plain autograd.Function (and no autograd under no_grad), for less host time per
+    call; torch.compile: the custom op, which it can trace. Same numbers either way
+    (test_compiles_without_graph_breaks compares the gradients)."""
+    torch.manual_seed(14)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 20, 20, 16, torch.float16, device))
+    o = causal_attention(q, k, v, backend="triton")
+    assert type(o.grad_fn).__name__ == "_EagerAttentionBackward"
+    with torch.no_grad():
+        o_inference = causal_attention(q, k, v, backend="triton")
+    assert o_inference.grad_fn is None and torch.equal(o_inference, o.detach())
+
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(lambda a, b, c: causal_attention(a, b, c, backend="triton"), backend=record,
+                  fullgraph=True)(q, k, v)
+    assert "lecture_flash.fwd.default" in targets, targets
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 100, 100, 64), (1, 1, 37, 50, 40), (2, 3, 1, 1, 8),
                                    (1, 2, 1, 1, 80)], ids=str)
 def test_tf32_default_is_within_pytorch_tf32_error(shape, device):
@@ -320,22 +344,76 @@ def test_untuned_launch_falls_back_to_a_config_that_loads():
         flash._first_that_loads(flash._CONFIGS["dq"], broken)
 
 
-def test_untuned_launch_path(monkeypatch):
-    """The launcher's GPU path with autotuning off (CPU tests otherwise take the interpreter's
-    fixed tile): grid, config arguments, and the choice remembered per specialisation."""
-    launches = []
+class _FakeKernel:
+    """Stands in for a jitted kernel: records (grid, BLOCK_M, num_warps) of every launch."""
 
-    class FakeKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((grid, kw["BLOCK_M"], kw["num_warps"]))
+    def __init__(self):
+        self.launches = []
 
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, kw["BLOCK_M"], kw["num_warps"]))
+
+
+def _gpu_launcher(monkeypatch, autotune):
+    """flash._launch as it runs on a GPU (CPU tests otherwise take the interpreter's fixed tile),
+    with a fake dq kernel and an empty choice cache."""
+    kernel = _FakeKernel()
     monkeypatch.setattr(flash, "INTERPRET", False)
-    monkeypatch.setattr(flash, "AUTOTUNE", False)
-    monkeypatch.setattr(flash, "_JIT", {"dq": FakeKernel()})
-    monkeypatch.setattr(flash, "_FIXED", {})
+    monkeypatch.setattr(flash, "AUTOTUNE", autotune)
+    monkeypatch.setattr(flash, "_JIT", {"dq": kernel})
+    monkeypatch.setattr(flash, "_CHOSEN", {})
     q = torch.empty(2, 3, 300, 64, dtype=torch.bfloat16)
     meta = dict(TQ_BUCKET=512, TK_BUCKET=512, HEAD_DIM=64, DROPOUT=False, DOT_PRECISION="ieee")
+    return kernel, lambda: flash._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
+
+
+def test_untuned_launch_path(monkeypatch):
+    """With autotuning off: grid, config arguments, and the choice remembered per specialisation."""
+    kernel, launch = _gpu_launcher(monkeypatch, autotune=False)
     for _ in range(2):
-        flash._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
-    assert launches == [((3, 6), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
-    assert list(flash._FIXED.values()) == [flash._CONFIGS["dq"][0]]
+        launch()
+    assert kernel.launches == [((3, 6), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
+    assert list(flash._CHOSEN.values()) == [flash._CONFIGS["dq"][0]]
+
+
+def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch):
+    """With autotuning on, the first launch of a specialisation times every fitting config and
+    keeps the fastest; later launches of it run that one config and time nothing."""
+    times = {128: 3.0, 64: 1.0, 32: 2.0}  # fake medians by BLOCK_M: the 64-row config wins
+    timed = []
+
+    def bench(fn):
+        fn()
+        block_m = kernel.launches[-1][1]
+        timed.append(block_m)
+        return times[block_m]
+
+    monkeypatch.setattr(flash._fastest, "__defaults__", (bench,))
+    kernel, launch = _gpu_launcher(monkeypatch, autotune=True)
+    launch()
+    assert timed == [128, 128, 64, 32]  # every dq config fits 300 rows of D=64
+    assert kernel.launches[-1] == ((5, 6), 64, 4)  # the winner ran last: its outputs stand
+    assert list(flash._CHOSEN.values()) == [flash._CONFIGS["dq"][2]]
+    n = len(kernel.launches)
+    launch()
+    launch()
+    assert timed == [128, 128, 64, 32] and kernel.launches[n:] == [((5, 6), 64, 4)] * 2
+
+
+def test_autotune_skips_configs_this_gpu_cannot_hold():
+    OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
+    ran = []
+
+    def run(conf):
+        if conf.kwargs["BLOCK_M"] == 128:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        ran.append(conf.kwargs["BLOCK_M"])
+
+    def bench(fn):
+        fn()
+        return {64: 2.0, 32: 1.0}[ran[-1]]
+
+    chosen = flash._fastest(flash._CONFIGS["dq"], run, bench)
+    assert chosen is flash._CONFIGS["dq"][3] and ran == [64, 32, 32]
+    with pytest.raises(OutOfResources):  # nothing loads: the error, not a silent no-op
+        flash._fastest(flash._CONFIGS["dq"][:2], run, bench)
