@@ -745,6 +745,10 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        if torch.is_grad_enabled():
+            # create_graph=True: through the custom op, so that differentiating these gradients
+            # again fails loudly (the op has no derivative) instead of treating them as constants.
+            return _backward(ctx, do, None)
         q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee)
         return dq, dk, dv, None, None, None, None

@@ -264,6 +264,18 @@ def test_eager_calls_skip_the_custom_op_and_compiled_graphs_keep_it(device):
     assert "lecture_flash.fwd.default" in targets, targets
 
 
+def test_double_backward_is_an_error_not_zeros(device):
+    """Neither path has a second derivative; asking for one must fail loudly, eager or op."""
+    torch.manual_seed(15)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 1, 8, 8, 16, torch.float32, device))
+    do = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
+    for attend in (lambda: causal_attention(q, k, v, backend="triton"),
+                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, True)[0]):
+        dq, = torch.autograd.grad(attend(), q, do, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            torch.autograd.grad(dq.sum(), (q, do), allow_unused=True)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 100, 100, 64), (1, 1, 37, 50, 40), (2, 3, 1, 1, 8),
                                    (1, 2, 1, 1, 80)], ids=str)
 def test_tf32_default_is_within_pytorch_tf32_error(shape, device):
