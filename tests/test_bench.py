@@ -1,5 +1,6 @@
-"""bench/run.py --quick writes the documented schema; bench/compile_report.py builds every
-kernel for an H100 without one; CPU micro-benchmarks (--benchmark-only)."""
+"""bench/run.py --quick writes the documented schema; bench/host_overhead.py runs;
+bench/compile_report.py builds every kernel for an H100 without one; CPU micro-benchmarks
+(--benchmark-only)."""
 import importlib.util
 import json
 import os
@@ -55,6 +56,17 @@ def test_profile_flag_writes_where_the_step_time_goes(tmp_path):
         assert row["profile_wall_ms"] > 0
         table = (tmp_path / f"profile-gpt_train-float32-{row['impl']}.txt").read_text()
         assert "Self CPU" in table and "aten::" in table
+
+
+def test_host_overhead_reports_every_path():
+    """bench/host_overhead.py runs here (launches stubbed, interpreter) and prints each path."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--calls", "3",
+                        "--repeats", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("stubbed")]
+    assert [row[1] for row in rows] == ["causal_attention", "eager", "custom"], r.stdout
+    assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows), r.stdout
 
 
 def _can_compile_for_cuda():

@@ -1,0 +1,151 @@
+"""Host time per call of the Triton backend: the Python between causal_attention and the GPU.
+
+    TRITON_INTERPRET=1 python bench/host_overhead.py     # on a CPU: the Python path only
+    python bench/host_overhead.py                        # on a GPU: also real launches vs SDPA
+
+At the lecture's shapes the kernels take tens of microseconds, so what the host does per call
+decides the speed. Two measurements:
+
+- "stubbed": every kernel launch replaced by a no-op, so only Python runs (validation, dispatch,
+  autograd bookkeeping, allocation, config lookup). Runs anywhere. Paths compared: the public
+  causal_attention; the eager path it takes (flash_attention: an autograd.Function, or no
+  autograd at all under no_grad); and the torch custom op called directly (what
+  torch.compile traces, and what eager calls went through before).
+- "launched" (CUDA only): real kernels on a tiny problem (1 x 1 x 16 x 64 bf16), calls issued
+  back to back with one synchronise at the end, so the time per call is the host's; SDPA's
+  flash and cuDNN backends beside it.
+
+Each figure is the median over --repeats runs of --calls calls, after a warm-up.
+"""
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import causal_attention, flash  # noqa: E402
+
+
+@contextlib.contextmanager
+def launches_stubbed():
+    """Every kernel launch in kernels.flash becomes a no-op (outputs stay uninitialised)."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved = flash._launch, flash._bwd_preprocess
+    flash._launch, flash._bwd_preprocess = (lambda *args, **kwargs: None), NoLaunch()
+    try:
+        yield
+    finally:
+        flash._launch, flash._bwd_preprocess = saved
+
+
+def per_call_us(fn, calls, repeats, device):
+    """Median over `repeats` of the mean microseconds per call of `calls` back-to-back calls."""
+    for _ in range(max(3, calls // 10)):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def passes(attend, q, k, v, do):
+    """(forward under no_grad, forward+backward) of attend(q, k, v), as callables."""
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            attend(qd, kd, vd)
+
+    def fwd_bwd():
+        torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+
+    return fwd, fwd_bwd
+
+
+def ours(scale):
+    """The Triton backend's paths, name -> attend(q, k, v)."""
+    return {
+        "causal_attention": lambda a, b, c: causal_attention(a, b, c, backend="triton"),
+        "eager path": lambda a, b, c: flash.flash_attention(a, b, c, scale),
+        "custom op": lambda a, b, c: flash._fwd_op(a, b, c, None, scale, 0.0, False)[0],
+    }
+
+
+def sdpa():
+    """SDPA's flash and cuDNN backends, name -> attend(q, k, v)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def pinned(backend):
+        def attend(a, b, c):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+        return attend
+
+    return {"sdpa flash": pinned(SDPBackend.FLASH_ATTENTION),
+            "sdpa cudnn": pinned(SDPBackend.CUDNN_ATTENTION)}
+
+
+def measure(table, label, named, tensors, calls, repeats, device):
+    for name, attend in named.items():
+        row = [label, name]
+        for fn in passes(attend, *tensors):
+            try:
+                row.append(f"{per_call_us(fn, calls, repeats, device):.1f}")
+            except RuntimeError as e:  # e.g. no cuDNN attention for this GPU or build
+                row.append(f"n/a ({str(e).splitlines()[0][:40]})")
+        table.append(row)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=500, help="calls per timed run (default 500)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is shown (default 7)")
+    args = p.parse_args(argv)
+    if args.calls < 1 or args.repeats < 1:
+        p.error("--calls and --repeats must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not flash.INTERPRET:
+        sys.exit("no GPU: run with TRITON_INTERPRET=1 (set before Python starts) for the stubbed figures")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 16, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    table = []
+    scale = q.shape[-1] ** -0.5
+    with launches_stubbed():
+        measure(table, "stubbed", ours(scale), (q, k, v, do), args.calls, args.repeats, device)
+    if device.type == "cuda":
+        measure(table, "launched", {**ours(scale), **sdpa()}, (q, k, v, do), args.calls,
+                args.repeats, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    print(f"{name}, torch {torch.__version__}, shape (1, 1, 16, 64) {str(dtype).replace('torch.', '')}; "
+          f"microseconds per call, median of {args.repeats} x {args.calls}")
+    header = ["launches", "path", "fwd (no_grad)", "fwd+bwd"]
+    widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]
+    for row in [header] + table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()
