@@ -42,7 +42,7 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # in the input dtype
-FLOAT32 = {"LSE", "DELTA"}
+FLOAT32 = {"LSE", "DELTA", "DQ_ACC"}
 # Plain integer arguments that launches leave unspecialised (see flash._NO_SPECIALIZE).
 UNSPECIALISED = set(flash._NO_SPECIALIZE)
 
@@ -75,7 +75,7 @@ def signature(fn, dtype, constexprs):
     return sig, attrs
 
 
-def compile_kernel(kind, dtype, head_dim, config, dropout, arch):
+def compile_kernel(kind, dtype, head_dim, config, dropout, arch, atomic_dq=False):
     fn = flash._JIT[kind]
     hd = flash._head_dim(head_dim)
     precision = "ieee"
@@ -84,6 +84,8 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch):
     constexprs = dict(D=head_dim, HEAD_DIM=hd, D_PAD=hd != head_dim, DROPOUT=dropout, DOT_PRECISION=precision,
                       OFFS_64=False,
                       **config.kwargs)
+    if "ATOMIC_DQ" in fn.arg_names:
+        constexprs["ATOMIC_DQ"] = atomic_dq
     sig, attrs = signature(fn, dtype, constexprs)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
@@ -125,6 +127,8 @@ def parse_args(argv):
     p.add_argument("--head-dim", default="64,128", help="comma-separated, 1..256 (default 64,128)")
     p.add_argument("--kernel", action="append", choices=sorted(flash._CONFIGS), help="repeatable (default all)")
     p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
+    p.add_argument("--atomic-dq", action="store_true",
+                   help="the dK/dV kernel of the non-deterministic backward (adds dQ atomically)")
     p.add_argument("--fixed", action="store_true",
                    help="stop at the config each kernel uses with autotuning off (the first that fits)")
     args = p.parse_args(argv)
@@ -158,7 +162,8 @@ def main(argv=None):
                     head = (f"{kind:6s} {dtype:5s} {D:3d} {f'{bm}x{bn}':>7s} {c.num_warps:5d} "
                             f"{c.num_stages:6d}")
                     try:
-                        f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch))
+                        f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch,
+                                                   args.atomic_dq))
                     except Exception as e:  # report every variant, then fail at the end
                         failures += 1
                         print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")

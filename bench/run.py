@@ -152,6 +152,18 @@ def _flex():
     return run
 
 
+def _triton_atomic_dq(q, k, v):
+    """Ours with the non-deterministic backward (dQ added atomically by the dK/dV kernel); the
+    forward records the choice for its backward."""
+    from kernels import flash
+    previous = flash.get_deterministic()
+    flash.set_deterministic(False)
+    try:
+        return causal_attention(q, k, v, backend="triton")
+    finally:
+        flash.set_deterministic(previous)
+
+
 def attention_impls(device, quick):
     from torch.nn.attention import SDPBackend
     impls = {
@@ -170,8 +182,9 @@ def attention_impls(device, quick):
         impls["compiled-naive"] = torch.compile(naive_causal_attention, dynamic=True)
     if "triton" in available_backends(device) and device.type == "cuda":
         impls["triton"] = lambda q, k, v: causal_attention(q, k, v, backend="triton")
+        impls["triton-atomic-dq"] = _triton_atomic_dq
     else:
-        impls["triton"] = "needs a CUDA GPU and triton"
+        impls["triton"] = impls["triton-atomic-dq"] = "needs a CUDA GPU and triton"
     impls["project-auto"] = lambda q, k, v: causal_attention(q, k, v)
     return impls
 

@@ -49,6 +49,31 @@ def get_fp32_precision():
     return _fp32_precision
 
 
+# The backward is deterministic by default: dQ has its own kernel, which recomputes QK^T and
+# dO V^T (7 tile matmuls where 5 would do). LECTURE_FLASH_DETERMINISTIC=0 or
+# set_deterministic(False) lets the dK/dV kernel add its dQ share with float32 atomics instead
+# (5 matmuls, run-to-run differences in the last bits of dQ). torch.use_deterministic_algorithms
+# overrides it.
+_deterministic = os.environ.get("LECTURE_FLASH_DETERMINISTIC", "1") != "0"
+
+
+def set_deterministic(flag):
+    """True (default): a bitwise-reproducible backward; False: atomic dQ, fewer FLOPs."""
+    global _deterministic
+    if not isinstance(flag, bool):
+        raise TypeError(f"flag must be a bool, got {type(flag).__name__}")
+    _deterministic = flag
+
+
+def get_deterministic():
+    return _deterministic
+
+
+def deterministic_backward():
+    """Whether the next forward's backward will be deterministic."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
@@ -300,12 +325,15 @@ def _bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                     stride_qt, stride_qd, stride_dot, stride_dod,
                     start_n, offs_n, offs_d, lo, hi, D, Tq, Tk, causal_off, qk_scale, seed, bh,
                     dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form.
+                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form; with
+    ATOMIC_DQ, also add this key tile's share of dQ (dS @ K, unscaled) to the float32 rows
+    at dq_base, (Tq, HEAD_DIM) contiguous.
 
     Rows past Tq load lse = +inf, so their probabilities are exactly 0 and they add nothing.
     """
@@ -332,13 +360,17 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             pT_kept = pT
         dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot_x3(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+        dsT = _to(pT * (dpT - delta[None, :]), qT.dtype)
+        dk = _dot_x3(dsT, tl.trans(qT), dk, DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = _dot_x3(tl.trans(dsT), k, None, DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                          mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    stride_qb, stride_qh, stride_qt, stride_qd,
                    stride_kb, stride_kh, stride_kt, stride_kd,
                    stride_vb, stride_vh, stride_vt, stride_vd,
@@ -348,7 +380,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
                    H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -369,6 +401,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + bh.to(tl.int64) * Tq
     delta_base = DELTA + bh.to(tl.int64) * Tq
+    dq_base = DQ_ACC + bh.to(tl.int64) * Tq * HEAD_DIM
 
     causal_off = Tk - Tq
     qk_scale = scale * 1.4426950408889634  # log2(e)
@@ -379,14 +412,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
     first = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
     full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
     full = tl.minimum(tl.maximum(full, first), Tq)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
                              first, full, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION, ATOMIC_DQ, HEAD_DIM)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
                              full, Tq, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+                             BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION, ATOMIC_DQ, HEAD_DIM)
     dk = dk * scale
     mask = offs_n[:, None] < Tk
     if D_PAD:
@@ -502,7 +535,7 @@ def _next_pow2(n):
 
 
 # What a launch's config depends on, beside the kernel, dtype and device.
-_TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "DOT_PRECISION")
+_TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "DOT_PRECISION", "ATOMIC_DQ")
 
 
 def _fits(conf, args):
@@ -591,11 +624,15 @@ def _fastest(configs, run, bench=_median_ms):
 _CHOSEN = {}
 
 
-def _launch(name, tiles_along, args, meta):
-    """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N>, the second B*H."""
+def _launch(name, tiles_along, args, meta, reset=None):
+    """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N>, the second B*H.
+    reset(), if given, runs before every launch (a kernel that accumulates into its output
+    needs it zeroed each time the autotuner reruns it)."""
     n, block, bh = tiles_along
 
     def run(conf):
+        if reset is not None:
+            reset()
         _JIT[name][(_cdiv(n, conf.kwargs[block]), bh)](
             *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
 
@@ -603,7 +640,7 @@ def _launch(name, tiles_along, args, meta):
         # One small fixed tile: the test shapes then cross several tiles, tails and diagonals.
         run(_cfg(16, 16, 1, 4))
         return
-    key = (name, args[0].dtype, args[0].device, *(meta[k] for k in _TUNE_KEY))
+    key = (name, args[0].dtype, args[0].device, *(meta.get(k) for k in _TUNE_KEY))
     conf = _CHOSEN.get(key)
     if conf is not None:
         run(conf)
@@ -662,7 +699,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=True):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     meta = _common(q, k, scale, dropout_p, ieee)
@@ -674,8 +711,15 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
         o, do, delta, *o.stride(), *do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
         D_PAD=meta["D_PAD"], OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     seed = seed if seed is not None else lse
-    _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed, *q.stride(),
-            *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()), meta)
+    atomic = not deterministic
+    # With atomic dQ, the dK/dV kernel adds each key tile's share of dQ into float32 rows.
+    dq_acc = q.new_zeros(B * H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else lse
+    _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed, dq_acc,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()),
+            {**meta, "ATOMIC_DQ": atomic}, reset=dq_acc.zero_ if atomic else None)
+    if atomic:
+        torch.mul(dq_acc.view(B, H, Tq, -1)[..., :D], scale, out=dq)
+        return dq, dk, dv
     _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, *q.stride(),
             *k.stride(), *v.stride(), *do.stride(), *dq.stride()), meta)
     return dq, dk, dv
@@ -687,12 +731,13 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
 
 @torch.library.custom_op("lecture_flash::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, ieee: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            scale: float, dropout_p: float, ieee: bool, deterministic: bool = True
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     return _fwd_impl(q, k, v, seed, scale, dropout_p, ieee)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, seed, scale, dropout_p, ieee):
+def _(q, k, v, seed, scale, dropout_p, ieee, deterministic=True):
     B, H, Tq, D = q.shape
     return _new_like_bthd(q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
@@ -700,27 +745,28 @@ def _(q, k, v, seed, scale, dropout_p, ieee):
 @torch.library.custom_op("lecture_flash::bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, ieee: bool
+            scale: float, dropout_p: float, ieee: bool, deterministic: bool = True
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee)
+    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seed, scale, dropout_p, ieee):
+def _(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=True):
     return _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p, ieee = inputs
+    q, k, v, seed, scale, dropout_p, ieee, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.scale, ctx.dropout_p, ctx.ieee = scale, dropout_p, ieee
+    ctx.scale, ctx.dropout_p, ctx.ieee, ctx.deterministic = scale, dropout_p, ieee, deterministic
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee,
+                         ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -738,9 +784,9 @@ class _EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, seed, scale, dropout_p, ieee):
+    def forward(ctx, q, k, v, seed, scale, dropout_p, ieee, deterministic):
         o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, ieee)
-        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, ieee), (o, lse))
+        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, ieee, deterministic), (o, lse))
         return o
 
     @staticmethod
@@ -750,8 +796,9 @@ class _EagerAttention(torch.autograd.Function):
             # again fails loudly (the op has no derivative) instead of treating them as constants.
             return _backward(ctx, do, None)
         q, k, v, o, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee,
+                               ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -778,12 +825,13 @@ def draw_seed(device):
 def flash_attention(q, k, v, scale, dropout_p=0.0):
     """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels."""
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    args = (q, k, v, seed, float(scale), float(dropout_p), _fp32_precision == "ieee")
+    args = (q, k, v, seed, float(scale), float(dropout_p), _fp32_precision == "ieee",
+            deterministic_backward())
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(*args)
-    return _fwd_impl(*args)[0]  # inference (sampling): no autograd bookkeeping at all
+    return _fwd_impl(*args[:-1])[0]  # inference (sampling): no autograd bookkeeping at all
 
 
 def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):

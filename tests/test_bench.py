@@ -40,7 +40,7 @@ def test_quick_bench_writes_the_schema(tmp_path):
                 assert all(isinstance(row[m], NUMBER) and row[m] > 0 for m in metrics[section]), row
     ran = {r["impl"] for r in report["attention"] if "ms" in r}
     assert {"lecture", "naive-batched", "sdpa-math", "project-auto"} <= ran
-    assert {r["impl"] for r in report["attention"] if "skipped" in r} >= {"triton"}  # no GPU here
+    assert {r["impl"] for r in report["attention"] if "skipped" in r} >= {"triton", "triton-atomic-dq"}  # no GPU
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("section,impl,key,metric,value") and len(csv_lines) > 10
 
@@ -79,8 +79,8 @@ def _can_compile_for_cuda():
 @pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
 @pytest.mark.parametrize("flags, variants", [
     (["--head-dim", "40,64,128", "--dtype", "bfloat16", "--dtype", "float32"], 3 * 3 * 2),
-    (["--head-dim", "64", "--dtype", "float16", "--dropout"], 3),
-], ids=["bf16-fp32", "fp16-dropout"])
+    (["--head-dim", "64", "--dtype", "float16", "--dropout", "--atomic-dq"], 3),
+], ids=["bf16-fp32", "fp16-dropout-atomic-dq"])
 def test_kernels_compile_for_an_h100(flags, variants):
     """The interpreter runs the kernels' logic but never compiles them: this does, for sm_90,
     with the configs the untuned launcher picks (a GPU-only compile error fails here)."""

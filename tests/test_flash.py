@@ -37,13 +37,22 @@ GPU_SHAPES = [(4, 16, 4096, 4096, 128), (2, 32, 1023, 1024, 64), (8, 8, 2048, 20
 
 
 @contextlib.contextmanager
-def fp32_precision(mode):
-    old = flash.get_fp32_precision()
-    flash.set_fp32_precision(mode)
+def flash_setting(get, set_, value):
+    """One of kernels.flash's module settings, changed for a with-block."""
+    old = get()
+    set_(value)
     try:
         yield
     finally:
-        flash.set_fp32_precision(old)
+        set_(old)
+
+
+def fp32_precision(mode):
+    return flash_setting(flash.get_fp32_precision, flash.set_fp32_precision, mode)
+
+
+def deterministic(flag):
+    return flash_setting(flash.get_deterministic, flash.set_deterministic, flag)
 
 
 def inputs(B, H, Tq, Tk, D, dtype, device):
@@ -85,6 +94,55 @@ def test_forward_and_gradients_large(shape, dtype, device):
     run_case(shape, dtype, device)
 
 
+# The atomic-dQ backward (set_deterministic(False)) on the shapes that cross its edge cases:
+# tails in both directions, padded head dims, Tq < Tk, one query.
+ATOMIC_SHAPES = [(2, 1, 7, 7, 24), (1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (1, 1, 1, 239, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATOMIC_SHAPES, ids=str)
+def test_atomic_dq_backward(shape, dtype, device):
+    with deterministic(False):
+        run_case(shape, dtype, device)
+
+
+@pytest.mark.gpu
+def test_atomic_dq_backward_large(device):
+    with deterministic(False):
+        run_case(GPU_SHAPES[0], torch.bfloat16, device)
+
+
+def test_which_backward_kernels_run(monkeypatch, device):
+    """Deterministic (default): dK/dV and dQ kernels. set_deterministic(False): dK/dV alone,
+    adding dQ atomically; torch.use_deterministic_algorithms(True) overrides that. The choice
+    is made at the forward and kept for its backward."""
+    launched = []
+    real = flash._launch
+    monkeypatch.setattr(flash, "_launch", lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw)))
+    q, k, v = (t.requires_grad_() for t in inputs(1, 1, 20, 20, 16, torch.float16, device))
+
+    def kernels():
+        launched.clear()
+        causal_attention(q, k, v, backend="triton").sum().backward()
+        return list(launched)
+
+    assert kernels() == ["fwd", "dkdv", "dq"]
+    with deterministic(False):
+        assert kernels() == ["fwd", "dkdv"]
+        old = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert kernels() == ["fwd", "dkdv", "dq"]
+        finally:
+            torch.use_deterministic_algorithms(old)
+        o = causal_attention(q, k, v, backend="triton")
+    launched.clear()
+    o.sum().backward()  # set back to deterministic before the backward: the forward's choice holds
+    assert launched == ["dkdv"]
+    with pytest.raises(TypeError, match="flag must be a bool"):
+        flash.set_deterministic(0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_model_layout_is_read_in_place(dtype, device):
     """q, k, v as strided views of one (B, T, 3, H, D) projection; the output comes back in
@@ -104,9 +162,15 @@ def test_three_dimensional_input_and_scale(device):
     assert out.shape == (3, 40, 32)
 
 
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic-dq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 2, 37, 37, 24), (1, 2, 20, 45, 64)], ids=str)
-def test_dropout_matches_oracle_given_the_same_mask(shape, dtype, device):
+def test_dropout_matches_oracle_given_the_same_mask(shape, dtype, atomic_dq, device):
+    with deterministic(not atomic_dq):
+        _dropout_matches_oracle(shape, dtype, device)
+
+
+def _dropout_matches_oracle(shape, dtype, device):
     B, H, Tq, Tk, _ = shape
     p = 0.3
     torch.manual_seed(9)
@@ -217,7 +281,9 @@ def test_opcheck(device):
     # The backward op has no derivative of its own (no double backward): check it without grads.
     q, k, v = (t.detach() for t in (q, k, v))
     o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, True)
-    torch.library.opcheck(flash._bwd_op, (torch.randn_like(o), q, k, v, o, lse, None, 0.25, 0.0, True))
+    do = torch.randn_like(o)
+    for det in (True, False):
+        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, True, det))
 
 
 def test_compiles_without_graph_breaks(device):
