@@ -155,7 +155,8 @@ def main(argv=None):
                 # The configs flash tries for a long sequence of this head dim and dtype, in order.
                 q = torch.empty(0, dtype=TORCH_DTYPES[dtype])
                 configs = flash._prune(flash._CONFIGS[kind], dict(
-                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash._head_dim(D)))
+                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash._head_dim(D),
+                    ATOMIC_DQ=args.atomic_dq))
                 loads = False
                 for c in configs:
                     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
