@@ -435,7 +435,7 @@ def print_attention(rows):
     groups = {}
     for r in rows:
         groups.setdefault((r["dtype"], r["D"], r["pass"], r["B"], r["H"], r["T"]), []).append(r)
-    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>3} {'T':>6} {'D':>4}  {'impl':15} {'ms':>9} {'TFLOP/s':>8} "
+    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>3} {'T':>6} {'D':>4}  {'impl':16} {'ms':>9} {'TFLOP/s':>8} "
           f"{'vs lecture':>10} {'vs best sdpa':>12}  note")
     for key, rs in groups.items():
         lecture = next((r.get("ms") for r in rs if r["impl"] == "lecture"), None)
@@ -445,7 +445,7 @@ def print_attention(rows):
             ms = r.get("ms")
             vl = f"{lecture / ms:.2f}x" if ms and lecture else "-"
             vs = f"{best / ms:.2f}x" if ms and best else "-"
-            print(f"{r['dtype']:9} {r['pass']:8} {r['B']:>4} {r['H']:>3} {r['T']:>6} {r['D']:>4}  {r['impl']:15} "
+            print(f"{r['dtype']:9} {r['pass']:8} {r['B']:>4} {r['H']:>3} {r['T']:>6} {r['D']:>4}  {r['impl']:16} "
                   f"{fmt(ms, '9.3f')} {fmt(r.get('tflops'), '8.1f')} {vl:>10} {vs:>12}  {r.get('skipped', '')}")
         print()
 
