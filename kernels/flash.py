@@ -708,21 +708,22 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=T
     Tk = k.shape[2]
     meta = _common(q, k, scale, dropout_p, ieee)
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
-    meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv)
+    atomic = not deterministic
+    # With atomic dQ, the dK/dV kernel adds each key tile's share of dQ into float32 rows.
+    dq_acc = q.new_zeros(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else None
+    meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv, *([dq_acc] if atomic else []))
     delta = torch.empty_like(lse)
     pre_block = 64 if not INTERPRET else 16
     _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
         D_PAD=meta["D_PAD"], OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     seed = seed if seed is not None else lse
-    atomic = not deterministic
-    # With atomic dQ, the dK/dV kernel adds each key tile's share of dQ into float32 rows.
-    dq_acc = q.new_zeros(B * H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else lse
-    _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed, dq_acc,
+    _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed,
+            dq_acc if atomic else lse,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()),
             {**meta, "ATOMIC_DQ": atomic}, reset=dq_acc.zero_ if atomic else None)
     if atomic:
-        torch.mul(dq_acc.view(B, H, Tq, -1)[..., :D], scale, out=dq)
+        torch.mul(dq_acc[..., :D], scale, out=dq)
         return dq, dk, dv
     _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, *q.stride(),
             *k.stride(), *v.stride(), *do.stride(), *dq.stride()), meta)
