@@ -15,7 +15,9 @@ log-sum-exp (natural log, float32) for the backward.
 
 Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip and streams the
 query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
-element is written by exactly one program: deterministic, no atomics.
+element is written by exactly one program: deterministic, no atomics. Opt-in
+(set_deterministic(False)): the dK/dV kernel also adds its share of dQ with float32 atomics
+and the dQ kernel does not run, which saves recomputing QK^T and dO V^T.
 
 Dropout: a 32-bit Philox draw per (head, row, key), four keys to a Philox call, from a seed that
 the wrapper takes from torch's generator; the backward regenerates the same mask from the seed.
