@@ -609,7 +609,7 @@ def _median_ms(fn):
 def _fastest(configs, run, bench=_median_ms):
     """Time run(conf) for each config that loads on this GPU and return the fastest, having run
     it last, so the outputs are its own. Rerunning is harmless: every kernel overwrites its
-    outputs whole (no atomics, no accumulation across launches)."""
+    outputs whole, and the one that accumulates (atomic dQ) is zeroed by run's reset first."""
     timed = []
     for i, conf in enumerate(configs):
         try:
@@ -769,10 +769,11 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.dropout_p, ctx.ieee, ctx.deterministic = scale, dropout_p, ieee, deterministic
 
 
-def _backward(ctx, do, dlse):
+def _backward(ctx, do, dlse, bwd=None):
+    """Gradients of the forward's inputs, through the custom op (or `bwd`, same arguments)."""
     q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee,
-                         ctx.deterministic)
+    dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee,
+                                  ctx.deterministic)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -798,14 +799,9 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        if torch.is_grad_enabled():
-            # create_graph=True: through the custom op, so that differentiating these gradients
-            # again fails loudly (the op has no derivative) instead of treating them as constants.
-            return _backward(ctx, do, None)
-        q, k, v, o, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee,
-                               ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None
+        # With create_graph=True, through the custom op, so that differentiating these gradients
+        # again fails loudly (the op has no derivative) instead of treating them as constants.
+        return _backward(ctx, do, None, _bwd_op if torch.is_grad_enabled() else _bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------
