@@ -7,7 +7,8 @@
 Triton compiles ahead of time for a named target without a device (its bundled ptxas makes the
 cubin). For each kernel (fwd, dkdv, dq) and autotune config this prints registers per thread,
 stack bytes (spilled registers live there), shared memory against the target's per-block limit,
-whether the K/V loads are software-pipelined (async copies), and the SASS instruction count.
+whether the K/V loads are software-pipelined (async copies), the SASS instruction count, and
+which tensor-core instructions the dots became (on sm_90, a dot left on mma.sync forgoes wgmma).
 
 These are static facts, not timings: a config that spills or does not pipeline is slow, but
 which of the clean ones is fastest only a GPU can say (bench/run.py). A config that needs more
@@ -103,8 +104,10 @@ def _cuobjdump(kernel, *args):
 
 
 def inspect(kernel):
-    """registers, stack bytes, shared bytes, pipelined, SASS instruction count (None: unknown)."""
-    facts = dict(regs=None, stack=None, shared=kernel.metadata.shared, sass=None)
+    """registers, stack bytes, shared bytes, pipelined, SASS instruction count, and which
+    tensor-core instructions the dots became: Hopper's wgmma (HGMMA), the older warp-level
+    mma.sync (HMMA), both, or none (None: unknown)."""
+    facts = dict(regs=None, stack=None, shared=kernel.metadata.shared, sass=None, mma=None)
     ttgir = kernel.asm.get("ttgir", "")
     facts["pipelined"] = "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir
     usage = _cuobjdump(kernel, "-res-usage") or ""
@@ -116,6 +119,8 @@ def inspect(kernel):
         ops = collections.Counter(m.group(1) for m in re.finditer(
             r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
         facts["sass"] = sum(ops.values())
+        kinds = [name for op, name in (("HGMMA", "wgmma"), ("HMMA", "mma.sync")) if ops[op]]
+        facts["mma"] = "+".join(kinds) or "none"
     return facts
 
 
@@ -146,7 +151,7 @@ def main(argv=None):
     limit = SMEM_LIMIT[args.arch]
     print(f"triton {triton.__version__}, target sm_{args.arch}, shared memory limit {limit} bytes per block")
     print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
-          f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'pipelined':>9s} {'SASS':>6s}  note")
+          f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'pipelined':>9s} {'SASS':>6s} {'mma':>14s}  note")
     failures = 0
     show = lambda v: "?" if v is None else v  # noqa: E731
     for dtype in [DTYPES[d] for d in (args.dtype or ["bfloat16"])]:
@@ -178,7 +183,7 @@ def main(argv=None):
                     if f["stack"]:
                         notes.append("spills")
                     print(f"{head} {show(f['regs']):>4} {show(f['stack']):>5} {f['shared']:7d} "
-                          f"{'yes' if f['pipelined'] else 'no':>9s} {show(f['sass']):>6}  {', '.join(notes)}")
+                          f"{'yes' if f['pipelined'] else 'no':>9s} {show(f['sass']):>6} {show(f['mma']):>14}  {', '.join(notes)}")
                     if args.fixed and loads:
                         break
                 if not loads:

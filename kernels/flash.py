@@ -365,9 +365,11 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dsT = _to(pT * (dpT - delta[None, :]), qT.dtype)
         dk = _dot_x3(dsT, tl.trans(qT), dk, DOT_PRECISION)
         if ATOMIC_DQ:
-            dq = _dot_x3(tl.trans(dsT), k, None, DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
-            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
-                          mask=row_ok[:, None], sem="relaxed")
+            # Transposed, K^T dS^T, so the product's M side is the head dim rather than
+            # the 32 query rows, too few for Hopper's wgmma (Triton would use mma.sync).
+            dqT = _dot_x3(tl.trans(k), dsT, None, DOT_PRECISION)  # (HEAD_DIM, BLOCK_M)
+            tl.atomic_add(dq_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None], dqT,
+                          mask=row_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -549,8 +551,6 @@ def _fits(conf, args):
         return False
     if getattr(conf, "narrow_rows_only", False) and args["HEAD_DIM"] * args["Q"].element_size() > 128:
         return False
-    if getattr(conf, "atomic_dq_only", False) and not args.get("ATOMIC_DQ"):
-        return False
     return args["HEAD_DIM"] < 256 or bm * bn <= 64 * 32
 
 
@@ -559,9 +559,9 @@ def _prune(configs, args):
     return [c for c in configs if _fits(c, args)] or configs[-1:]
 
 
-def _cfg(bm, bn, stages, warps, narrow_rows_only=False, atomic_dq_only=False):
+def _cfg(bm, bn, stages, warps, narrow_rows_only=False):
     conf = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
-    conf.narrow_rows_only, conf.atomic_dq_only = narrow_rows_only, atomic_dq_only
+    conf.narrow_rows_only = narrow_rows_only
     return conf
 
 
@@ -572,10 +572,8 @@ _CONFIGS = {
     # Forward: wide query tiles amortise the Q load.
     "fwd": [_cfg(128, 64, 3, 8), _cfg(128, 128, 3, 8), _cfg(128, 64, 3, 4), _cfg(64, 64, 3, 4),
             _cfg(64, 32, 2, 4)],
-    # dK/dV holds two (BLOCK_N, D) accumulators and streams narrow query tiles. With atomic dQ
-    # it also multiplies dS^T by K, which needs 64 query rows to use Hopper's wgmma (with 32,
-    # Triton falls back to mma.sync for that product: bench/compile_report.py --atomic-dq).
-    "dkdv": [_cfg(64, 64, 2, 8, atomic_dq_only=True), _cfg(64, 128, 2, 8, narrow_rows_only=True),
+    # dK/dV holds two (BLOCK_N, D) accumulators and streams narrow query tiles.
+    "dkdv": [_cfg(64, 128, 2, 8, narrow_rows_only=True),
              _cfg(32, 128, 2, 8), _cfg(32, 64, 3, 4), _cfg(32, 32, 1, 4)],
     # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles.
     "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],

@@ -79,16 +79,19 @@ def _can_compile_for_cuda():
 @pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
 @pytest.mark.parametrize("flags, variants", [
     (["--head-dim", "40,64,128", "--dtype", "bfloat16", "--dtype", "float32"], 3 * 3 * 2),
-    (["--head-dim", "64", "--dtype", "float16", "--dropout", "--atomic-dq"], 3),
+    (["--head-dim", "64,128", "--dtype", "float16", "--dropout", "--atomic-dq"], 3 * 2),
 ], ids=["bf16-fp32", "fp16-dropout-atomic-dq"])
 def test_kernels_compile_for_an_h100(flags, variants):
     """The interpreter runs the kernels' logic but never compiles them: this does, for sm_90,
-    with the configs the untuned launcher picks (a GPU-only compile error fails here)."""
+    with the configs the untuned launcher picks (a GPU-only compile error fails here), and
+    checks that every dot became Hopper's wgmma, none the older mma.sync."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--fixed", *flags],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert r.stdout.count("the untuned choice") == variants, r.stdout
+    chosen = [line for line in r.stdout.splitlines() if "the untuned choice" in line]
+    assert len(chosen) == variants, r.stdout
+    assert all(line.split()[11] == "wgmma" for line in chosen), r.stdout
 
 
 @pytest.fixture

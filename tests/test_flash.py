@@ -424,14 +424,6 @@ def test_untuned_launch_falls_back_to_a_config_that_loads():
         flash._first_that_loads(flash._CONFIGS["dq"], broken)
 
 
-def test_atomic_dq_configs_are_offered_only_to_the_atomic_backward():
-    args = dict(Q=torch.empty(0, dtype=torch.bfloat16), TQ_BUCKET=4096, TK_BUCKET=4096, HEAD_DIM=128)
-    det = flash._prune(flash._CONFIGS["dkdv"], {**args, "ATOMIC_DQ": False})
-    atomic = flash._prune(flash._CONFIGS["dkdv"], {**args, "ATOMIC_DQ": True})
-    assert det and not any(c.atomic_dq_only for c in det)
-    assert atomic[0].atomic_dq_only and atomic[0].kwargs["BLOCK_M"] == 64 and atomic[1:] == det
-
-
 class _FakeKernel:
     """Stands in for a jitted kernel: records (grid, BLOCK_M, num_warps) of every launch."""
 
