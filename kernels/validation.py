@@ -4,6 +4,8 @@ Each check raises a ValueError or TypeError that names the argument and what was
 user never meets an IndexError from deep inside a kernel. The checks read only shapes, dtypes and
 devices (never data), so they are free under torch.compile.
 """
+import math
+
 import torch
 
 BACKENDS = ("auto", "triton", "reference", "sdpa")
@@ -45,8 +47,11 @@ def check_attention_args(q, k, v, scale, dropout_p):
         raise ValueError(
             f"q has more positions than k (Tq={Tq} > Tk={Tk}); the causal mask is bottom-right "
             "aligned and needs Tq <= Tk")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:

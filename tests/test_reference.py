@@ -66,6 +66,9 @@ BAD = [
     (dict(dropout_p=-0.1), ValueError, "dropout_p must be in [0, 1)"),
     (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
     (dict(scale="big"), TypeError, "scale must be a float"),
+    (dict(scale=True), TypeError, "scale must be a float"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(scale=float("-inf")), ValueError, "scale must be finite"),
     (dict(backend="flash"), ValueError, "backend must be one of"),
 ]
 
