@@ -11,7 +11,7 @@ Forward (one program per BLOCK_M query rows of one head): stream K/V tiles past 
 keep a running max m and running sum l in float32 (online softmax), in base 2 with log2(e)
 folded into the scale. Key tiles wholly below the diagonal run unmasked; only the tiles the
 diagonal crosses are masked; tiles above it are never loaded. Writes O and the row
-log-sum-exp (natural log, float32) for the backward.
+log-sum-exp for the backward (float32, in base 2: log2(e) times the natural one).
 
 Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip and streams the
 query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
@@ -30,8 +30,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634  # 1/ln(2): exp2 is cheaper than exp, so scores live in base 2
-LN2 = 0.6931471805599453
 
 # float32 inputs: tf32 tensor-core dots by default (about 1e-3 relative error, as PyTorch's own
 # TF32 matmuls; the backward uses 3xTF32, see _bwd_impl); set LECTURE_FLASH_FP32=ieee or call
@@ -226,11 +224,16 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
                                       + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
                                       D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
-        s = _dot(q, kT, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        if MASKED:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        s = _dot(q, kT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+        if MASKED:  # scale, then mask: a row may have no key in this tile
+            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s * qk_scale,
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:  # the row maximum of the raw scores scales with them (qk_scale >= 0), and
+            # the scaling then rides on the subtraction: one fused multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
@@ -276,7 +279,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
         seed = tl.load(SEED)
 
     causal_off = Tk - Tq
-    qk_scale = scale * 1.4426950408889634  # log2(e)
+    qk_scale = scale * 1.4426950408889634  # log2(e); scale >= 0 (_fwd_impl sees to it)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -293,7 +296,10 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
                                BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
     acc = acc / l_i[:, None]
     row_ok = offs_m < Tq
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: ln(2)
+    # Kept in base 2, as the backward uses it: a trip through the natural log would round
+    # twice more, at the size of the largest scaled score (in float32 at a large scale, that
+    # took dK past twice PyTorch's own error).
+    lse = m_i + tl.math.log2(l_i)
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
     o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     if D_PAD:
@@ -347,8 +353,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         qT = _tf32_rounded(_load_tile(q_base + offs_m[None, :] * stride_qt
                                         + offs_d[:, None] * stride_qd, offs_d, D, offs_m, Tq,
                                         D_PAD, True), DOT_PRECISION)  # (HEAD_DIM, BLOCK_M)
-        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        pT = tl.math.exp2(_dot(k, qT, None, DOT_PRECISION) * qk_scale - lse2[None, :])
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        pT = tl.math.exp2(tl.fma(_dot(k, qT, None, DOT_PRECISION), qk_scale, -lse2[None, :]))
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
         do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
@@ -450,7 +456,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
         vT = _tf32_rounded(_load_tile(v_base + offs_n[None, :] * stride_vt
                                         + offs_d[:, None] * stride_vd, offs_d, D, offs_n, Tk,
                                         D_PAD, MASKED), DOT_PRECISION)
-        p = tl.math.exp2(_dot(q, kT, None, DOT_PRECISION) * qk_scale - lse2[:, None])
+        p = tl.math.exp2(tl.fma(_dot(q, kT, None, DOT_PRECISION), qk_scale, -lse2[:, None]))
         if MASKED:
             p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
         dp = _dot_x3(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -486,7 +492,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                                    D_PAD), DOT_PRECISION)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                     + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     seed = 0
     if DROPOUT:
@@ -694,6 +700,8 @@ def _new_like_bthd(q):
 
 def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
     B, H, Tq, D = q.shape
+    if scale < 0:  # the kernel wants scale >= 0: (-q) k^T |scale| is the same scores, exactly
+        q, scale = -q, -scale
     o = _new_like_bthd(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     meta = _common(q, k, scale, dropout_p, ieee)
