@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import causal_attention_reference, causal_mask
-from .validation import BACKENDS, check_attention_args, check_backend
+from .validation import BACKENDS, check_attention_args, check_backend, with_positive_scale
 
 try:
     from . import flash
@@ -41,10 +41,7 @@ def available_backends(device=None):
 
 def _sdpa(q, k, v, scale, dropout_p):
     Tq, Tk = q.shape[-2], k.shape[-2]
-    if scale <= 0:
-        # SDPA's fused kernels return NaN for these (seen with the CPU one, torch 2.13): they
-        # take the row maximum before scaling. The same scores, exactly, with a positive scale:
-        q, scale = (-q, -scale) if scale < 0 else (q * 0.0, 1.0)
+    q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     if Tq == 1:  # one new query sees every key: no mask at all

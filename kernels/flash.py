@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .validation import with_positive_scale
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # float32 inputs: tf32 tensor-core dots by default (about 1e-3 relative error, as PyTorch's own
@@ -225,15 +227,13 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
                                       + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
                                       D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
         s = _dot(q, kT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
-        if MASKED:  # scale, then mask: a row may have no key in this tile
-            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s * qk_scale,
-                         float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-        else:  # the row maximum of the raw scores scales with them (qk_scale >= 0), and
-            # the scaling then rides on the subtraction: one fused multiply-add per score
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
+        if MASKED:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
+        # With qk_scale > 0 the row maximum of the scaled scores is that of the raw ones,
+        # scaled, and the scaling rides on the subtraction: one fused multiply-add per score,
+        # rounded once near 0 rather than at the size of the score (the backward does the same).
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
@@ -279,7 +279,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
         seed = tl.load(SEED)
 
     causal_off = Tk - Tq
-    qk_scale = scale * 1.4426950408889634  # log2(e); scale >= 0 (_fwd_impl sees to it)
+    qk_scale = scale * 1.4426950408889634  # log2(e); scale > 0 (_fwd_impl sees to it)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -297,10 +297,8 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     acc = acc / l_i[:, None]
     row_ok = offs_m < Tq
     # Kept in base 2, as the backward uses it: a trip through the natural log would round
-    # twice more, at the size of the largest scaled score (in float32 at a large scale, that
-    # took dK past twice PyTorch's own error).
-    lse = m_i + tl.math.log2(l_i)
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+    # twice more, at the size of the largest scaled score.
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     if D_PAD:
         tl.store(o_ptrs, _to(acc, O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -700,10 +698,9 @@ def _new_like_bthd(q):
 
 def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
     B, H, Tq, D = q.shape
-    if scale < 0:  # the kernel wants scale >= 0: (-q) k^T |scale| is the same scores, exactly
-        q, scale = -q, -scale
+    q, scale = with_positive_scale(q, scale)  # the forward kernel needs scale > 0
     o = _new_like_bthd(q)
-    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base 2
     meta = _common(q, k, scale, dropout_p, ieee)
     meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
     _launch("fwd", (Tq, "BLOCK_M", B * H), (q, k, v, o, lse, seed if seed is not None else lse,

@@ -62,3 +62,13 @@ def check_attention_args(q, k, v, scale, dropout_p):
 def check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def with_positive_scale(q, scale):
+    """(q', scale') with scale' > 0 and q' k^T scale' equal to q k^T scale, exactly: (-q, -scale)
+    for a negative scale, (q * 0, 1) for zero (q stays in the autograd graph, with a zero
+    gradient). Fused kernels that take the row maximum of the unscaled scores need scale > 0;
+    PyTorch's own fused SDPA kernels return NaN without it (the CPU one in torch 2.13)."""
+    if scale > 0:
+        return q, scale
+    return (-q, -scale) if scale < 0 else (q * 0.0, 1.0)

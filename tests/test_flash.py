@@ -164,8 +164,9 @@ def test_three_dimensional_input_and_scale(device):
 
 
 def test_large_negative_scale(device):
-    """The forward's row maximum is taken over unscaled scores, which is right for scale >= 0
-    only; a negative scale is folded into q. Without the fold, exp2 overflows here."""
+    """The forward's row maximum is taken over unscaled scores, which is right for scale > 0
+    only; a negative scale is folded into q (zero: test_custom_scale). Without the fold this
+    gives NaN."""
     torch.manual_seed(9)
     check_against_oracle(*inputs(1, 2, 70, 70, 16, torch.bfloat16, device), "triton", scale=-4.0)
 
