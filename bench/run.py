@@ -12,7 +12,8 @@ between two copies as well); CPU timings from time.perf_counter, repeated, media
 Writes OUT/results.json, OUT/results.csv and, with matplotlib, OUT/attention.png. On CUDA the
 JSON also goes to bench/results/<device>-<date>[-<only>][-<dtype>].json (written after every
 grid point, "complete": true at the end), so a grid too long for one sitting can be run in
-parts, e.g. --only gpt_train --only generate, then --only attention --dtype bfloat16.
+parts, e.g. --only gpt_train --only generate, then --only attention --dtype bfloat16. The report
+also lists the Triton autotuner's choices, with each timed config's median ("autotune").
 """
 import argparse
 import csv
@@ -408,6 +409,16 @@ def bench_generate(device, quick, log):
 # Report
 # ----------------------------------------------------------------------------------------------
 
+def autotune_report():
+    """The Triton kernels' tile choices in this run (and each config's timing), or [] without
+    Triton: which config wins, and by how much, says where tuning effort would pay."""
+    try:
+        from kernels import flash
+    except ImportError:
+        return []
+    return flash.autotune_report()
+
+
 def versions():
     try:
         import triton
@@ -570,6 +581,7 @@ def main(argv=None):
 
         def save(final=False):
             report["seconds"] = round(time.time() - t0, 1)
+            report["autotune"] = autotune_report()
             report["complete"] = final
             write_outputs(report, out_dir, log, results_file)
         if section == "attention":

@@ -608,16 +608,19 @@ def _median_ms(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def _fastest(configs, run, bench=_median_ms):
+def _fastest(configs, run, bench=_median_ms, timings=None):
     """Time run(conf) for each config that loads on this GPU and return the fastest, having run
     it last, so the outputs are its own. Rerunning is harmless: every kernel overwrites its
-    outputs whole, and the one that accumulates (atomic dQ) is zeroed by run's reset first."""
+    outputs whole, and the one that accumulates (atomic dQ) is zeroed by run's reset first.
+    Each (config, median ms) is appended to `timings` if given."""
     timed = []
     for i, conf in enumerate(configs):
         try:
             timed.append((bench(lambda: run(conf)), i))
         except _TOO_BIG:
             continue
+        if timings is not None:
+            timings.append((conf, timed[-1][0]))
     if not timed:
         return _first_that_loads(configs[-1:], run)  # raises the last config's error
     best = configs[min(timed)[1]]
@@ -630,6 +633,7 @@ def _fastest(configs, run, bench=_median_ms):
 # triton.autotune, whose per-call bookkeeping over our 37 arguments took 22.6 us, Triton 3.9 on
 # a 2-core CPU, against 1.6 us for this lookup.)
 _CHOSEN = {}
+_TIMED = {}  # the same keys -> [(config, median ms)] of the tuning run, for autotune_report()
 
 
 def _launch(name, tiles_along, args, meta, reset=None):
@@ -654,7 +658,28 @@ def _launch(name, tiles_along, args, meta, reset=None):
         run(conf)
         return
     configs = _prune(_CONFIGS[name], {"Q": args[0], **meta})
-    _CHOSEN[key] = (_fastest if AUTOTUNE else _first_that_loads)(configs, run)
+    if AUTOTUNE:
+        _CHOSEN[key] = _fastest(configs, run, timings=_TIMED.setdefault(key, []))
+    else:
+        _CHOSEN[key] = _first_that_loads(configs, run)
+
+
+def _describe(conf):
+    return (f"{conf.kwargs['BLOCK_M']}x{conf.kwargs['BLOCK_N']}, {conf.num_warps} warps, "
+            f"{conf.num_stages} stages")
+
+
+def autotune_report():
+    """What this process's launches chose: one dict per specialisation (kernel, dtype, the
+    autotune key's values, the config chosen, and with autotuning on each timed config's median
+    milliseconds). bench/run.py puts it in its report."""
+    rows = []
+    for key, conf in _CHOSEN.items():
+        name, dtype, device, *values = key
+        rows.append(dict(kernel=name, dtype=str(dtype).replace("torch.", ""), device=str(device),
+                         **dict(zip(_TUNE_KEY, values)), chosen=_describe(conf),
+                         timed_ms={_describe(c): round(ms, 5) for c, ms in _TIMED.get(key, [])}))
+    return rows
 
 
 def _head_dim(D):

@@ -25,6 +25,7 @@ def test_quick_bench_writes_the_schema(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     assert isinstance(report["device"], str) and isinstance(report["date"], str)
     assert set(report["versions"]) >= {"python", "torch", "triton", "cuda"}
+    assert isinstance(report["autotune"], list)  # tile choices; empty where nothing was tuned
     fields = {"attention": ("impl", "pass", "dtype", "B", "H", "T", "D"),
               "gpt_train": ("impl", "dtype"), "generate": ("impl",)}
     metrics = {"attention": ("ms", "ms_p20", "ms_p80", "tflops"),

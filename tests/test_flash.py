@@ -445,12 +445,13 @@ class _FakeKernel:
 
 def _gpu_launcher(monkeypatch, autotune):
     """flash._launch as it runs on a GPU (CPU tests otherwise take the interpreter's fixed tile),
-    with a fake dq kernel and an empty choice cache."""
+    with a fake dq kernel and empty choice and timing caches."""
     kernel = _FakeKernel()
     monkeypatch.setattr(flash, "INTERPRET", False)
     monkeypatch.setattr(flash, "AUTOTUNE", autotune)
     monkeypatch.setattr(flash, "_JIT", {"dq": kernel})
     monkeypatch.setattr(flash, "_CHOSEN", {})
+    monkeypatch.setattr(flash, "_TIMED", {})
     q = torch.empty(2, 3, 300, 64, dtype=torch.bfloat16)
     meta = dict(TQ_BUCKET=512, TK_BUCKET=512, HEAD_DIM=64, DROPOUT=False, DOT_PRECISION="ieee")
     return kernel, lambda: flash._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
@@ -463,6 +464,7 @@ def test_untuned_launch_path(monkeypatch):
         launch()
     assert kernel.launches == [((3, 6), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
     assert list(flash._CHOSEN.values()) == [flash._CONFIGS["dq"][0]]
+    assert [r["timed_ms"] for r in flash.autotune_report()] == [{}]  # nothing was timed
 
 
 def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch):
@@ -477,12 +479,16 @@ def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch)
         timed.append(block_m)
         return times[block_m]
 
-    monkeypatch.setattr(flash._fastest, "__defaults__", (bench,))
+    monkeypatch.setattr(flash._fastest, "__defaults__", (bench, None))
     kernel, launch = _gpu_launcher(monkeypatch, autotune=True)
     launch()
     assert timed == [128, 128, 64, 32]  # every dq config fits 300 rows of D=64
     assert kernel.launches[-1] == ((5, 6), 64, 4)  # the winner ran last: its outputs stand
     assert list(flash._CHOSEN.values()) == [flash._CONFIGS["dq"][2]]
+    [row] = flash.autotune_report()  # what bench/run.py records
+    assert row["kernel"] == "dq" and row["dtype"] == "bfloat16" and row["HEAD_DIM"] == 64
+    assert row["chosen"] == "64x32, 4 warps, 3 stages"
+    assert list(row["timed_ms"].values()) == [3.0, 3.0, 1.0, 2.0]
     n = len(kernel.launches)
     launch()
     launch()
