@@ -583,6 +583,9 @@ _CONFIGS = {
     "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+# Under the interpreter, one small fixed tile for every kernel: the test shapes then cross
+# several tiles, tails and diagonals (a test swaps in unequal tiles, as the GPU configs have).
+_INTERPRET_CONFIG = _cfg(16, 16, 1, 4)
 AUTOTUNE = not INTERPRET and os.environ.get("LECTURE_FLASH_AUTOTUNE", "1") != "0"
 
 # A config the GPU cannot hold (more shared memory than it has, or registers ptxas cannot
@@ -649,8 +652,7 @@ def _launch(name, tiles_along, args, meta, reset=None):
             *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
 
     if INTERPRET:
-        # One small fixed tile: the test shapes then cross several tiles, tails and diagonals.
-        run(_cfg(16, 16, 1, 4))
+        run(_INTERPRET_CONFIG)
         return
     key = (name, args[0].dtype, args[0].device, *(meta.get(k) for k in _TUNE_KEY))
     conf = _CHOSEN.get(key)

@@ -107,6 +107,36 @@ def test_atomic_dq_backward(shape, dtype, device):
         run_case(shape, dtype, device)
 
 
+# The GPU configs have unequal tiles (forward 128x64, dK/dV 64x128 and 32x128, dQ 128x64), and
+# each kernel's stage boundaries (full_end, first, full) depend on both sizes. The interpreter
+# runs one 16x16 tile unless a test swaps it: these run unequal ones, in both directions, on
+# the shapes that cross tails and Tq < Tk, with the atomic-dQ and dropout variants as well.
+UNEQUAL_TILES = [(32, 16), (16, 32), (64, 32)]
+
+
+@contextlib.contextmanager
+def tiles(monkeypatch, block_m, block_n):
+    conf = flash._cfg(block_m, block_n, 1, 4)
+    with monkeypatch.context() as m:
+        m.setattr(flash, "_INTERPRET_CONFIG", conf)  # under the interpreter
+        m.setattr(flash, "_CONFIGS", {name: [conf] for name in flash._CONFIGS})  # compiled
+        m.setattr(flash, "_CHOSEN", {})
+        yield
+
+
+@pytest.mark.parametrize("variant", ["deterministic", "atomic-dq", "dropout"])
+@pytest.mark.parametrize("tile", UNEQUAL_TILES, ids=str)
+def test_unequal_tiles(monkeypatch, tile, variant, device):
+    shapes = [(1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (1, 1, 37, 50, 112)]
+    with tiles(monkeypatch, *tile), deterministic(variant != "atomic-dq"):
+        if variant == "dropout":
+            _dropout_matches_oracle((2, 2, 37, 45, 24), torch.bfloat16, device)
+            return
+        for shape in shapes:
+            torch.manual_seed(sum(shape))
+            check_against_oracle(*inputs(*shape, torch.bfloat16, device), "triton")
+
+
 @pytest.mark.gpu
 def test_atomic_dq_backward_large(device):
     with deterministic(False):
