@@ -617,16 +617,16 @@ def _fastest(configs, run, bench=_median_ms, timings=None):
     outputs whole, and the one that accumulates (atomic dQ) is zeroed by run's reset first.
     Each (config, median ms) is appended to `timings` if given."""
     timed = []
-    for i, conf in enumerate(configs):
+    for conf in configs:
         try:
-            timed.append((bench(lambda: run(conf)), i))
+            timed.append((conf, bench(lambda: run(conf))))
         except _TOO_BIG:
             continue
-        if timings is not None:
-            timings.append((conf, timed[-1][0]))
+    if timings is not None:
+        timings.extend(timed)
     if not timed:
         return _first_that_loads(configs[-1:], run)  # raises the last config's error
-    best = configs[min(timed)[1]]
+    best = min(timed, key=lambda t: t[1])[0]  # the earlier config on a tie
     run(best)
     return best
 
@@ -741,8 +741,9 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=T
     meta = _common(q, k, scale, dropout_p, ieee)
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
     atomic = not deterministic
-    # With atomic dQ, the dK/dV kernel adds each key tile's share of dQ into float32 rows.
-    dq_acc = q.new_zeros(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else None
+    # With atomic dQ, the dK/dV kernel adds each key tile's share of dQ into float32 rows,
+    # which _launch's reset zeroes before every launch of it.
+    dq_acc = q.new_empty(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else None
     meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv, *([dq_acc] if atomic else []))
     delta = torch.empty_like(lse)
     pre_block = 64 if not INTERPRET else 16

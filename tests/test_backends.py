@@ -18,6 +18,11 @@ def known_sdpa_cpu_bf16(request, backend, dtype, device):
             reason="PyTorch CPU SDPA bf16 backward precision (see known_sdpa_cpu_bf16)", strict=False))
 
 
+def skip_if_unavailable(backend, device):
+    if backend == "triton" and "triton" not in __import__("kernels").available_backends(device):
+        pytest.skip("triton is not installed here")
+
+
 def rand(*shape, dtype, device):
     return torch.randn(*shape, dtype=dtype, device=device)
 
@@ -67,8 +72,7 @@ def test_three_dimensional_input(backend, device):
 @pytest.mark.parametrize("scale", [384**-0.5, -0.3, 0.0])
 @pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 def test_custom_scale(backend, scale, device):
-    if backend == "triton" and "triton" not in __import__("kernels").available_backends(device):
-        pytest.skip("triton is not installed here")
+    skip_if_unavailable(backend, device)
     torch.manual_seed(3)
     q, k, v = (rand(1, 2, 70, 16, dtype=torch.float32, device=device) for _ in range(3))
     check_against_oracle(q, k, v, backend, scale=scale)
@@ -76,8 +80,7 @@ def test_custom_scale(backend, scale, device):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 def test_nan_in_one_batch_element_stays_there(backend, device):
-    if backend == "triton" and "triton" not in __import__("kernels").available_backends(device):
-        pytest.skip("triton is not installed here")
+    skip_if_unavailable(backend, device)
     torch.manual_seed(4)
     q, k, v = (rand(3, 2, 20, 16, dtype=torch.float32, device=device).requires_grad_() for _ in range(3))
     with torch.no_grad():
