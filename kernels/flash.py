@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .validation import with_positive_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -588,55 +589,8 @@ _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _INTERPRET_CONFIG = _cfg(16, 16, 1, 4)
 AUTOTUNE = not INTERPRET and os.environ.get("LECTURE_FLASH_AUTOTUNE", "1") != "0"
 
-# A config the GPU cannot hold (more shared memory than it has, or registers ptxas cannot
-# allocate) fails when it is loaded, before anything runs.
-_TOO_BIG = tuple(getattr(triton.runtime.errors, n) for n in ("OutOfResources", "PTXASError")
-                 if hasattr(triton.runtime.errors, n))
-
-
-def _first_that_loads(configs, run):
-    """run(conf) for each config in turn until one loads on this GPU; the config that did."""
-    for conf in configs[:-1]:
-        try:
-            run(conf)
-            return conf
-        except _TOO_BIG:
-            continue  # an A100 or RTX card has less shared memory than an H100: next, smaller
-    run(configs[-1])
-    return configs[-1]
-
-
-def _median_ms(fn):
-    # Shorter than do_bench's defaults (25 ms warm-up, 100 ms): enough to rank a few configs.
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-
-
-def _fastest(configs, run, bench=_median_ms, timings=None):
-    """Time run(conf) for each config that loads on this GPU and return the fastest, having run
-    it last, so the outputs are its own. Rerunning is harmless: every kernel overwrites its
-    outputs whole, and the one that accumulates (atomic dQ) is zeroed by run's reset first.
-    Each (config, median ms) is appended to `timings` if given."""
-    timed = []
-    for conf in configs:
-        try:
-            timed.append((conf, bench(lambda: run(conf))))
-        except _TOO_BIG:
-            continue
-    if timings is not None:
-        timings.extend(timed)
-    if not timed:
-        return _first_that_loads(configs[-1:], run)  # raises the last config's error
-    best = min(timed, key=lambda t: t[1])[0]  # the earlier config on a tie
-    run(best)
-    return best
-
-
-# (kernel, dtype, device, *_TUNE_KEY values) -> the config chosen for it. Each specialisation is
-# chosen once per process; after that a launch is this lookup and the kernel call. (In place of
-# triton.autotune, whose per-call bookkeeping over our 37 arguments took 22.6 us, Triton 3.9 on
-# a 2-core CPU, against 1.6 us for this lookup.)
-_CHOSEN = {}
-_TIMED = {}  # the same keys -> [(config, median ms)] of the tuning run, for autotune_report()
+# One config per specialisation, chosen at its first launch (kernels/autotune.py).
+_TUNER = autotune.ConfigCache(("kernel", "dtype", "device") + _TUNE_KEY, autotune=AUTOTUNE)
 
 
 def _launch(name, tiles_along, args, meta, reset=None):
@@ -655,33 +609,14 @@ def _launch(name, tiles_along, args, meta, reset=None):
         run(_INTERPRET_CONFIG)
         return
     key = (name, args[0].dtype, args[0].device, *(meta.get(k) for k in _TUNE_KEY))
-    conf = _CHOSEN.get(key)
-    if conf is not None:
-        run(conf)
-        return
-    configs = _prune(_CONFIGS[name], {"Q": args[0], **meta})
-    if AUTOTUNE:
-        _CHOSEN[key] = _fastest(configs, run, timings=_TIMED.setdefault(key, []))
-    else:
-        _CHOSEN[key] = _first_that_loads(configs, run)
-
-
-def _describe(conf):
-    return (f"{conf.kwargs['BLOCK_M']}x{conf.kwargs['BLOCK_N']}, {conf.num_warps} warps, "
-            f"{conf.num_stages} stages")
+    _TUNER.run(key, lambda: _prune(_CONFIGS[name], {"Q": args[0], **meta}), run)
 
 
 def autotune_report():
     """What this process's launches chose: one dict per specialisation (kernel, dtype, the
     autotune key's values, the config chosen, and with autotuning on each timed config's median
     milliseconds). bench/run.py puts it in its report."""
-    rows = []
-    for key, conf in _CHOSEN.items():
-        name, dtype, device, *values = key
-        rows.append(dict(kernel=name, dtype=str(dtype).replace("torch.", ""), device=str(device),
-                         **dict(zip(_TUNE_KEY, values)), chosen=_describe(conf),
-                         timed_ms={_describe(c): round(ms, 5) for c, ms in _TIMED.get(key, [])}))
-    return rows
+    return _TUNER.report()
 
 
 def _head_dim(D):

@@ -120,7 +120,7 @@ def tiles(monkeypatch, block_m, block_n):
     with monkeypatch.context() as m:
         m.setattr(flash, "_INTERPRET_CONFIG", conf)  # under the interpreter
         m.setattr(flash, "_CONFIGS", {name: [conf] for name in flash._CONFIGS})  # compiled
-        m.setattr(flash, "_CHOSEN", {})
+        m.setattr(flash._TUNER, "chosen", {})
         yield
 
 
@@ -440,105 +440,3 @@ def test_offsets_past_int32(device):
     ref = grads(causal_attention_reference, [x.double() for x in small])
     low = grads(lambda a, b, c: naive_causal_attention(a, b, c, D ** -0.5), small)
     assert_by_rule(got, ref, low)
-
-
-def test_untuned_launch_falls_back_to_a_config_that_loads():
-    """With autotuning off, a config this GPU cannot hold (an A100 has 163 KB of shared memory
-    per block, an RTX 4090 99 KB) gives way to the next one that fits the problem."""
-    OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
-    tried = []
-
-    def run(conf):
-        tried.append(conf.kwargs["BLOCK_M"])
-        if conf.kwargs["BLOCK_M"] > 32:
-            raise OutOfResources(300_000, 232_448, "shared memory")
-
-    chosen = flash._first_that_loads(flash._CONFIGS["dq"], run)
-    assert chosen.kwargs["BLOCK_M"] == 32 and tried == [128, 128, 64, 32]
-
-    def broken(conf):
-        raise ValueError("a real error")
-
-    with pytest.raises(ValueError, match="a real error"):  # only "too big" moves on
-        flash._first_that_loads(flash._CONFIGS["dq"], broken)
-
-
-class _FakeKernel:
-    """Stands in for a jitted kernel: records (grid, BLOCK_M, num_warps) of every launch."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.launches.append((grid, kw["BLOCK_M"], kw["num_warps"]))
-
-
-def _gpu_launcher(monkeypatch, autotune):
-    """flash._launch as it runs on a GPU (CPU tests otherwise take the interpreter's fixed tile),
-    with a fake dq kernel and empty choice and timing caches."""
-    kernel = _FakeKernel()
-    monkeypatch.setattr(flash, "INTERPRET", False)
-    monkeypatch.setattr(flash, "AUTOTUNE", autotune)
-    monkeypatch.setattr(flash, "_JIT", {"dq": kernel})
-    monkeypatch.setattr(flash, "_CHOSEN", {})
-    monkeypatch.setattr(flash, "_TIMED", {})
-    q = torch.empty(2, 3, 300, 64, dtype=torch.bfloat16)
-    meta = dict(TQ_BUCKET=512, TK_BUCKET=512, HEAD_DIM=64, DROPOUT=False, DOT_PRECISION="ieee")
-    return kernel, lambda: flash._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
-
-
-def test_untuned_launch_path(monkeypatch):
-    """With autotuning off: grid, config arguments, and the choice remembered per specialisation."""
-    kernel, launch = _gpu_launcher(monkeypatch, autotune=False)
-    for _ in range(2):
-        launch()
-    assert kernel.launches == [((3, 6), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
-    assert list(flash._CHOSEN.values()) == [flash._CONFIGS["dq"][0]]
-    assert [r["timed_ms"] for r in flash.autotune_report()] == [{}]  # nothing was timed
-
-
-def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch):
-    """With autotuning on, the first launch of a specialisation times every fitting config and
-    keeps the fastest; later launches of it run that one config and time nothing."""
-    times = {128: 3.0, 64: 1.0, 32: 2.0}  # fake medians by BLOCK_M: the 64-row config wins
-    timed = []
-
-    def bench(fn):
-        fn()
-        block_m = kernel.launches[-1][1]
-        timed.append(block_m)
-        return times[block_m]
-
-    monkeypatch.setattr(flash._fastest, "__defaults__", (bench, None))
-    kernel, launch = _gpu_launcher(monkeypatch, autotune=True)
-    launch()
-    assert timed == [128, 128, 64, 32]  # every dq config fits 300 rows of D=64
-    assert kernel.launches[-1] == ((5, 6), 64, 4)  # the winner ran last: its outputs stand
-    assert list(flash._CHOSEN.values()) == [flash._CONFIGS["dq"][2]]
-    [row] = flash.autotune_report()  # what bench/run.py records
-    assert row["kernel"] == "dq" and row["dtype"] == "bfloat16" and row["HEAD_DIM"] == 64
-    assert row["chosen"] == "64x32, 4 warps, 3 stages"
-    assert list(row["timed_ms"].values()) == [3.0, 3.0, 1.0, 2.0]
-    n = len(kernel.launches)
-    launch()
-    launch()
-    assert timed == [128, 128, 64, 32] and kernel.launches[n:] == [((5, 6), 64, 4)] * 2
-
-
-def test_autotune_skips_configs_this_gpu_cannot_hold():
-    OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
-    ran = []
-
-    def run(conf):
-        if conf.kwargs["BLOCK_M"] == 128:
-            raise OutOfResources(300_000, 232_448, "shared memory")
-        ran.append(conf.kwargs["BLOCK_M"])
-
-    def bench(fn):
-        fn()
-        return {64: 2.0, 32: 1.0}[ran[-1]]
-
-    chosen = flash._fastest(flash._CONFIGS["dq"], run, bench)
-    assert chosen is flash._CONFIGS["dq"][3] and ran == [64, 32, 32]
-    with pytest.raises(OutOfResources):  # nothing loads: the error, not a silent no-op
-        flash._fastest(flash._CONFIGS["dq"][:2], run, bench)
