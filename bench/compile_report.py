@@ -36,7 +36,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import flash  # noqa: E402
+from kernels import flash, settings  # noqa: E402
 
 # Shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -76,17 +76,16 @@ def signature(fn, dtype, constexprs):
     return sig, attrs
 
 
-def compile_kernel(kind, dtype, head_dim, config, dropout, arch, atomic_dq=False):
+def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=True,
+                   fp32_precision="ieee"):
     fn = flash._JIT[kind]
     hd = flash._head_dim(head_dim)
-    precision = "ieee"
-    if dtype == "fp32" and flash.get_fp32_precision() == "tf32":
-        precision = "tf32"
-    constexprs = dict(D=head_dim, HEAD_DIM=hd, D_PAD=hd != head_dim, DROPOUT=dropout, DOT_PRECISION=precision,
+    constexprs = dict(D=head_dim, HEAD_DIM=hd, D_PAD=hd != head_dim, DROPOUT=dropout,
+                      FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
                       OFFS_64=False,
                       **config.kwargs)
-    if "ATOMIC_DQ" in fn.arg_names:
-        constexprs["ATOMIC_DQ"] = atomic_dq
+    if "DETERMINISTIC" in fn.arg_names:
+        constexprs["DETERMINISTIC"] = deterministic
     sig, attrs = signature(fn, dtype, constexprs)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
@@ -132,8 +131,11 @@ def parse_args(argv):
     p.add_argument("--head-dim", default="64,128", help="comma-separated, 1..256 (default 64,128)")
     p.add_argument("--kernel", action="append", choices=sorted(flash._CONFIGS), help="repeatable (default all)")
     p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
-    p.add_argument("--atomic-dq", action="store_true",
-                   help="the dK/dV kernel of the non-deterministic backward (adds dQ atomically)")
+    p.add_argument("--nondeterministic", action="store_true",
+                   help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
+    p.add_argument("--fp32-precision", choices=settings.FP32_PRECISIONS,
+                   default=settings.resolve_fp32_precision(),
+                   help="float32 dots (default: what a call gets now, %(default)s)")
     p.add_argument("--fixed", action="store_true",
                    help="stop at the config each kernel uses with autotuning off (the first that fits)")
     args = p.parse_args(argv)
@@ -160,8 +162,7 @@ def main(argv=None):
                 # The configs flash tries for a long sequence of this head dim and dtype, in order.
                 q = torch.empty(0, dtype=TORCH_DTYPES[dtype])
                 configs = flash._prune(flash._CONFIGS[kind], dict(
-                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash._head_dim(D),
-                    ATOMIC_DQ=args.atomic_dq))
+                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash._head_dim(D)))
                 loads = False
                 for c in configs:
                     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -169,7 +170,7 @@ def main(argv=None):
                             f"{c.num_stages:6d}")
                     try:
                         f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch,
-                                                   args.atomic_dq))
+                                                   not args.nondeterministic, args.fp32_precision))
                     except Exception as e:  # report every variant, then fail at the end
                         failures += 1
                         print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")

@@ -154,15 +154,8 @@ def _flex():
 
 
 def _triton_atomic_dq(q, k, v):
-    """Ours with the non-deterministic backward (dQ added atomically by the dK/dV kernel); the
-    forward records the choice for its backward."""
-    from kernels import flash
-    previous = flash.get_deterministic()
-    flash.set_deterministic(False)
-    try:
-        return causal_attention(q, k, v, backend="triton")
-    finally:
-        flash.set_deterministic(previous)
+    """Ours with the non-deterministic backward (dQ added atomically by the dK/dV kernel)."""
+    return causal_attention(q, k, v, backend="triton", deterministic=False)
 
 
 def attention_impls(device, quick):

@@ -9,8 +9,10 @@ scaled_dot_product_attention), "reference" (the explicit-softmax oracle), and "a
 import torch
 import torch.nn.functional as F
 
+from . import settings
 from .reference import causal_attention_reference, causal_mask
-from .validation import BACKENDS, check_attention_args, check_backend, with_positive_scale
+from .settings import set_defaults
+from .validation import check_attention_args, check_backend, with_positive_scale
 
 try:
     from . import flash
@@ -18,7 +20,7 @@ except ImportError as e:  # no triton on this platform (macOS, Windows): pure-Py
     flash = None
     _FLASH_IMPORT_ERROR = str(e)
 
-__all__ = ["causal_attention", "available_backends", "causal_attention_reference"]
+__all__ = ["causal_attention", "available_backends", "causal_attention_reference", "set_defaults"]
 
 
 def _triton_unavailable(q):
@@ -61,7 +63,8 @@ def _auto_backend(q):
     return "sdpa"
 
 
-def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
+def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", deterministic=None,
+                     fp32_precision=None):
     """Causal (masked) scaled-dot-product attention, all heads at once.
 
     Args:
@@ -74,6 +77,13 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
         backend: "auto" | "triton" | "reference" | "sdpa". "auto" picks Triton on CUDA for
             float16/bfloat16/float32 with D <= 256, else PyTorch's SDPA (on CPU, the float32
             reference for float16/bfloat16 inputs, which SDPA's CPU kernel handles less exactly).
+        deterministic: the Triton backward. True: bitwise reproducible; False: dQ added with
+            atomics, 5 tile matmuls instead of 7. None: the process default (True unless
+            changed with kernels.set_defaults). torch.use_deterministic_algorithms(True) wins.
+        fp32_precision: how the Triton kernel multiplies float32 inputs, "ieee" or "tf32".
+            None: the process default, which follows torch.get_float32_matmul_precision()
+            ("highest", PyTorch's default: "ieee"; "high"/"medium": "tf32"). The other
+            backends' matmuls follow PyTorch's setting themselves.
 
     The mask is bottom-right aligned: query i sees keys j <= i + (Tk - Tq), which is what a
     KV cache needs (the new queries are the last Tq positions). For Tq = 2, Tk = 5:
@@ -97,6 +107,7 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
         dropout_p outside [0, 1), an unknown backend, or "triton" where it cannot run.
     """
     check_backend(backend)
+    settings.check(deterministic, fp32_precision)
     q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
@@ -106,7 +117,7 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto"):
         if why is not None:
             raise ValueError(f"backend='triton' cannot run here: {why}")
     if backend == "triton":
-        out = flash.flash_attention(q4, k4, v4, scale, dropout_p)
+        out = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
     elif backend == "sdpa":
         out = _sdpa(q4, k4, v4, scale, dropout_p)
     else:

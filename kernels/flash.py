@@ -15,8 +15,8 @@ log-sum-exp for the backward (float32, in base 2: log2(e) times the natural one)
 
 Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip and streams the
 query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
-element is written by exactly one program: deterministic, no atomics. Opt-in
-(set_deterministic(False)): the dK/dV kernel also adds its share of dQ with float32 atomics
+element is written by exactly one program: deterministic, no atomics. With
+deterministic=False (kernels/settings.py) the dK/dV kernel also adds its share of dQ with float32 atomics
 and the dQ kernel does not run, which saves recomputing QK^T and dO V^T.
 
 Dropout: a 32-bit Philox draw per (head, row, key), four keys to a Philox call, from a seed that
@@ -29,53 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import autotune, settings
 from .validation import with_positive_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# float32 inputs: tf32 tensor-core dots by default (about 1e-3 relative error, as PyTorch's own
-# TF32 matmuls; the backward uses 3xTF32, see _bwd_impl); set LECTURE_FLASH_FP32=ieee or call
-# set_fp32_precision("ieee") for full fp32 everywhere.
-_fp32_precision = os.environ.get("LECTURE_FLASH_FP32", "tf32")
-
-
-def set_fp32_precision(mode):
-    """Choose how float32 inputs are multiplied: "tf32" (default, fast) or "ieee" (exact fp32)."""
-    global _fp32_precision
-    if mode not in ("tf32", "ieee"):
-        raise ValueError(f"mode must be 'tf32' or 'ieee', got {mode!r}")
-    _fp32_precision = mode
-
-
-def get_fp32_precision():
-    return _fp32_precision
-
-
-# The backward is deterministic by default: dQ has its own kernel, which recomputes QK^T and
-# dO V^T (7 tile matmuls where 5 would do). LECTURE_FLASH_DETERMINISTIC=0 or
-# set_deterministic(False) lets the dK/dV kernel add its dQ share with float32 atomics instead
-# (5 matmuls, run-to-run differences in the last bits of dQ). torch.use_deterministic_algorithms
-# overrides it.
-_deterministic = os.environ.get("LECTURE_FLASH_DETERMINISTIC", "1") != "0"
-
-
-def set_deterministic(flag):
-    """True (default): a bitwise-reproducible backward; False: atomic dQ, fewer FLOPs."""
-    global _deterministic
-    if not isinstance(flag, bool):
-        raise TypeError(f"flag must be a bool, got {type(flag).__name__}")
-    _deterministic = flag
-
-
-def get_deterministic():
-    return _deterministic
-
-
-def deterministic_backward():
-    """Whether the next forward's backward will be deterministic."""
-    return _deterministic or torch.are_deterministic_algorithms_enabled()
-
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -108,7 +65,7 @@ def _round_tf32(x):
 
 
 @triton.jit
-def _tf32_rounded(x, DOT_PRECISION: tl.constexpr):
+def _tf32_rounded(x, FP32_PRECISION: tl.constexpr):
     """x as a tf32 dot should read it: float32 rounded to the nearest tf32, in tf32 mode.
 
     The tensor cores read a float32 operand as tf32 by dropping its low 13 bits: that
@@ -119,31 +76,31 @@ def _tf32_rounded(x, DOT_PRECISION: tl.constexpr):
     delta = rowsum(dO * O) come from the rounded ones, and with unrounded ones the recomputed P
     no longer matches the LSE and dP - delta is off by dO . (V - round(V)). With one key P = 1
     and the true dQ and dK are 0, as PyTorch's are; ours were 1e-3 before this."""
-    if DOT_PRECISION == "tf32" and x.dtype == tl.float32:
+    if FP32_PRECISION == "tf32" and x.dtype == tl.float32:
         x = _round_tf32(x)
     return x
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+def _dot(a, b, acc, FP32_PRECISION: tl.constexpr):
     """a @ b (+ acc), accumulating in float32. In tf32 mode the operands must come through
     _tf32_rounded."""
     if _INTERPRETER_FIXES:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=FP32_PRECISION)
 
 
 @triton.jit
-def _dot_x3(a, b, acc, DOT_PRECISION: tl.constexpr):
+def _dot_x3(a, b, acc, FP32_PRECISION: tl.constexpr):
     """A backward dot with an operand the forward never multiplied (dO, P, dS). In tf32 mode
     these take three tf32 passes (hi*hi + hi*lo + lo*hi, near-fp32): single-pass tf32 left dK
     at over twice PyTorch's own tf32 error, as those errors do not cancel the way they do in
     plain math."""
-    if DOT_PRECISION == "tf32" and a.dtype == tl.float32:
+    if FP32_PRECISION == "tf32" and a.dtype == tl.float32:
         out = tl.dot(a, b, acc, input_precision="tf32x3")
     else:
-        out = _dot(a, b, acc, DOT_PRECISION)
+        out = _dot(a, b, acc, FP32_PRECISION)
     return out
 
 
@@ -214,7 +171,7 @@ _NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-               MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """Fold key tiles [lo, hi) into the running (acc, l, m) of one Q tile.
 
     MASKED=False is only called on tiles wholly at or below the diagonal, which also lie wholly
@@ -226,8 +183,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         offs_n = start_n + offs_n0
         kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
                                       + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
-                                      D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
-        s = _dot(q, kT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+                                      D_PAD, MASKED), FP32_PRECISION)  # (HEAD_DIM, BLOCK_N)
+        s = _dot(q, kT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
         # With qk_scale > 0 the row maximum of the scaled scores is that of the raw ones,
@@ -242,9 +199,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _tf32_rounded(_load_tile(v_base + offs_n[:, None] * stride_vt
                                      + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D,
-                                     MASKED, D_PAD), DOT_PRECISION)  # (BLOCK_N, HEAD_DIM)
-        acc = _dot(_tf32_rounded(_to(p, v.dtype), DOT_PRECISION), v, acc * alpha[:, None],
-                   DOT_PRECISION)
+                                     MASKED, D_PAD), FP32_PRECISION)  # (BLOCK_N, HEAD_DIM)
+        acc = _dot(_tf32_rounded(_to(p, v.dtype), FP32_PRECISION), v, acc * alpha[:, None],
+                   FP32_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -258,7 +215,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
               H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+              FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
@@ -274,7 +231,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     q = _tf32_rounded(_load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                                 offs_m, Tq, offs_d, D, True, D_PAD), DOT_PRECISION)
+                                 offs_m, Tq, offs_d, D, True, D_PAD), FP32_PRECISION)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -290,11 +247,11 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, 0, full_end, D, Tk,
                                causal_off, qk_scale, seed, bh, dropout_p,
-                               BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+                               BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, FP32_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
                                stride_vt, stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk,
                                causal_off, qk_scale, seed, bh, dropout_p,
-                               BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
+                               BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, FP32_PRECISION)
     acc = acc / l_i[:, None]
     row_ok = offs_m < Tq
     # Kept in base 2, as the backward uses it: a trip through the natural log would round
@@ -336,10 +293,10 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                     stride_qt, stride_qd, stride_dot, stride_dod,
                     start_n, offs_n, offs_d, lo, hi, D, Tq, Tk, causal_off, qk_scale, seed, bh,
                     dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form; with
-    ATOMIC_DQ, also add this key tile's share of dQ (dS @ K, unscaled) to the float32 rows
+                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                    DETERMINISTIC: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form; unless
+    DETERMINISTIC, also add this key tile's share of dQ (dS @ K, unscaled) to the float32 rows
     at dq_base, (Tq, HEAD_DIM) contiguous.
 
     Rows past Tq load lse = +inf, so their probabilities are exactly 0 and they add nothing.
@@ -351,28 +308,28 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         row_ok = offs_m < Tq
         qT = _tf32_rounded(_load_tile(q_base + offs_m[None, :] * stride_qt
                                         + offs_d[:, None] * stride_qd, offs_d, D, offs_m, Tq,
-                                        D_PAD, True), DOT_PRECISION)  # (HEAD_DIM, BLOCK_M)
+                                        D_PAD, True), FP32_PRECISION)  # (HEAD_DIM, BLOCK_M)
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        pT = tl.math.exp2(tl.fma(_dot(k, qT, None, DOT_PRECISION), qk_scale, -lse2[None, :]))
+        pT = tl.math.exp2(tl.fma(_dot(k, qT, None, FP32_PRECISION), qk_scale, -lse2[None, :]))
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
         do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                         offs_m, Tq, offs_d, D, True, D_PAD)  # (BLOCK_M, HEAD_DIM)
-        dpT = _dot_x3(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dpT = _dot_x3(v, tl.trans(do), None, FP32_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keep = tl.trans(_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
             pT_kept = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             pT_kept = pT
-        dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, DOT_PRECISION)
+        dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, FP32_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dsT = _to(pT * (dpT - delta[None, :]), qT.dtype)
-        dk = _dot_x3(dsT, tl.trans(qT), dk, DOT_PRECISION)
-        if ATOMIC_DQ:
+        dk = _dot_x3(dsT, tl.trans(qT), dk, FP32_PRECISION)
+        if not DETERMINISTIC:
             # Transposed, K^T dS^T, so the product's M side is the head dim rather than
             # the 32 query rows, too few for Hopper's wgmma (Triton would use mma.sync).
-            dqT = _dot_x3(tl.trans(k), dsT, None, DOT_PRECISION)  # (HEAD_DIM, BLOCK_M)
+            dqT = _dot_x3(tl.trans(k), dsT, None, FP32_PRECISION)  # (HEAD_DIM, BLOCK_M)
             tl.atomic_add(dq_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None], dqT,
                           mask=row_ok[None, :], sem="relaxed")
     return dk, dv
@@ -389,7 +346,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr, DETERMINISTIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -401,8 +358,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d, D, True, D_PAD)
     v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt
                    + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D, True, D_PAD)
-    k = _tf32_rounded(k, DOT_PRECISION)
-    v = _tf32_rounded(v, DOT_PRECISION)
+    k = _tf32_rounded(k, FP32_PRECISION)
+    v = _tf32_rounded(v, FP32_PRECISION)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -424,11 +381,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
     dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
                              first, full, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION, ATOMIC_DQ, HEAD_DIM)
+                             BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, FP32_PRECISION, DETERMINISTIC, HEAD_DIM)
     dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                              stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
                              full, Tq, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION, ATOMIC_DQ, HEAD_DIM)
+                             BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, FP32_PRECISION, DETERMINISTIC, HEAD_DIM)
     dk = dk * scale
     mask = offs_n[:, None] < Tk
     if D_PAD:
@@ -443,7 +400,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
 def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                   offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                  MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N).to(offs_d.dtype)  # int64 where the kernel's offsets are
     for start_n in range(lo, hi, BLOCK_N):
@@ -451,19 +408,19 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
         offs_n = start_n + offs_n0
         kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
                                         + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
-                                        D_PAD, MASKED), DOT_PRECISION)  # (HEAD_DIM, BLOCK_N)
+                                        D_PAD, MASKED), FP32_PRECISION)  # (HEAD_DIM, BLOCK_N)
         vT = _tf32_rounded(_load_tile(v_base + offs_n[None, :] * stride_vt
                                         + offs_d[:, None] * stride_vd, offs_d, D, offs_n, Tk,
-                                        D_PAD, MASKED), DOT_PRECISION)
-        p = tl.math.exp2(tl.fma(_dot(q, kT, None, DOT_PRECISION), qk_scale, -lse2[:, None]))
+                                        D_PAD, MASKED), FP32_PRECISION)
+        p = tl.math.exp2(tl.fma(_dot(q, kT, None, FP32_PRECISION), qk_scale, -lse2[:, None]))
         if MASKED:
             p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
-        dp = _dot_x3(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = _dot_x3(do, vT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+        dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, FP32_PRECISION)
     return dq
 
 
@@ -477,7 +434,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                  H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                 FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
@@ -488,7 +445,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
     row_ok = offs_m < Tq
     q = _tf32_rounded(_load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
                                    + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d, D, True,
-                                   D_PAD), DOT_PRECISION)
+                                   D_PAD), FP32_PRECISION)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                     + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf"))
@@ -506,10 +463,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
     diag_end = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
     dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
                        stride_vd, offs_m, offs_d, 0, full_end, D, Tk, causal_off, qk_scale,
-                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, DOT_PRECISION)
+                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, FP32_PRECISION)
     dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
                        stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk, causal_off, qk_scale,
-                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, DOT_PRECISION)
+                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, FP32_PRECISION)
     dq = dq * scale
     mask = row_ok[:, None]
     if D_PAD:
@@ -544,7 +501,7 @@ def _next_pow2(n):
 
 
 # What a launch's config depends on, beside the kernel, dtype and device.
-_TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "DOT_PRECISION", "ATOMIC_DQ")
+_TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "FP32_PRECISION", "DETERMINISTIC")
 
 
 def _fits(conf, args):
@@ -627,14 +584,15 @@ def _bucket(T):
     return min(_next_pow2(T), 1 << 16)
 
 
-def _common(q, k, scale, dropout_p, ieee):
+def _common(q, k, scale, dropout_p, fp32_precision):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     hd = _head_dim(D)
     return dict(H=H, Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, D_PAD=hd != D,
                 DROPOUT=dropout_p > 0.0,
-                DOT_PRECISION="ieee" if (ieee or q.dtype != torch.float32) else "tf32")
+                # 16-bit inputs: one specialisation whatever the setting, which is for float32
+                FP32_PRECISION=fp32_precision if q.dtype == torch.float32 else "ieee")
 
 
 _INT32_LIMIT = 2**31  # module-level so a test can lower it and run the int64 path on small shapes
@@ -658,25 +616,25 @@ def _new_like_bthd(q):
     return q.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))
 
 
-def _fwd_impl(q, k, v, seed, scale, dropout_p, ieee):
+def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision):
     B, H, Tq, D = q.shape
     q, scale = with_positive_scale(q, scale)  # the forward kernel needs scale > 0
     o = _new_like_bthd(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base 2
-    meta = _common(q, k, scale, dropout_p, ieee)
+    meta = _common(q, k, scale, dropout_p, fp32_precision)
     meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
     _launch("fwd", (Tq, "BLOCK_M", B * H), (q, k, v, o, lse, seed if seed is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride()), meta)
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=True):
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    meta = _common(q, k, scale, dropout_p, ieee)
+    meta = _common(q, k, scale, dropout_p, fp32_precision)
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
     atomic = not deterministic
-    # With atomic dQ, the dK/dV kernel adds each key tile's share of dQ into float32 rows,
+    # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows,
     # which _launch's reset zeroes before every launch of it.
     dq_acc = q.new_empty(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else None
     meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv, *([dq_acc] if atomic else []))
@@ -689,7 +647,7 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=T
     _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed,
             dq_acc if atomic else lse,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()),
-            {**meta, "ATOMIC_DQ": atomic}, reset=dq_acc.zero_ if atomic else None)
+            {**meta, "DETERMINISTIC": deterministic}, reset=dq_acc.zero_ if atomic else None)
     if atomic:
         torch.mul(dq_acc[..., :D], scale, out=dq)
         return dq, dk, dv
@@ -704,13 +662,13 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=T
 
 @torch.library.custom_op("lecture_flash::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, ieee: bool, deterministic: bool = True
+            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, seed, scale, dropout_p, ieee)
+    return _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, seed, scale, dropout_p, ieee, deterministic=True):
+def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic):
     B, H, Tq, D = q.shape
     return _new_like_bthd(q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
@@ -718,28 +676,29 @@ def _(q, k, v, seed, scale, dropout_p, ieee, deterministic=True):
 @torch.library.custom_op("lecture_flash::bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, ieee: bool, deterministic: bool = True
+            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic)
+    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seed, scale, dropout_p, ieee, deterministic=True):
+def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic):
     return _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p, ieee, deterministic = inputs
+    q, k, v, seed, scale, dropout_p, fp32_precision, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.scale, ctx.dropout_p, ctx.ieee, ctx.deterministic = scale, dropout_p, ieee, deterministic
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.fp32_precision, ctx.deterministic = fp32_precision, deterministic
 
 
 def _backward(ctx, do, dlse, bwd=None):
     """Gradients of the forward's inputs, through the custom op (or `bwd`, same arguments)."""
     q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.ieee,
-                                  ctx.deterministic)
+    dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p,
+                                  ctx.fp32_precision, ctx.deterministic)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -758,9 +717,10 @@ class _EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, seed, scale, dropout_p, ieee, deterministic):
-        o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, ieee)
-        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, ieee, deterministic), (o, lse))
+    def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic):
+        o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision)
+        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic),
+                       (o, lse))
         return o
 
     @staticmethod
@@ -791,11 +751,13 @@ def draw_seed(device):
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def flash_attention(q, k, v, scale, dropout_p=0.0):
-    """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels."""
+def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None):
+    """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels.
+    deterministic, fp32_precision: None for the process default (kernels/settings.py)."""
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    args = (q, k, v, seed, float(scale), float(dropout_p), _fp32_precision == "ieee",
-            deterministic_backward())
+    args = (q, k, v, seed, float(scale), float(dropout_p),
+            settings.resolve_fp32_precision(fp32_precision),
+            settings.resolve_deterministic(deterministic))
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -6,7 +6,7 @@ the output and each of dq, dk, dv, and it scales with dtype without per-dtype ma
 """
 import torch
 
-from kernels import causal_attention
+from kernels import causal_attention, settings
 from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
 
 SLACK = 1e-5
@@ -68,31 +68,37 @@ def tf32_naive_attention(q, k, v, scale, dropout_p=0.0, keep=None):
     return mm(p, v)
 
 
-def uses_tf32(q, backend):
-    """Whether `backend` multiplies these float32 inputs in tf32 (the Triton kernel's default)."""
+def uses_tf32(q, backend, fp32_precision=None):
+    """Whether `backend` multiplies these float32 inputs in tf32 (the Triton kernel, when the
+    call or the process default says so)."""
     if q.dtype != torch.float32 or backend not in ("triton", "auto"):
         return False
     if backend == "auto" and q.device.type != "cuda":
         return False
-    from kernels import flash
-    return flash is not None and flash.get_fp32_precision() == "tf32"
+    return settings.resolve_fp32_precision(fp32_precision) == "tf32"
 
 
-def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None, run=None):
+def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None, run=None,
+                         tf32=None, **options):
     """Run `backend` (or `run(q, k, v)`) on q, k, v and hold output and grads to the rule.
+    options (deterministic, fp32_precision) go to causal_attention.
 
     For float32 in tf32 mode the baseline is PyTorch's math with TF32 matmuls, as the rule says:
-    PyTorch's own error at the same precision.
+    PyTorch's own error at the same precision. tf32=True/False picks the baseline instead of
+    the settings.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     do = torch.randn(q.shape, device=q.device, dtype=q.dtype)
     if run is None:
         def run(q_, k_, v_):
-            return causal_attention(q_, k_, v_, scale=scale, dropout_p=dropout_p, backend=backend)
+            return causal_attention(q_, k_, v_, scale=scale, dropout_p=dropout_p, backend=backend,
+                                    **options)
     got = _grads(run, (q, k, v), do)
     ref64 = _grads(lambda a, b, c: causal_attention_reference(
         a, b, c, scale=scale, dropout_p=dropout_p, dropout_mask=keep), [x.double() for x in (q, k, v)], do.double())
-    baseline = tf32_naive_attention if uses_tf32(q, backend) else naive_causal_attention
+    if tf32 is None:
+        tf32 = uses_tf32(q, backend, options.get("fp32_precision"))
+    baseline = tf32_naive_attention if tf32 else naive_causal_attention
     low = _grads(lambda a, b, c: baseline(a, b, c, scale, dropout_p, keep), (q, k, v), do)
     assert got[0].shape == q.shape and got[0].dtype == q.dtype
     assert_by_rule(got, ref64, low)

@@ -79,9 +79,10 @@ def _can_compile_for_cuda():
 
 @pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
 @pytest.mark.parametrize("flags, variants", [
-    (["--head-dim", "40,64,128", "--dtype", "bfloat16", "--dtype", "float32"], 3 * 3 * 2),
-    (["--head-dim", "64,128", "--dtype", "float16", "--dropout", "--atomic-dq"], 3 * 2),
-], ids=["bf16-fp32", "fp16-dropout-atomic-dq"])
+    (["--head-dim", "40,64,128", "--dtype", "bfloat16", "--dtype", "float32", "--fp32-precision", "tf32"],
+     3 * 3 * 2),
+    (["--head-dim", "64,128", "--dtype", "float16", "--dropout", "--nondeterministic"], 3 * 2),
+], ids=["bf16-fp32", "fp16-dropout-nondeterministic"])
 def test_kernels_compile_for_an_h100(flags, variants):
     """The interpreter runs the kernels' logic but never compiles them: this does, for sm_90,
     with the configs the untuned launcher picks (a GPU-only compile error fails here), and

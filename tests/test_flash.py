@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from helpers import assert_by_rule, check_against_oracle, max_err
-from kernels import available_backends, causal_attention
+from kernels import available_backends, causal_attention, set_defaults
 from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
@@ -37,25 +37,6 @@ SHAPES = [
 GPU_SHAPES = [(4, 16, 4096, 4096, 128), (2, 32, 1023, 1024, 64), (8, 8, 2048, 2048, 80)]
 
 
-@contextlib.contextmanager
-def flash_setting(get, set_, value):
-    """One of kernels.flash's module settings, changed for a with-block."""
-    old = get()
-    set_(value)
-    try:
-        yield
-    finally:
-        set_(old)
-
-
-def fp32_precision(mode):
-    return flash_setting(flash.get_fp32_precision, flash.set_fp32_precision, mode)
-
-
-def deterministic(flag):
-    return flash_setting(flash.get_deterministic, flash.set_deterministic, flag)
-
-
 def inputs(B, H, Tq, Tk, D, dtype, device):
     q = torch.randn(B, H, Tq, D, dtype=dtype, device=device)
     k, v = (torch.randn(B, H, Tk, D, dtype=dtype, device=device) for _ in range(2))
@@ -65,7 +46,7 @@ def inputs(B, H, Tq, Tk, D, dtype, device):
 def run_case(shape, dtype, device):
     torch.manual_seed(sum(shape))
     # float32 is held to the fp32 rule with exact fp32 dots; the tf32 default has its own test.
-    with fp32_precision("ieee"):
+    with set_defaults(fp32_precision="ieee"):
         check_against_oracle(*inputs(*shape, dtype, device), "triton")
 
 
@@ -95,7 +76,7 @@ def test_forward_and_gradients_large(shape, dtype, device):
     run_case(shape, dtype, device)
 
 
-# The atomic-dQ backward (set_deterministic(False)) on the shapes that cross its edge cases:
+# The atomic-dQ backward (deterministic=False) on the shapes that cross its edge cases:
 # tails in both directions, padded head dims, Tq < Tk, one query.
 ATOMIC_SHAPES = [(2, 1, 7, 7, 24), (1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (1, 1, 1, 239, 40)]
 
@@ -103,7 +84,7 @@ ATOMIC_SHAPES = [(2, 1, 7, 7, 24), (1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ATOMIC_SHAPES, ids=str)
 def test_atomic_dq_backward(shape, dtype, device):
-    with deterministic(False):
+    with set_defaults(deterministic=False):
         run_case(shape, dtype, device)
 
 
@@ -128,7 +109,7 @@ def tiles(monkeypatch, block_m, block_n):
 @pytest.mark.parametrize("tile", UNEQUAL_TILES, ids=str)
 def test_unequal_tiles(monkeypatch, tile, variant, device):
     shapes = [(1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (1, 1, 37, 50, 112)]
-    with tiles(monkeypatch, *tile), deterministic(variant != "atomic-dq"):
+    with tiles(monkeypatch, *tile), set_defaults(deterministic=variant != "atomic-dq"):
         if variant == "dropout":
             _dropout_matches_oracle((2, 2, 37, 45, 24), torch.bfloat16, device)
             return
@@ -139,27 +120,30 @@ def test_unequal_tiles(monkeypatch, tile, variant, device):
 
 @pytest.mark.gpu
 def test_atomic_dq_backward_large(device):
-    with deterministic(False):
+    with set_defaults(deterministic=False):
         run_case(GPU_SHAPES[0], torch.bfloat16, device)
 
 
 def test_which_backward_kernels_run(monkeypatch, device):
-    """Deterministic (default): dK/dV and dQ kernels. set_deterministic(False): dK/dV alone,
-    adding dQ atomically; torch.use_deterministic_algorithms(True) overrides that. The choice
-    is made at the forward and kept for its backward."""
+    """Deterministic (default): dK/dV and dQ kernels. deterministic=False (the call's argument
+    or the process default): dK/dV alone, adding dQ atomically;
+    torch.use_deterministic_algorithms(True) overrides that. The choice is made at the forward
+    and kept for its backward."""
     launched = []
     real = flash._launch
     monkeypatch.setattr(flash, "_launch", lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw)))
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 20, 20, 16, torch.float16, device))
 
-    def kernels():
+    def kernels(**options):
         launched.clear()
-        causal_attention(q, k, v, backend="triton").sum().backward()
+        causal_attention(q, k, v, backend="triton", **options).sum().backward()
         return list(launched)
 
     assert kernels() == ["fwd", "dkdv", "dq"]
-    with deterministic(False):
+    assert kernels(deterministic=False) == ["fwd", "dkdv"]
+    with set_defaults(deterministic=False):
         assert kernels() == ["fwd", "dkdv"]
+        assert kernels(deterministic=True) == ["fwd", "dkdv", "dq"]  # the call's own choice
         old = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
@@ -170,8 +154,8 @@ def test_which_backward_kernels_run(monkeypatch, device):
     launched.clear()
     o.sum().backward()  # set back to deterministic before the backward: the forward's choice holds
     assert launched == ["dkdv"]
-    with pytest.raises(TypeError, match="flag must be a bool"):
-        flash.set_deterministic(0)
+    with pytest.raises(TypeError, match="deterministic must be"):
+        set_defaults(deterministic=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -181,7 +165,7 @@ def test_model_layout_is_read_in_place(dtype, device):
     torch.manual_seed(7)
     qkv = torch.randn(2, 45, 3, 3, 40, dtype=dtype, device=device)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    with fp32_precision("ieee"):
+    with set_defaults(fp32_precision="ieee"):
         out = check_against_oracle(q, k, v, "triton")[0]
     assert out.transpose(1, 2).is_contiguous()
 
@@ -205,7 +189,7 @@ def test_large_negative_scale(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 2, 37, 37, 24), (1, 2, 20, 45, 64)], ids=str)
 def test_dropout_matches_oracle_given_the_same_mask(shape, dtype, atomic_dq, device):
-    with deterministic(not atomic_dq):
+    with set_defaults(deterministic=not atomic_dq):
         _dropout_matches_oracle(shape, dtype, device)
 
 
@@ -223,7 +207,7 @@ def _dropout_matches_oracle(shape, dtype, device):
         torch.manual_seed(123)
         return causal_attention(a, b, c, dropout_p=p, backend="triton")
 
-    with fp32_precision("ieee"):
+    with set_defaults(fp32_precision="ieee"):
         got = check_against_oracle(q, k, v, "triton", dropout_p=p, keep=keep, run=run)
     if dtype == torch.bfloat16:  # the same seed gives the same mask, hence the same output
         assert torch.equal(got[0], out)
@@ -286,10 +270,10 @@ def test_wide_offsets_path(monkeypatch, device):
     monkeypatch.setattr(flash, "_INT32_LIMIT", 0)
     torch.manual_seed(16)
     shape = (2, 3, 37, 45, 40)
-    with fp32_precision("ieee"):
+    with set_defaults(fp32_precision="ieee"):
         check_against_oracle(*inputs(*shape, torch.float32, device), "triton")
     check_against_oracle(*inputs(*shape, torch.bfloat16, device), "triton")
-    with deterministic(False):  # the atomic-dQ accumulator is indexed with the same offsets
+    with set_defaults(deterministic=False):  # the atomic-dQ accumulator is indexed with the same offsets
         check_against_oracle(*inputs(*shape, torch.bfloat16, device), "triton")
 
 
@@ -305,8 +289,8 @@ def test_backward_is_deterministic(device):
 def test_lse_is_the_row_logsumexp(device):
     torch.manual_seed(11)
     q, k, v = inputs(1, 2, 40, 52, 16, torch.float32, device)
-    with fp32_precision("ieee"):
-        _, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, True)
+    with set_defaults(fp32_precision="ieee"):
+        _, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     s = s.masked_fill(~causal_mask(40, 52, q.device), float("-inf"))
     assert lse.dtype == torch.float32  # in base 2, as the kernels use it: log2(e) x the natural one
@@ -316,15 +300,15 @@ def test_lse_is_the_row_logsumexp(device):
 def test_opcheck(device):
     torch.manual_seed(12)
     q, k, v = (t.requires_grad_() for t in inputs(1, 2, 19, 24, 16, torch.float32, device))
-    torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, True))
+    torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, "ieee", True))
     seed = flash.draw_seed(device)
-    torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, True))
+    torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, "ieee", True))
     # The backward op has no derivative of its own (no double backward): check it without grads.
     q, k, v = (t.detach() for t in (q, k, v))
-    o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, True)
+    o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)
     do = torch.randn_like(o)
     for det in (True, False):
-        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, True, det))
+        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", det))
 
 
 def test_compiles_without_graph_breaks(device):
@@ -377,7 +361,7 @@ def test_double_backward_is_an_error_not_zeros(device):
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 8, 8, 16, torch.float32, device))
     do = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
     for attend in (lambda: causal_attention(q, k, v, backend="triton"),
-                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, True)[0]):
+                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)[0]):
         dq, = torch.autograd.grad(attend(), q, do, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
             torch.autograd.grad(dq.sum(), (q, do), allow_unused=True)
@@ -391,7 +375,7 @@ def test_tf32_default_is_within_pytorch_tf32_error(shape, device):
     With one key the softmax is constant, so the true dQ and dK are 0 and so are PyTorch's:
     the backward must use V as the forward's tf32 dot saw it, or dP - delta is not 0."""
     torch.manual_seed(14)
-    with fp32_precision("tf32"):
+    with set_defaults(fp32_precision="tf32"):
         check_against_oracle(*inputs(*shape, torch.float32, device), "triton")
 
 
@@ -399,7 +383,7 @@ def test_tf32_default_is_within_pytorch_tf32_error(shape, device):
 def test_tf32_matches_cublas_tf32_error(device):
     torch.manual_seed(14)
     q, k, v = inputs(2, 4, 1000, 1000, 64, torch.float32, device)
-    with fp32_precision("tf32"):
+    with set_defaults(fp32_precision="tf32"):
         got = causal_attention(q, k, v, backend="triton")
     ref = causal_attention_reference(q.double(), k.double(), v.double())
     old = torch.backends.cuda.matmul.allow_tf32
