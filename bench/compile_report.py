@@ -50,12 +50,16 @@ UNSPECIALISED = set(flash._NO_SPECIALIZE)
 
 def signature(fn, dtype, constexprs):
     """Argument types and attributes as a real launch of flash's wrappers presents them: 16-byte
-    aligned pointers, strides divisible by 16, head-dim strides equal to 1 (contiguous rows)."""
-    for name in fn.arg_names:
-        if name.startswith("stride_") and name.endswith("d"):
-            constexprs[name] = 1
+    aligned pointers; each tensor's four strides (a tuple, stride_<tensor>) divisible by 16 but
+    the last, the head-dim stride, which equals 1 (contiguous rows) and so is a constant."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
+        if name.startswith("stride_"):
+            sig[name] = ("i32", "i32", "i32", "constexpr")
+            constexprs[(i, 3)] = 1
+            for j in range(3):
+                attrs[(i, j)] = [["tt.divisibility", 16]]
+            continue
         if name in constexprs:
             sig[name] = "constexpr"
             continue
@@ -80,7 +84,7 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=T
                    fp32_precision="ieee"):
     fn = flash._JIT[kind]
     hd = flash._head_dim(head_dim)
-    constexprs = dict(D=head_dim, HEAD_DIM=hd, D_PAD=hd != head_dim, DROPOUT=dropout,
+    constexprs = dict(D=head_dim, HEAD_DIM=hd, DROPOUT=dropout,
                       FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
                       OFFS_64=False,
                       **config.kwargs)

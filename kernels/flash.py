@@ -1,7 +1,9 @@
 """Fused causal attention in Triton: FlashAttention-2's algorithm, forward and backward.
 
-Layout of this file, top to bottom: small jitted helpers, the forward kernel, the backward
-kernels, the launchers, the torch custom-op registration, the public function.
+Layout of this file, top to bottom: small jitted helpers (rounding, dots, dropout); how one
+program sees its tensors (below); the forward kernel; the backward kernels; the launchers (the
+configs they try; kernels/autotune.py picks one per specialisation); the torch custom-op
+registration; the public functions.
 
 Notation: B batch, H heads, Tq queries, Tk keys (Tq <= Tk), D head dim. The causal mask is
 bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq); call Tk - Tq the offset.
@@ -16,13 +18,24 @@ log-sum-exp for the backward (float32, in base 2: log2(e) times the natural one)
 Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip and streams the
 query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
 element is written by exactly one program: deterministic, no atomics. With
-deterministic=False (kernels/settings.py) the dK/dV kernel also adds its share of dQ with float32 atomics
-and the dQ kernel does not run, which saves recomputing QK^T and dO V^T.
+deterministic=False (kernels/settings.py) the dK/dV kernel also adds its share of dQ with
+float32 atomics and the dQ kernel does not run, which saves recomputing QK^T and dO V^T.
 
 Dropout: a 32-bit Philox draw per (head, row, key), four keys to a Philox call, from a seed that
 the wrapper takes from torch's generator; the backward regenerates the same mask from the seed.
+
+How a kernel sees its tensors: each tensor comes with one stride tuple (stride_q = q.stride(),
+any layout). A program first finds its head (_batch_and_head; _head gathers what every tile
+loop needs: lengths, causal offset, scale, dropout draw), then each tensor's (T, D) slab for
+that head (_slab). Tiles are read and written through _load_tile / _load_operand /
+_store_tile, which guard only the sides that can overrun (rows past T, a padded head dim);
+_visible is the causal mask and _key_stages / _query_stages split each loop into its unmasked
+and masked stages. Compile-time flags go by keyword (MASKED=True). So a new per-head quantity
+is one field of Head, a new layout or head mapping one line of _slab, a new mask _visible and
+the stage bounds.
 """
 import os
+from collections import namedtuple
 from typing import Optional, Tuple
 
 import torch
@@ -144,16 +157,129 @@ def _offsets(start, N: tl.constexpr, OFFS_64: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """Load a 2-D tile indexed by (rows, cols); guard only the sides that can overrun."""
+def _apply_dropout(x, keep, dropout_p):
+    """x where the weight is kept, scaled by 1 / (1 - p); 0 where it is dropped."""
+    return tl.where(keep, x / (1.0 - dropout_p), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One (batch, head) program's view of its tensors
+# ----------------------------------------------------------------------------------------------
+
+# One head's (T, D) slab of a (B, H, T, D) tensor with any strides: its first element, the
+# strides between rows (positions) and columns (head-dim entries), and its number of rows.
+# Every kernel reads and writes its tensors through slabs, so a new layout or a new way of
+# finding a head (another head for k/v, an offset into packed sequences) changes _slab alone.
+Slab = namedtuple("Slab", ["ptr", "stride_t", "stride_d", "T"])
+
+# What every tile of one head needs beside its slabs: the lengths, the causal offset Tk - Tq
+# (query i sees key j iff j <= i + offset), the scale in base 2, and the dropout draw's seed,
+# head and probability.
+Head = namedtuple("Head", ["Tq", "Tk", "offset", "qk_scale", "seed", "bh", "dropout_p"])
+
+
+@triton.jit
+def _batch_and_head(H):
+    """(b, h, bh) of this program: the grid's second axis runs over the B * H heads (bh); b
+    and h in int64, as the offsets they start are."""
+    bh = tl.program_id(1)
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh
+
+
+@triton.jit
+def _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT: tl.constexpr):
+    """The Head of program bh: what every attention kernel's tile loops share."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp; scale > 0
+    return Head(Tq, Tk, Tk - Tq, qk_scale, seed, bh, dropout_p)
+
+
+@triton.jit
+def _slab(X, strides, b, h, T):
+    """Head h of batch row b of X, a (B, H, T, D) tensor with these (4) strides."""
+    return Slab(X + b * strides[0] + h * strides[1], strides[2], strides[3], T)
+
+
+@triton.jit
+def _load_tile(x, rows, cols, D, CHECK_ROWS: tl.constexpr, TRANS: tl.constexpr = False):
+    """The (rows, cols) tile of slab x, or with TRANS its transpose, (cols, rows). Guards only
+    the sides that can overrun, reading 0 there: rows past x.T where CHECK_ROWS, and head-dim
+    columns past D where the columns are padded (cols spans HEAD_DIM, a power of two)."""
+    CHECK_COLS: tl.constexpr = cols.shape[0] != D
+    if TRANS:
+        ptrs = x.ptr + rows[None, :] * x.stride_t + cols[:, None] * x.stride_d
+        row_ok = rows[None, :] < x.T
+        col_ok = cols[:, None] < D
+    else:
+        ptrs = x.ptr + rows[:, None] * x.stride_t + cols[None, :] * x.stride_d
+        row_ok = rows[:, None] < x.T
+        col_ok = cols[None, :] < D
     if CHECK_ROWS and CHECK_COLS:
-        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        return tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
     elif CHECK_ROWS:
-        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=row_ok, other=0.0)
     elif CHECK_COLS:
-        return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        return tl.load(ptrs, mask=col_ok, other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _load_operand(x, rows, cols, D, CHECK_ROWS: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                  TRANS: tl.constexpr = False):
+    """_load_tile of a tile the forward multiplies (Q, K, V): rounded to tf32 in tf32 mode."""
+    return _tf32_rounded(_load_tile(x, rows, cols, D, CHECK_ROWS, TRANS), FP32_PRECISION)
+
+
+@triton.jit
+def _store_tile(x, rows, cols, D, value):
+    """Store value, rounded to x's dtype, into the (rows, cols) tile of slab x: rows past x.T
+    are left alone, and so are head-dim columns past D where the columns are padded."""
+    ptrs = x.ptr + rows[:, None] * x.stride_t + cols[None, :] * x.stride_d
+    mask = (rows < x.T)[:, None]
+    if cols.shape[0] != D:
+        mask = mask & (cols[None, :] < D)
+    tl.store(ptrs, _to(value, x.ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_stats(X, bh, Tq):
+    """Where head bh's float32 row statistics (LSE, delta: (B * H, Tq), contiguous) start."""
+    return X + bh.to(tl.int64) * Tq
+
+
+@triton.jit
+def _visible(offs_m, offs_n, head, TRANS: tl.constexpr = False):
+    """The causal mask of the tile at query rows offs_m and keys offs_n: True where the query
+    sees the key. (M, N), or with TRANS (N, M)."""
+    if TRANS:
+        seen = offs_n[:, None] <= offs_m[None, :] + head.offset
+    else:
+        seen = offs_n[None, :] <= offs_m[:, None] + head.offset
+    return seen
+
+
+@triton.jit
+def _key_stages(start_m, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows [start_m, start_m + BLOCK_M): key tiles in [0, full_end) are seen in
+    full by every row (stage 1, unmasked); those in [full_end, diag_end) are crossed by the
+    diagonal (stage 2, masked); keys from diag_end on are seen by none."""
+    full_end = (start_m + head.offset + 1) // BLOCK_N * BLOCK_N
+    diag_end = tl.minimum(head.Tk, start_m + BLOCK_M + head.offset)
+    return full_end, diag_end
+
+
+@triton.jit
+def _query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the keys [start_n, start_n + BLOCK_N): rows i >= start_n - offset see some of them
+    and rows i >= start_n + BLOCK_N - 1 - offset all of them. Query tiles in [first, full) are
+    crossed by the diagonal (masked); those in [full, Tq) see every key (unmasked)."""
+    first = tl.maximum(start_n - head.offset, 0) // BLOCK_M * BLOCK_M
+    full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - head.offset, 0), BLOCK_M) * BLOCK_M
+    full = tl.minimum(tl.maximum(full, first), head.Tq)
+    return first, full
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +293,12 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 # loads Triton cannot pipeline them (bench/compile_report.py showed D=40 unpipelined).
 _NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
 
+
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-               offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-               MASKED: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
-    """Fold key tiles [lo, hi) into the running (acc, l, m) of one Q tile.
+def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """Fold key tiles [lo, hi) of slabs k, v into the running (acc, l, m) of one Q tile.
 
     MASKED=False is only called on tiles wholly at or below the diagonal, which also lie wholly
     inside [0, Tk), so neither the causal mask nor a bounds check is needed there.
@@ -181,87 +307,60 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
-                                      + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
-                                      D_PAD, MASKED), FP32_PRECISION)  # (HEAD_DIM, BLOCK_N)
+        kT = _load_operand(k, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
         s = _dot(q, kT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, s, float("-inf"))
+            s = tl.where(_visible(offs_m, offs_n, head), s, float("-inf"))
         # With qk_scale > 0 the row maximum of the scaled scores is that of the raw ones,
         # scaled, and the scaling rides on the subtraction: one fused multiply-add per score,
         # rounded once near 0 rather than at the size of the score (the backward does the same).
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * head.qk_scale)
+        p = tl.math.exp2(tl.fma(s, head.qk_scale, -m_new[:, None]))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _tf32_rounded(_load_tile(v_base + offs_n[:, None] * stride_vt
-                                     + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D,
-                                     MASKED, D_PAD), FP32_PRECISION)  # (BLOCK_N, HEAD_DIM)
-        acc = _dot(_tf32_rounded(_to(p, v.dtype), FP32_PRECISION), v, acc * alpha[:, None],
-                   FP32_PRECISION)
+            p = _apply_dropout(p, _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p,
+                                        BLOCK_M, BLOCK_N), head.dropout_p)
+        v_tile = _load_operand(v, offs_n, offs_d, D, MASKED, FP32_PRECISION)  # (BLOCK_N, HEAD_DIM)
+        acc = _dot(_tf32_rounded(_to(p, v_tile.dtype), FP32_PRECISION), v_tile,
+                   acc * alpha[:, None], FP32_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, LSE, SEED,
-              stride_qb, stride_qh, stride_qt, stride_qd,
-              stride_kb, stride_kh, stride_kt, stride_kd,
-              stride_vb, stride_vh, stride_vt, stride_vd,
-              stride_ob, stride_oh, stride_ot, stride_od,
-              H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
+def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
+              H, Tq, Tk, scale, dropout_p,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
-              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
               FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
-
+    b, h, bh = _batch_and_head(H)
+    q_slab, k, v, o = (_slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk),
+                       _slab(V, stride_v, b, h, Tk), _slab(O, stride_o, b, h, Tq))
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    q = _tf32_rounded(_load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                                 offs_m, Tq, offs_d, D, True, D_PAD), FP32_PRECISION)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
+    q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT)
 
-    causal_off = Tk - Tq
-    qk_scale = scale * 1.4426950408889634  # log2(e); scale > 0 (_fwd_impl sees to it)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Stage 1: key tiles that every row of this block sees in full. Stage 2: the diagonal.
-    full_end = (start_m + causal_off + 1) // BLOCK_N * BLOCK_N
-    diag_end = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                               stride_vt, stride_vd, offs_m, offs_d, 0, full_end, D, Tk,
-                               causal_off, qk_scale, seed, bh, dropout_p,
-                               BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, FP32_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                               stride_vt, stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk,
-                               causal_off, qk_scale, seed, bh, dropout_p,
-                               BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, FP32_PRECISION)
+    full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, 0, full_end, head, D=D,
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
+                               FP32_PRECISION=FP32_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, full_end, diag_end, head,
+                               D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+                               DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION)
     acc = acc / l_i[:, None]
-    row_ok = offs_m < Tq
     # Kept in base 2, as the backward uses it: a trip through the natural log would round
     # twice more, at the size of the largest scaled score.
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    if D_PAD:
-        tl.store(o_ptrs, _to(acc, O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    else:
-        tl.store(o_ptrs, _to(acc, O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(_row_stats(LSE, bh, Tq) + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+    _store_tile(o, offs_m, offs_d, D, acc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,156 +368,118 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA,
-                    stride_ob, stride_oh, stride_ot, stride_od,
-                    stride_dob, stride_doh, stride_dot, stride_dod,
-                    H, Tq, D: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                    OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_preprocess(O, DO, DELTA, stride_o, stride_do, H, Tq, D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, bh = _batch_and_head(H)
     offs_m = _offsets(tl.program_id(0) * BLOCK_M, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot
-                   + offs_d[None, :] * stride_od, offs_m, Tq, offs_d, D, True, D_PAD)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                    + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
+    o = _load_tile(_slab(O, stride_o, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
+    do = _load_tile(_slab(DO, stride_do, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    tl.store(_row_stats(DELTA, bh, Tq) + offs_m, delta, mask=offs_m < Tq)
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                    stride_qt, stride_qd, stride_dot, stride_dod,
-                    start_n, offs_n, offs_d, lo, hi, D, Tq, Tk, causal_off, qk_scale, seed, bh,
-                    dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n, offs_d,
+                    lo, hi, head, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                    DETERMINISTIC: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    DETERMINISTIC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form; unless
     DETERMINISTIC, also add this key tile's share of dQ (dS @ K, unscaled) to the float32 rows
-    at dq_base, (Tq, HEAD_DIM) contiguous.
+    at dq_acc, (Tq, HEAD_DIM) contiguous.
 
     Rows past Tq load lse = +inf, so their probabilities are exactly 0 and they add nothing.
     """
+    HEAD_DIM: tl.constexpr = offs_d.shape[0]
     offs_m0 = tl.arange(0, BLOCK_M).to(offs_d.dtype)  # int64 where the kernel's offsets are
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
-        row_ok = offs_m < Tq
-        qT = _tf32_rounded(_load_tile(q_base + offs_m[None, :] * stride_qt
-                                        + offs_d[:, None] * stride_qd, offs_d, D, offs_m, Tq,
-                                        D_PAD, True), FP32_PRECISION)  # (HEAD_DIM, BLOCK_M)
-        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        pT = tl.math.exp2(tl.fma(_dot(k, qT, None, FP32_PRECISION), qk_scale, -lse2[None, :]))
+        row_ok = offs_m < head.Tq
+        qT = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION, TRANS=True)
+        lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
+        pT = tl.math.exp2(tl.fma(_dot(k, qT, None, FP32_PRECISION), head.qk_scale,
+                                 -lse2[None, :]))
         if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                        offs_m, Tq, offs_d, D, True, D_PAD)  # (BLOCK_M, HEAD_DIM)
+            pT = tl.where(_visible(offs_m, offs_n, head, TRANS=True), pT, 0.0)
+        do = _load_tile(do_slab, offs_m, offs_d, D, CHECK_ROWS=True)  # (BLOCK_M, HEAD_DIM)
         dpT = _dot_x3(v, tl.trans(do), None, FP32_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = tl.trans(_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
-            pT_kept = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
-            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+            keep = tl.trans(_keep(head.seed, head.bh, offs_m, start_n, head.dropout_p,
+                                  BLOCK_M, BLOCK_N))
+            pT_kept = _apply_dropout(pT, keep, head.dropout_p)
+            dpT = _apply_dropout(dpT, keep, head.dropout_p)
         else:
             pT_kept = pT
         dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, FP32_PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        dsT = _to(pT * (dpT - delta[None, :]), qT.dtype)
+        delta_i = tl.load(delta + offs_m, mask=row_ok, other=0.0)
+        dsT = _to(pT * (dpT - delta_i[None, :]), qT.dtype)
         dk = _dot_x3(dsT, tl.trans(qT), dk, FP32_PRECISION)
         if not DETERMINISTIC:
             # Transposed, K^T dS^T, so the product's M side is the head dim rather than
             # the 32 query rows, too few for Hopper's wgmma (Triton would use mma.sync).
             dqT = _dot_x3(tl.trans(k), dsT, None, FP32_PRECISION)  # (HEAD_DIM, BLOCK_M)
-            tl.atomic_add(dq_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None], dqT,
+            tl.atomic_add(dq_acc + offs_m[None, :] * HEAD_DIM + offs_d[:, None], dqT,
                           mask=row_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
-                   stride_qb, stride_qh, stride_qt, stride_qd,
-                   stride_kb, stride_kh, stride_kt, stride_kd,
-                   stride_vb, stride_vh, stride_vt, stride_vd,
-                   stride_dob, stride_doh, stride_dot, stride_dod,
-                   stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-                   stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-                   H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
+                   stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
+                   H, Tq, Tk, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
-                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+                   D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
+                   FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                   DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, h, bh = _batch_and_head(H)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
     offs_n = _offsets(start_n, BLOCK_N, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
-                   + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d, D, True, D_PAD)
-    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt
-                   + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d, D, True, D_PAD)
-    k = _tf32_rounded(k, FP32_PRECISION)
-    v = _tf32_rounded(v, FP32_PRECISION)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + bh.to(tl.int64) * Tq
-    delta_base = DELTA + bh.to(tl.int64) * Tq
-    dq_base = DQ_ACC + bh.to(tl.int64) * Tq * HEAD_DIM
+    k = _load_operand(_slab(K, stride_k, b, h, Tk), offs_n, offs_d, D, True, FP32_PRECISION)
+    v = _load_operand(_slab(V, stride_v, b, h, Tk), offs_n, offs_d, D, True, FP32_PRECISION)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT)
+    q_slab, do_slab = _slab(Q, stride_q, b, h, Tq), _slab(DO, stride_do, b, h, Tq)
+    lse, delta = _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq)
+    dq_acc = DQ_ACC + bh.to(tl.int64) * Tq * HEAD_DIM  # (Tq, HEAD_DIM) float32 rows
 
-    causal_off = Tk - Tq
-    qk_scale = scale * 1.4426950408889634  # log2(e)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Rows i >= start_n - off see some key of this tile; rows i >= start_n + BLOCK_N - 1 - off
-    # see all of it. Stage 1 walks the row tiles the diagonal crosses, stage 2 the rest.
-    first = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
-    full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-    full = tl.minimum(tl.maximum(full, first), Tq)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                             stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
-                             first, full, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, FP32_PRECISION, DETERMINISTIC, HEAD_DIM)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                             stride_qt, stride_qd, stride_dot, stride_dod, start_n, offs_n, offs_d,
-                             full, Tq, D, Tq, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                             BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, FP32_PRECISION, DETERMINISTIC, HEAD_DIM)
+    first, full = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
+                             offs_d, first, full, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             MASKED=True,
+                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+                             DETERMINISTIC=DETERMINISTIC)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
+                             offs_d, full, Tq, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             MASKED=False,
+                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+                             DETERMINISTIC=DETERMINISTIC)
     dk = dk * scale
-    mask = offs_n[:, None] < Tk
-    if D_PAD:
-        mask = mask & (offs_d[None, :] < D)
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt
-             + offs_d[None, :] * stride_dkd, _to(dk, DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt
-             + offs_d[None, :] * stride_dvd, _to(dv, DV.dtype.element_ty), mask=mask)
+    _store_tile(_slab(DK, stride_dk, b, h, Tk), offs_n, offs_d, D, dk)
+    _store_tile(_slab(DV, stride_dv, b, h, Tk), offs_n, offs_d, D, dv)
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                  offs_m, offs_d, lo, hi, D, Tk, causal_off, qk_scale, seed, bh, dropout_p,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                  MASKED: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [lo, hi) of slabs k, v."""
     offs_n0 = tl.arange(0, BLOCK_N).to(offs_d.dtype)  # int64 where the kernel's offsets are
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        kT = _tf32_rounded(_load_tile(k_base + offs_n[None, :] * stride_kt
-                                        + offs_d[:, None] * stride_kd, offs_d, D, offs_n, Tk,
-                                        D_PAD, MASKED), FP32_PRECISION)  # (HEAD_DIM, BLOCK_N)
-        vT = _tf32_rounded(_load_tile(v_base + offs_n[None, :] * stride_vt
-                                        + offs_d[:, None] * stride_vd, offs_d, D, offs_n, Tk,
-                                        D_PAD, MASKED), FP32_PRECISION)
-        p = tl.math.exp2(tl.fma(_dot(q, kT, None, FP32_PRECISION), qk_scale, -lse2[:, None]))
+        kT = _load_operand(k, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
+        vT = _load_operand(v, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
+        p = tl.math.exp2(tl.fma(_dot(q, kT, None, FP32_PRECISION), head.qk_scale, -lse2[:, None]))
         if MASKED:
-            p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, head), p, 0.0)
         dp = _dot_x3(do, vT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dp = _apply_dropout(dp, _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p,
+                                          BLOCK_M, BLOCK_N), head.dropout_p)
         ds = p * (dp - delta[:, None])
         dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, FP32_PRECISION)
     return dq
@@ -426,53 +487,34 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
-                 stride_qb, stride_qh, stride_qt, stride_qd,
-                 stride_kb, stride_kh, stride_kt, stride_kd,
-                 stride_vb, stride_vh, stride_vt, stride_vd,
-                 stride_dob, stride_doh, stride_dot, stride_dod,
-                 stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-                 H, Tq, Tk, D: tl.constexpr, scale, dropout_p,
+                 stride_q, stride_k, stride_v, stride_do, stride_dq,
+                 H, Tq, Tk, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+                 D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                  FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, bh = _batch_and_head(H)
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     row_ok = offs_m < Tq
-    q = _tf32_rounded(_load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
-                                   + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d, D, True,
-                                   D_PAD), FP32_PRECISION)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                    + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, D, True, D_PAD)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = _load_operand(_slab(Q, stride_q, b, h, Tq), offs_m, offs_d, D, True, FP32_PRECISION)
+    do = _load_tile(_slab(DO, stride_do, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
+    lse2 = tl.load(_row_stats(LSE, bh, Tq) + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(_row_stats(DELTA, bh, Tq) + offs_m, mask=row_ok, other=0.0)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT)
+    k, v = _slab(K, stride_k, b, h, Tk), _slab(V, stride_v, b, h, Tk)
 
-    causal_off = Tk - Tq
-    qk_scale = scale * 1.4426950408889634  # log2(e)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end = (start_m + causal_off + 1) // BLOCK_N * BLOCK_N
-    diag_end = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
-                       stride_vd, offs_m, offs_d, 0, full_end, D, Tk, causal_off, qk_scale,
-                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, False, DROPOUT, FP32_PRECISION)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt,
-                       stride_vd, offs_m, offs_d, full_end, diag_end, D, Tk, causal_off, qk_scale,
-                       seed, bh, dropout_p, BLOCK_M, BLOCK_N, D_PAD, True, DROPOUT, FP32_PRECISION)
+    full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, 0, full_end, head, D=D,
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
+                       FP32_PRECISION=FP32_PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, full_end, diag_end, head,
+                       D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
+                       FP32_PRECISION=FP32_PRECISION)
     dq = dq * scale
-    mask = row_ok[:, None]
-    if D_PAD:
-        mask = mask & (offs_d[None, :] < D)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt
-             + offs_d[None, :] * stride_dqd, _to(dq, DQ.dtype.element_ty), mask=mask)
+    _store_tile(_slab(DQ, stride_dq, b, h, Tq), offs_m, offs_d, D, dq)
 
 
 @triton.jit
@@ -589,8 +631,7 @@ def _common(q, k, scale, dropout_p, fp32_precision):
     Tk = k.shape[2]
     hd = _head_dim(D)
     return dict(H=H, Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
-                TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, D_PAD=hd != D,
-                DROPOUT=dropout_p > 0.0,
+                TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
                 FP32_PRECISION=fp32_precision if q.dtype == torch.float32 else "ieee")
 
@@ -624,7 +665,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision):
     meta = _common(q, k, scale, dropout_p, fp32_precision)
     meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
     _launch("fwd", (Tq, "BLOCK_M", B * H), (q, k, v, o, lse, seed if seed is not None else lse,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride()), meta)
+            q.stride(), k.stride(), v.stride(), o.stride()), meta)
     return o, lse
 
 
@@ -641,18 +682,18 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     delta = torch.empty_like(lse)
     pre_block = 64 if not INTERPRET else 16
     _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
-        D_PAD=meta["D_PAD"], OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
+        o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
+        OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     seed = seed if seed is not None else lse
     _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed,
             dq_acc if atomic else lse,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride()),
+            q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride()),
             {**meta, "DETERMINISTIC": deterministic}, reset=dq_acc.zero_ if atomic else None)
     if atomic:
         torch.mul(dq_acc[..., :D], scale, out=dq)
         return dq, dk, dv
-    _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, *q.stride(),
-            *k.stride(), *v.stride(), *do.stride(), *dq.stride()), meta)
+    _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, q.stride(),
+            k.stride(), v.stride(), do.stride(), dq.stride()), meta)
     return dq, dk, dv
 
 
