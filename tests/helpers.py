@@ -1,38 +1,18 @@
-"""The tolerance rule of design.md, and a check that applies it to forward and gradients.
-
-A backend's error against the float64 oracle may be at most twice the error of PyTorch's own
-math attention run in the backend's precision, plus a small absolute slack. The rule holds for
-the output and each of dq, dk, dv, and it scales with dtype without per-dtype magic numbers.
+"""check_against_oracle: a backend's output and gradients held to the tolerance rule
+(kernels/testing.py) against the float64 oracle, with PyTorch's own math attention in the same
+precision as the baseline.
 """
 import torch
 
 from kernels import causal_attention, settings
 from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
-
-SLACK = 1e-5
+from kernels.testing import assert_by_rule
 
 
 def _grads(fn, inputs, do):
     inputs = [x.detach().requires_grad_() for x in inputs]
     out = fn(*inputs)
     return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, inputs, do.to(out.dtype))]
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_by_rule(got, ref64, low, names=("out", "dq", "dk", "dv"), factor=2.0):
-    """got/low: lists of tensors; ref64: float64 truth. Message says what differed by how much."""
-    failures = []
-    for name, g, r, l in zip(names, got, ref64, low):
-        if not torch.isfinite(g).all():
-            failures.append(f"{name}: non-finite values")
-            continue
-        err, base = max_err(g, r), max_err(l, r)
-        if err > factor * base + SLACK:
-            failures.append(f"{name}: max|err| {err:.3e} > {factor} x PyTorch's own {base:.3e} + {SLACK:g}")
-    assert not failures, "; ".join(failures)
 
 
 def round_tf32(x):

@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers import assert_by_rule, check_against_oracle, max_err
+from helpers import check_against_oracle
 from kernels import available_backends, causal_attention, set_defaults
 from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
+from kernels.testing import assert_by_rule
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
