@@ -19,9 +19,7 @@ Each figure is the median over --repeats runs of --calls calls, after a warm-up.
 """
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +28,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import causal_attention, flash  # noqa: E402
+from bench.harness import wall_ms  # noqa: E402
+from kernels import causal_attention, default_device, flash  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -49,19 +48,13 @@ def launches_stubbed():
 
 
 def per_call_us(fn, calls, repeats, device):
-    """Median over `repeats` of the mean microseconds per call of `calls` back-to-back calls."""
-    for _ in range(max(3, calls // 10)):
-        fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+    """Median over `repeats` of the mean microseconds per call of `calls` back-to-back calls
+    (one synchronisation at the end of each run)."""
+    def back_to_back():
         for _ in range(calls):
             fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+    ms = wall_ms(back_to_back, device, min_time=0.0, max_reps=repeats, min_reps=repeats)[0]
+    return ms / calls * 1e3
 
 
 def passes(attend, q, k, v, do):
@@ -124,7 +117,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     if device.type == "cpu" and not flash.INTERPRET:
         sys.exit("no GPU: run with TRITON_INTERPRET=1 (set before Python starts) for the stubbed figures")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -24,6 +24,13 @@ class GPTConfig:
     backend: str = "auto"    # attention backend, see kernels.causal_attention
     attn_scale: float = None  # None: head_size ** -0.5 (the lecture's final gpt.py)
 
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The model of a named preset (PRESETS), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name]["model"], **overrides})
+
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
             if int(getattr(self, name)) < 1:
@@ -32,6 +39,25 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# Named configurations, as gpt-fast's transformer_configs: a model shape (GPTConfig fields) and
+# the training run the lecture gave it (gpt.train's hyperparameters). gpt.train, gpt.sample and
+# bench/ all take their configs from here.
+PRESETS = {
+    # The lecture's final gpt.py: GPTConfig's defaults.
+    "lecture": dict(model=dict(),
+                    train=dict(batch_size=64, lr=3e-4, max_iters=5000, eval_interval=500,
+                               eval_iters=200)),
+    # The lecture's first transformer config (its "small" run).
+    "small": dict(model=dict(block_size=32, n_embd=64, n_head=4, n_layer=4, dropout=0.0),
+                  train=dict(batch_size=16, lr=1e-3, max_iters=5000, eval_interval=100,
+                             eval_iters=200)),
+    # A CPU check that trains in seconds.
+    "tiny": dict(model=dict(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0),
+                 train=dict(batch_size=16, lr=3e-3, max_iters=300, eval_interval=100,
+                            eval_iters=20)),
+}
 
 
 class MultiHeadAttention(nn.Module):

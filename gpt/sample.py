@@ -10,9 +10,11 @@ import time
 
 import torch
 
+from kernels import default_device
+
 from .data import CharTokenizer, DataError, load_text
-from .model import GPT, GPTConfig
-from .train import MODEL_KEYS, PRESETS
+from .model import GPT, PRESETS, GPTConfig
+from .train import MODEL_KEYS
 
 
 def parse_args(argv=None):
@@ -54,10 +56,9 @@ def load_model(args, device):
             raise DataError(f"{args.ckpt} is a raw state dict: pass --vocab-from TEXTFILE "
                             "(the text it was trained on) and the model shape")
         tok = CharTokenizer.from_text(load_text(args.vocab_from))
-        shape = {k: getattr(args, k) if getattr(args, k) is not None else PRESETS[args.preset][k]
-                 for k in MODEL_KEYS}
-        cfg = GPTConfig(vocab_size=tok.vocab_size, backend=args.backend,
-                        attn_scale=args.attn_scale, **shape)
+        given = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
+        cfg = GPTConfig.from_preset(args.preset, vocab_size=tok.vocab_size, backend=args.backend,
+                                    attn_scale=args.attn_scale, **given)
         state = obj
     model = GPT(cfg)
     try:
@@ -70,7 +71,7 @@ def load_model(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         model, tok = load_model(args, device)
         prompt = tok.encode(args.prompt)

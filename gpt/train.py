@@ -14,21 +14,13 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from kernels import default_device
 
 from .data import Batches, CharTokenizer, DataError, load_text
-from .model import GPT, GPTConfig
+from .model import GPT, PRESETS, GPTConfig
 
-PRESETS = {
-    # The lecture's final gpt.py.
-    "lecture": dict(batch_size=64, block_size=256, n_embd=384, n_head=6, n_layer=6, dropout=0.2,
-                    lr=3e-4, max_iters=5000, eval_interval=500, eval_iters=200),
-    # The lecture's first transformer config (its "small" run).
-    "small": dict(batch_size=16, block_size=32, n_embd=64, n_head=4, n_layer=4, dropout=0.0,
-                  lr=1e-3, max_iters=5000, eval_interval=100, eval_iters=200),
-    # A CPU check that trains in seconds.
-    "tiny": dict(batch_size=16, block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0,
-                 lr=3e-3, max_iters=300, eval_interval=100, eval_iters=20),
-}
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
 TRAIN_KEYS = ("batch_size", "lr", "max_iters", "eval_interval", "eval_iters")
 
@@ -58,13 +50,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def preset_settings(name):
+    """Every hyperparameter of a preset (gpt/model.py's PRESETS): model shape and training run."""
+    cfg = GPTConfig.from_preset(name)
+    return {**{k: getattr(cfg, k) for k in MODEL_KEYS}, **PRESETS[name]["train"]}
+
+
 def resolve(args, ckpt):
     """Hyperparameters: the command line, else the checkpoint being resumed, else the preset."""
     saved = ckpt["train_args"] if ckpt else {}
+    preset = preset_settings(args.preset)
     out = {}
     for key in MODEL_KEYS + TRAIN_KEYS:
         given = getattr(args, key)
-        out[key] = given if given is not None else saved.get(key, PRESETS[args.preset][key])
+        out[key] = given if given is not None else saved.get(key, preset[key])
     return out
 
 
@@ -132,7 +131,7 @@ def train(args):
             raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     hp = resolve(args, ckpt)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     torch.manual_seed(args.seed)
 
     text = load_text(args.data)
@@ -171,20 +170,20 @@ def train(args):
             "iter": it, "tokenizer": tok.state_dict(), "rng": rng_state(batches),
             "train_args": hp})
 
+    bar = None if args.no_progress else tqdm(total=hp["max_iters"], initial=start, unit="it",
+                                             dynamic_ncols=True)
+
     def evaluate(it):
         losses = estimate_loss(step_model, batches, hp["eval_iters"], args.seed + 1, autocast)
         msg = f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         (bar.write if bar else print)(msg)
         return losses
 
-    from tqdm.auto import tqdm
-    bar = None if args.no_progress else tqdm(total=hp["max_iters"], initial=start, unit="it",
-                                             dynamic_ncols=True)
     tokens_per_step = hp["batch_size"] * hp["block_size"]
-    losses, t0, done = None, time.perf_counter(), 0
+    t0, done = time.perf_counter(), 0
     for it in range(start, hp["max_iters"]):
         if it % hp["eval_interval"] == 0 and (it != start or start == 0):
-            losses = evaluate(it)  # a resumed run was evaluated at `start` before it stopped
+            evaluate(it)  # a resumed run was evaluated at `start` before it stopped
             if it > 0:
                 checkpoint(it)
         x, y = batches.get("train")

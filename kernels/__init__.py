@@ -30,11 +30,16 @@ def _triton_unavailable(q):
     return flash.supports(q)
 
 
-def available_backends(device=None):
-    """The backends that can run on `device` (default: CUDA if present, else CPU), best first."""
+def default_device(device=None):
+    """torch.device(device), or when it is None the default: CUDA if present, else CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    return torch.device(device)
+
+
+def available_backends(device=None):
+    """The backends that can run on `device` (default: CUDA if present, else CPU), best first."""
+    device = default_device(device)
     names = ["sdpa", "reference"]
     if flash is not None and (device.type == "cuda" or flash.INTERPRET):
         names.insert(0, "triton")

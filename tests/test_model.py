@@ -100,3 +100,15 @@ def test_compiles_with_fullgraph_and_no_graph_breaks():
     assert all(p.grad is not None for p in model.parameters())
     explanation = torch._dynamo.explain(model)(idx, targets)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_presets_are_one_table_for_model_train_and_bench():
+    from gpt.model import PRESETS
+    from gpt.train import preset_settings
+    assert GPTConfig.from_preset("lecture") == GPTConfig()  # the lecture's final gpt.py
+    small = GPTConfig.from_preset("small", vocab_size=80)
+    assert (small.block_size, small.n_embd, small.n_head, small.n_layer, small.vocab_size) == (32, 64, 4, 4, 80)
+    assert preset_settings("tiny") == {**PRESETS["tiny"]["model"], **PRESETS["tiny"]["train"]}
+    assert preset_settings("lecture")["n_embd"] == 384 and preset_settings("lecture")["batch_size"] == 64
+    with pytest.raises(ValueError, match="preset must be one of"):
+        GPTConfig.from_preset("huge")

@@ -1,0 +1,1 @@
+"""The benchmarks: python bench/run.py (the report), compile_report.py, host_overhead.py."""

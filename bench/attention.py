@@ -1,0 +1,210 @@
+"""The attention section: every implementation, forward and forward+backward, over a grid.
+
+IMPLS is the registry: name -> factory(device, quick) that returns attend(q, k, v) (causal,
+(B, H, T, D) in and out), or a string saying why it cannot run here. Adding an implementation
+is one entry. Each is checked against the oracle (kernels/testing.py's rule) before it is timed.
+"""
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from gpt.lecture import per_head_attention
+from kernels import available_backends, causal_attention
+from kernels.reference import naive_causal_attention
+
+from bench.harness import check_forward, fmt, measure, peak_memory_mb, skipped_reason
+
+LECTURE_SHAPE = dict(B=64, H=6, T=256, D=64)
+SLOW_COMPILE = "compiling takes longer than --quick allows on a CPU"
+
+
+def _sdpa(backend_name):
+    def factory(device, quick):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, backend_name)
+
+        def attend(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attend
+    return factory
+
+
+def _flex(device, quick):
+    if quick and device.type == "cpu":
+        return SLOW_COMPILE
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        return f"FlexAttention is not in this torch ({e})"
+    compiled = torch.compile(flex_attention, dynamic=True)  # one compile for every length
+    masks = {}
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def attend(q, k, v):
+        key = (q.shape[-2], k.shape[-2], q.device)
+        if key not in masks:
+            masks[key] = create_block_mask(causal, None, None, key[0], key[1], device=q.device)
+        return compiled(q, k, v, block_mask=masks[key])
+    return attend
+
+
+def _compiled_naive(device, quick):
+    if quick and device.type == "cpu":
+        return SLOW_COMPILE
+    return torch.compile(naive_causal_attention, dynamic=True)
+
+
+def _ours(**options):
+    def factory(device, quick):
+        if "triton" not in available_backends(device) or device.type != "cuda":
+            return "needs a CUDA GPU and triton"
+        return lambda q, k, v: causal_attention(q, k, v, backend="triton", **options)
+    return factory
+
+
+IMPLS = {
+    "lecture": lambda device, quick: per_head_attention,
+    "naive-batched": lambda device, quick: naive_causal_attention,
+    "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa-math": _sdpa("MATH"),
+    "flex": _flex,
+    "compiled-naive": _compiled_naive,
+    "triton": _ours(),
+    # The non-deterministic backward: dQ added atomically by the dK/dV kernel.
+    "triton-atomic-dq": _ours(deterministic=False),
+    "project-auto": lambda device, quick: lambda q, k, v: causal_attention(q, k, v),
+}
+
+
+def grid(device, dtypes, quick):
+    """(dtype, B, H, T, D) points. B*H shrinks as T grows so each call does similar work."""
+    if device.type == "cuda":
+        Ts = (256, 1024, 4096) if quick else (256, 512, 1024, 2048, 4096, 8192, 16384)
+        Ds, tokens, width = (64, 128), 16384, 2048
+    else:
+        Ts = (128, 256) if quick else (128, 256, 512, 1024)
+        Ds, tokens, width = (64,), 1024 if quick else 2048, 384
+    points = [(dt, max(1, tokens // T), width // D, T, D) for dt in dtypes for D in Ds for T in Ts]
+    if not quick:
+        s = LECTURE_SHAPE
+        points += [(dt, s["B"], s["H"], s["T"], s["D"]) for dt in dtypes]
+    return points
+
+
+def _time_pass(impl, p, plain, sets, do, device):
+    """(ms, p20, p80, peak MB) of one pass, inputs rotating between two copies."""
+    cycle = itertools.cycle(plain if p == "fwd" else sets)
+    if p == "fwd":
+        def fn():
+            with torch.no_grad():
+                impl(*next(cycle))
+    else:
+        def fn():
+            qkv = next(cycle)
+            impl(*qkv).backward(do)
+            for t in qkv:
+                t.grad = None
+    return (*measure(fn, device), peak_memory_mb(fn, device))
+
+
+def run(opts, rows, save):
+    """Time every implementation over the grid, appending to `rows`; save() after each grid
+    point, so that a run cut short keeps what it measured."""
+    device, log = opts.device, opts.log
+    impls = {name: factory(device, opts.quick) for name, factory in IMPLS.items()}
+    for dtype, B, H, T, D in grid(device, opts.dtypes, opts.quick):
+        torch.manual_seed(0)
+        sets = [[torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
+                 for _ in range(3)] for _ in range(2)]
+        plain = [[t.detach() for t in qkv] for qkv in sets]  # forward-only: some refuse grads
+        do = torch.randn(B, H, T, D, device=device, dtype=dtype)
+        flops = 4 * B * H * T * T * D / 2  # causal: half of the two (T x T x D) matmuls
+        base = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, D=D)
+        for name, impl in impls.items():
+            why = impl if isinstance(impl, str) else None
+            if why is None:
+                try:
+                    why = check_forward(impl, *plain[0])
+                except Exception as e:  # cannot run here (no kernel for this dtype/device, OOM...)
+                    why = f"skipped: {skipped_reason(e)}"
+            for p in ("fwd", "fwd+bwd"):
+                row = dict(impl=name, **{"pass": p}, **base)
+                rows.append(row)
+                if why:
+                    row["skipped"] = why
+                    continue
+                try:
+                    ms, p20, p80, mem = _time_pass(impl, p, plain, sets, do, device)
+                except Exception as e:
+                    row["skipped"] = skipped_reason(e)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                fl = flops * (2.5 if p == "fwd+bwd" else 1.0)
+                row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=fl / ms / 1e9, peak_mem_mb=mem)
+            if not isinstance(impl, str):
+                log(f"  attention {base['dtype']} B={B} H={H} T={T} D={D} {name}: " + ", ".join(
+                    f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
+                    for r in rows[-2:]))
+        del sets, plain, do
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+
+
+def print_table(rows):
+    if not rows:
+        return
+    print("\n== attention (causal; TFLOP/s count 4*B*H*T*T*D/2 forward, 2.5x that for fwd+bwd) ==")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["dtype"], r["D"], r["pass"], r["B"], r["H"], r["T"]), []).append(r)
+    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>3} {'T':>6} {'D':>4}  {'impl':16} {'ms':>9} "
+          f"{'TFLOP/s':>8} {'vs lecture':>10} {'vs best sdpa':>12}  note")
+    for rs in groups.values():
+        lecture = next((r.get("ms") for r in rs if r["impl"] == "lecture"), None)
+        sdpa = [r["ms"] for r in rs if r["impl"].startswith("sdpa-") and "ms" in r]
+        best = min(sdpa) if sdpa else None
+        for r in rs:
+            ms = r.get("ms")
+            vl = f"{lecture / ms:.2f}x" if ms and lecture else "-"
+            vs = f"{best / ms:.2f}x" if ms and best else "-"
+            print(f"{r['dtype']:9} {r['pass']:8} {r['B']:>4} {r['H']:>3} {r['T']:>6} {r['D']:>4}  "
+                  f"{r['impl']:16} {fmt(ms, '9.3f')} {fmt(r.get('tflops'), '8.1f')} {vl:>10} "
+                  f"{vs:>12}  {r.get('skipped', '')}")
+        print()
+
+
+def plot(report, path):
+    """TFLOP/s against T, one panel per (D, pass), every implementation a line (matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = LECTURE_SHAPE
+    rows = [r for r in report["attention"] if "tflops" in r
+            and (r["B"], r["H"], r["T"]) != (s["B"], s["H"], s["T"])]  # the grid's lines only
+    panels = sorted({(r["D"], r["pass"]) for r in rows})
+    if not panels:
+        return
+    dtype = "bfloat16" if any(r["dtype"] == "bfloat16" for r in rows) else rows[0]["dtype"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (D, p) in zip(axes[0], panels):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["T"], r["tflops"]) for r in rows if r["impl"] == impl and r["D"] == D
+                         and r["pass"] == p and r["dtype"] == dtype)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{dtype}, D={D}, {p}")
+        ax.set_xlabel("T")
+        ax.set_ylabel("TFLOP/s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(report["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,63 @@
+"""The generate section: tokens/s of sampling at batch 1, the lecture's generate against ours.
+
+IMPLS is the registry: name -> Run(model, prompt_len(block_size), new_tokens(block_size, n)).
+"project" is a whole run as a user makes it (a one-token prompt, n new tokens); the two
+"project:" rows time its two regimes apart: ":cache" only positions that fit in block_size (the
+KV cache), ":window" only tokens past block_size (one forward over the full window each).
+"""
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+
+from bench import train
+from bench.harness import print_rows, skipped_reason, sync
+
+
+@dataclasses.dataclass
+class Run:
+    model: str  # the bench/train.py implementation that builds the model
+    prompt_len: Callable  # block_size -> prompt tokens
+    new_tokens: Callable  # (block_size, n) -> tokens to generate
+
+
+IMPLS = {
+    "lecture": Run("lecture", lambda bs: 1, lambda bs, n: n),
+    "project": Run("project", lambda bs: 1, lambda bs, n: n),
+    "project:cache": Run("project", lambda bs: 1, lambda bs, n: bs - 1),
+    "project:window": Run("project", lambda bs: bs, lambda bs, n: min(n, 4 * bs)),
+}
+
+
+def run(opts, rows, save):
+    """Time generation for every entry of IMPLS, appending to `rows`."""
+    device, log = opts.device, opts.log
+    _, cfg, _ = train.preset(device)
+    bs = cfg.block_size
+    n = 2000 if device.type == "cuda" else (300 if opts.quick else 1000)
+    for name, spec in IMPLS.items():
+        prompt_len, new = spec.prompt_len(bs), spec.new_tokens(bs, n)
+        torch.manual_seed(0)
+        model = train.IMPLS[spec.model].build(cfg).to(device).eval()
+        idx = torch.randint(cfg.vocab_size, (1, prompt_len), device=device)
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            model.generate(idx, min(new, 2 * bs + 2), generator=g)  # warm-up, through both regimes
+            sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(idx, new, generator=g)
+            sync(device)
+            dt = time.perf_counter() - t0
+        except Exception as e:
+            rows.append(dict(impl=name, skipped=skipped_reason(e)))
+            continue
+        assert out.shape == (1, prompt_len + new)
+        rows.append(dict(impl=name, tokens_per_s=new / dt, new_tokens=new, prompt_tokens=prompt_len,
+                         block_size=bs, n_layer=cfg.n_layer, n_embd=cfg.n_embd))
+        log(f"  generate {name}: {new} tokens, {new / dt:,.1f} tokens/s")
+        save()
+
+
+def print_table(rows):
+    print_rows("generate (batch 1, one-token prompt)", rows, "tokens_per_s")

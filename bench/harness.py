@@ -1,0 +1,177 @@
+"""What every benchmark section shares: timing, the oracle check, the report and its files.
+
+Timing: CUDA through triton.testing.do_bench (median, p20, p80; it flushes L2 between runs);
+CPU through time.perf_counter, repeated, median. A section's rows are plain dicts; the report
+is one dict (device, versions, date, settings, a list of rows per section), written as JSON and
+as long-format CSV (one row per measurement, as Liger-Kernel's benchmarks write them).
+"""
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import time
+
+import torch
+
+from kernels.reference import causal_attention_reference, naive_causal_attention
+from kernels.testing import rule_failures
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn, device, min_time=0.5, max_reps=50, min_reps=3):
+    """(median, p20, p80) wall-clock milliseconds of fn(), synchronising the device around each
+    call, after one warm-up call: at least min_reps calls, then more until min_time seconds or
+    max_reps calls."""
+    fn()
+    sync(device)
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def measure(fn, device):
+    """(median, p20, p80) milliseconds of fn(): do_bench on CUDA, wall_ms elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return tuple(do_bench(fn, warmup=25, rep=60, quantiles=[0.5, 0.2, 0.8]))
+    return wall_ms(fn, device)
+
+
+def peak_memory_mb(fn, device):
+    """Peak CUDA memory fn() allocates beyond what was allocated before it (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+# Kernels of an attention implementation (ours, SDPA's backends, FlexAttention), by name.
+ATTENTION_KERNELS = re.compile(r"attn|attention|flash|fmha|cudnn|_bwd_preprocess|dropout_mask", re.I)
+
+
+def profile_steps(step, device, path, n=3):
+    """Profile n calls of step(): write the op table to `path` and return where the time went
+    (per call): wall ms, GPU-busy ms and attention-kernel ms (GPU only). GPU busy well under
+    wall means the host (Python, launches) is the bottleneck, not the kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e3 / n
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort, row_limit=25))
+    found = dict(profile_wall_ms=wall)
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        found["gpu_busy_ms"] = sum(e.self_device_time_total for e in kernels) / 1e3 / n
+        found["attention_kernels_ms"] = sum(e.self_device_time_total for e in kernels
+                                            if ATTENTION_KERNELS.search(e.key)) / 1e3 / n
+    return found
+
+
+def check_forward(impl, q, k, v):
+    """None if impl's output on the first head obeys the tests' tolerance rule, else why."""
+    with torch.no_grad():
+        out = impl(q, k, v)[:1, :1]
+        qs, ks, vs = q[:1, :1], k[:1, :1], v[:1, :1]
+        ref = causal_attention_reference(qs.double(), ks.double(), vs.double())
+        low = naive_causal_attention(qs, ks, vs)
+    failures = rule_failures([out], [ref], [low], names=("out",))
+    return f"wrong: {failures[0]}" if failures else None
+
+
+def skipped_reason(e):
+    """One line for a row that could not be measured."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {text.split('. ')[0][:160]}"
+
+
+def versions():
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": tv,
+            "cuda": torch.version.cuda}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_rows(title, rows, metric, baseline="lecture", alternative=None):
+    """One line per row, grouped by dtype: the metric, and its ratio to the baseline's and to
+    the alternative's."""
+    if not rows:
+        return
+    print(f"\n== {title} ==")
+    for key in sorted({r.get("dtype", "") for r in rows}):
+        rs = [r for r in rows if r.get("dtype", "") == key]
+        base = next((r.get(metric) for r in rs if r["impl"] == baseline), None)
+        alt = next((r.get(metric) for r in rs if r["impl"] == alternative), None)
+        for r in rs:
+            v = r.get(metric)
+            extra = "" if "mfu" not in r else f" mfu {fmt(r['mfu'] and 100 * r['mfu'], '5.1f')}%"
+            ratio = f"{v / base:6.2f}x {baseline}" if v and base else ""
+            ratio += f" {v / alt:6.2f}x {alternative}" if v and alt and r["impl"] != alternative else ""
+            print(f"{key:9} {r['impl']:24} {fmt(v, '14,.1f')} {metric}{extra} {ratio} "
+                  f"{r.get('skipped', '')}")
+
+
+# The row fields that say which measurement a CSV line is; the others are metrics.
+KEY_FIELDS = ("pass", "dtype", "B", "H", "T", "D", "new_tokens")
+
+
+def write_report(report, sections, paths):
+    """The report as JSON at each of `paths` (the first a folder: it also gets results.csv,
+    one line per metric of every row)."""
+    out_dir, *others = paths
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1)
+    (out_dir / "results.json").write_text(text)
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["section", "impl", "key", "metric", "value", "device", "torch", "date"])
+        for section in sections:
+            for r in report[section]:
+                key = ";".join(f"{k}={r[k]}" for k in KEY_FIELDS if k in r)
+                for metric, value in r.items():
+                    if metric == "impl" or metric in KEY_FIELDS or value is None:
+                        continue
+                    w.writerow([section, r["impl"], key, metric, value, report["device"],
+                                report["versions"]["torch"], report["date"]])

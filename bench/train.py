@@ -1,0 +1,132 @@
+"""The gpt_train section: one full training step (forward, backward, AdamW) of the lecture's GPT.
+
+IMPLS is the registry: name -> Impl(build(cfg) -> model, compiled). Every implementation trains
+the same model shape from the same seed on the same batch; tokens/s and MFU per dtype.
+"""
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from gpt import GPT, GPTConfig
+from gpt.lecture import GPTLanguageModel
+from gpt.model import PRESETS
+
+from bench.harness import (measure, peak_memory_mb, print_rows, profile_steps, skipped_reason,
+                           sync)
+
+VOCAB = 65  # Tiny Shakespeare's characters
+
+
+@dataclasses.dataclass
+class Impl:
+    build: Callable  # GPTConfig -> nn.Module with forward(idx, targets) -> (logits, loss)
+    compiled: bool = False  # torch.compile the model (not on a CPU with --quick: too slow)
+
+
+def _lecture(cfg):
+    return GPTLanguageModel(cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer,
+                            cfg.dropout)
+
+
+IMPLS = {
+    "lecture": Impl(_lecture),  # the lecture's per-head model
+    "sdpa-batched": Impl(lambda cfg: GPT(dataclasses.replace(cfg, backend="sdpa"))),  # nanoGPT-style
+    "project": Impl(GPT),
+    "project-compiled": Impl(GPT, compiled=True),
+}
+BASELINE, ALTERNATIVE = "lecture", "sdpa-batched"  # what the report's ratios are against
+
+
+def preset(device):
+    """The lecture's model on a GPU, its first ("small") config on a CPU: (name, cfg, batch)."""
+    name = "lecture" if device.type == "cuda" else "small"
+    return name, GPTConfig.from_preset(name, vocab_size=VOCAB), PRESETS[name]["train"]["batch_size"]
+
+
+def matmul_peak_tflops(device, dtype):
+    """Peak of a large matmul measured in this run (the MFU denominator)."""
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = measure(lambda: a @ b, device)[0]
+    return 2 * n**3 / ms / 1e9
+
+
+def make_step(impl, cfg, batch, device, amp):
+    """A warmed-up closure doing one full training step, and the model's parameter count."""
+    torch.manual_seed(0)
+    model = impl.build(cfg).to(device)
+    step_model = torch.compile(model) if impl.compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
+    y = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, loss = step_model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):
+        step()  # warm-up (and compilation)
+    sync(device)
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def run(opts, rows, save):
+    """Time a training step of every implementation, per dtype, appending to `rows`; with
+    opts.profile_dir, also profile each (harness.profile_steps)."""
+    device, quick, log, profile_dir = opts.device, opts.quick, opts.log, opts.profile_dir
+    _, cfg, B = preset(device)
+    T, L, H = cfg.block_size, cfg.n_layer, cfg.n_head
+    runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16),
+                                                             ("float32", None)]
+    for dtype_name, amp in runs:
+        peak = matmul_peak_tflops(device, amp or torch.float32) if device.type == "cuda" else None
+        steps, skipped = {}, {}
+        for name, impl in IMPLS.items():
+            if impl.compiled and quick and device.type == "cpu":
+                skipped[name] = "compiling takes longer than --quick allows on a CPU"
+                continue
+            try:
+                steps[name] = make_step(impl, cfg, B, device, amp)
+            except Exception as e:
+                skipped[name] = skipped_reason(e)
+        times = {name: [] for name in steps}
+        if device.type == "cuda":
+            for name, (step, _) in steps.items():
+                times[name] = [measure(step, device)[0]]
+        else:  # round-robin, so that drift on a shared CPU hits every implementation alike
+            for _ in range(5 if quick else 10):
+                for name, (step, _) in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        for name in IMPLS:
+            if name in skipped:
+                rows.append(dict(impl=name, dtype=dtype_name, skipped=skipped[name]))
+                continue
+            step, n_params = steps[name]
+            ms = statistics.median(times[name])
+            flops_per_token = 6 * n_params + 12 * L * H * (cfg.n_embd // H) * T  # PaLM's, as nanoGPT
+            tok_s = B * T / (ms / 1e3)
+            rows.append(dict(impl=name, dtype=dtype_name, tokens_per_s=tok_s, ms_per_iter=ms,
+                             mfu=flops_per_token * tok_s / (peak * 1e12) if peak else None,
+                             peak_mem_mb=peak_memory_mb(step, device), B=B, T=T,
+                             mfu_peak=f"measured 8192^3 {dtype_name} matmul: {peak:.0f} TFLOP/s"
+                             if peak else None))
+            log(f"  gpt_train {dtype_name} {name}: {ms:.1f} ms/iter, {tok_s:,.0f} tokens/s")
+            if profile_dir is not None:
+                found = profile_steps(step, device,
+                                      profile_dir / f"profile-gpt_train-{dtype_name}-{name}.txt")
+                rows[-1].update(found)
+                log("    profile: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
+        del steps
+        save()
+
+
+def print_table(rows):
+    print_rows("gpt_train (full step: forward, backward, AdamW)", rows, "tokens_per_s",
+               baseline=BASELINE, alternative=ALTERNATIVE)
