@@ -12,70 +12,80 @@ absolute positions. Two regimes follow from that:
   one forward over a static (B, block_size) window. On CUDA that forward is captured once in a
   CUDA graph and replayed, with no allocation or launch overhead per step.
 
-Steps, as in gpt-fast: prefill -> decode_one_token (in cache) | window_logits (past block_size)
--> sample.
+Steps, as in gpt-fast: prefill -> decode_one_token (in cache; decode_one_token_static in a CUDA
+graph) | window_logits (past block_size) -> sample.
 """
 import torch
 import torch.nn.functional as F
 
-from kernels import causal_attention
+from kernels import causal_attention, decode_attention
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, block_size): (B, H, block_size, hs) each."""
+    """Keys and values of every layer for positions [0, block_size): (B, H, block_size, hs) each.
+
+    update() is the one place a step writes into it.
+    """
 
     def __init__(self, model, batch, device, dtype):
         cfg = model.config
         shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.positions = torch.arange(cfg.block_size, device=device)  # slot indices, never copied
+
+    def update(self, layer, pos, k, v):
+        """Write k, v (B, H, T, hs) at positions pos (T,), a device tensor (so a CUDA graph can
+        capture the write); return the layer's whole (k, v) cache."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
 
 
 def prefill(model, idx, cache):
     """Run tokens idx (B, T) at positions [0, T), filling the cache; logits of the last (B, V)."""
     T = idx.shape[1]
-    x = model.embed(idx, torch.arange(T, device=idx.device))  # (B, T, C)
-    for block, k_cache, v_cache in zip(model.blocks, cache.k, cache.v):
-        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):  # (B, H, T, hs) each
-            k_cache[:, :, :T] = k
-            v_cache[:, :, :T] = v
-            return causal_attention(q, k, v, scale=block.sa.scale, backend=block.sa.backend)
+    pos = cache.positions[:T]
+    x = model.embed(idx, pos)  # (B, T, C)
+    for layer, block in enumerate(model.blocks):
+        def attend(q, k, v, layer=layer, sa=block.sa):  # (B, H, T, hs) each
+            cache.update(layer, pos, k, v)
+            return causal_attention(q, k, v, scale=sa.scale, backend=sa.backend)
         x = block(x, attend)
-    return model.head(x[:, -1])  # (B, V)
+    return model.to_logits(x[:, -1])  # (B, V)
 
 
-def decode_one_token(model, tok, pos, cache, static=False):
-    """One new token per row, tok (B, 1), at position pos; logits (B, V).
-
-    static=False (eager): attend to the cache's first pos + 1 entries (views, no copies) with
-    the kernel's Tq = 1 < Tk path; pos is a 1-element tensor slice of positions and an int.
-    static=True: attend to the whole cache with a mask of the valid positions, so that every
-    shape is fixed and the step can be captured in a CUDA graph; pos is a 1-element device
-    tensor and never read on the host.
-    """
-    pos_t, pos_i = pos if not static else (pos, None)
+def decode_one_token(model, tok, pos, cache):
+    """One new token per row, tok (B, 1), at position pos (an int); logits (B, V). Attends to
+    the cache's first pos + 1 entries (views, no copies) with the kernel's Tq = 1 < Tk path."""
+    pos_t = cache.positions[pos:pos + 1]
     x = model.embed(tok, pos_t)  # (B, 1, C)
-    if static:
-        S = cache.k[0].shape[2]
-        valid = (torch.arange(S, device=tok.device) <= pos_t).view(1, 1, 1, S)  # positions written
-    for block, k_cache, v_cache in zip(model.blocks, cache.k, cache.v):
-        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):  # q, k, v: (B, H, 1, hs)
-            if static:
-                k_cache.index_copy_(2, pos_t, k)
-                v_cache.index_copy_(2, pos_t, v)
-                return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid,
-                                                      scale=block.sa.scale)
-            k_cache[:, :, pos_i:pos_i + 1] = k
-            v_cache[:, :, pos_i:pos_i + 1] = v
-            return causal_attention(q, k_cache[:, :, :pos_i + 1], v_cache[:, :, :pos_i + 1],
-                                    scale=block.sa.scale, backend=block.sa.backend)
+    for layer, block in enumerate(model.blocks):
+        def attend(q, k, v, layer=layer, sa=block.sa):  # q, k, v: (B, H, 1, hs)
+            k_all, v_all = cache.update(layer, pos_t, k, v)  # (B, H, block_size, hs)
+            return causal_attention(q, k_all[:, :, :pos + 1], v_all[:, :, :pos + 1],
+                                    scale=sa.scale, backend=sa.backend)
         x = block(x, attend)
-    return model.head(x[:, -1])
+    return model.to_logits(x[:, -1])
+
+
+def decode_one_token_static(model, tok, pos, cache):
+    """decode_one_token with every shape fixed, for a CUDA graph: pos is a (1,) device tensor,
+    never read on the host, and each step attends to the whole cache, of which the first
+    pos + 1 entries are valid (kernels.decode_attention)."""
+    x = model.embed(tok, pos)  # (B, 1, C)
+    seqlens = (pos + 1).expand(tok.shape[0])  # (B,) valid keys per row
+    for layer, block in enumerate(model.blocks):
+        def attend(q, k, v, layer=layer, sa=block.sa):  # q, k, v: (B, H, 1, hs)
+            k_all, v_all = cache.update(layer, pos, k, v)
+            return decode_attention(q, k_all, v_all, seqlens, scale=sa.scale)
+        x = block(x, attend)
+    return model.to_logits(x[:, -1])
 
 
 def window_logits(model, window):
     """Logits (B, V) of the last position of a full (B, block_size) window: the lecture's step."""
-    return model.head(model.hidden(window)[:, -1])  # only the last position's logits are needed
+    return model.to_logits(model.hidden(window)[:, -1])  # only the last position's logits are needed
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -141,11 +151,10 @@ def check_sampling_args(vocab_size, max_new_tokens, temperature, top_k, top_p):
 
 @torch.inference_mode()
 def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                  generator=None, cuda_graphs=None, modes=None):
+                  generator=None, cuda_graphs=None):
     """Yield each new (B, 1) token of `model` continuing idx (B, T), as the lecture samples.
 
     cuda_graphs: capture the per-token steps in CUDA graphs (default: on when idx is on CUDA).
-    modes: optional list that receives "cache" or "window" per token (for benchmarks).
     """
     cfg = model.config
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
@@ -163,31 +172,29 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     tokens[:, :T0] = idx
     length = T0
 
-    def emit(logits, mode):
+    def emit(logits):
         nonlocal length
         nxt = sample(logits, temperature, top_k, top_p, generator)
         tokens[:, length:length + 1] = nxt
         length += 1
-        if modes is not None:
-            modes.append(mode)
         return nxt
 
     if T0 <= bs:
         cache = KVCache(model, B, device, dtype)
-        positions = torch.arange(bs, device=device)  # graph inputs are views of this: no allocation
-        yield emit(prefill(model, idx, cache), "cache")
+        yield emit(prefill(model, idx, cache))
         step = None
         # Position length - 1 holds the newest token; it still has a slot while length <= bs.
         while length - T0 < max_new_tokens and length <= bs:
             pos = length - 1
+            tok = tokens[:, pos:pos + 1]
             if graphs:
-                if step is None:
-                    step = _Graphed(lambda t, p: decode_one_token(model, t, p, cache, static=True),
-                                    tokens[:, pos:pos + 1], positions[pos:pos + 1])
-                logits = step(tokens[:, pos:pos + 1], positions[pos:pos + 1])
+                if step is None:  # graph inputs are views of tokens and cache.positions
+                    step = _Graphed(lambda t, p: decode_one_token_static(model, t, p, cache),
+                                    tok, cache.positions[pos:pos + 1])
+                logits = step(tok, cache.positions[pos:pos + 1])
             else:
-                logits = decode_one_token(model, tokens[:, pos:pos + 1], (positions[pos:pos + 1], pos), cache)
-            yield emit(logits, "cache")
+                logits = decode_one_token(model, tok, pos, cache)
+            yield emit(logits)
         del cache, step
     window = None
     while length - T0 < max_new_tokens:
@@ -198,7 +205,7 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
             logits = window(ctx)
         else:
             logits = window_logits(model, ctx)
-        yield emit(logits, "window")
+        yield emit(logits)
 
 
 def generate_batch(model, prompts, max_new_tokens, **kwargs):

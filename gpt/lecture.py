@@ -2,7 +2,8 @@
 
 This is the baseline the tests and benchmarks compare against, and a reference for readers. It
 follows the final gpt.py of "Let's build GPT" line for line in spirit, with the globals
-(n_embd, block_size, dropout, ...) turned into constructor arguments. Nothing else imports it.
+(n_embd, block_size, dropout, ...) turned into constructor arguments. Only tests/ and bench/
+import it: the model itself (gpt/model.py) does not depend on it.
 """
 import torch
 import torch.nn as nn

@@ -12,6 +12,8 @@ from torch.nn import functional as F
 
 from kernels import causal_attention
 
+from .generate import generate_batch, stream_tokens
+
 
 @dataclass
 class GPTConfig:
@@ -79,28 +81,20 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.scale = scale
 
-    def project_qkv(self, x):
-        """(B, T, C) -> q, k, v each (B, H, T, hs), as strided views of one projection."""
-        B, T, _ = x.shape
-        qkv = F.linear(x, self.qkv.weight).view(B, T, 3, self.num_heads, self.head_size)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-    def merge_heads(self, out):
-        """(B, H, T, hs) -> projected, dropped-out (B, T, C)."""
-        B, _, T, _ = out.shape
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_size)
-        return _dropout(self, F.linear(out, self.proj.weight, self.proj.bias), self.resid_dropout.p)
-
     def forward(self, x, attend=None):
         """x (B, T, C) -> (B, T, C). attend(q, k, v) replaces the attention (KV caches use it)."""
-        q, k, v = self.project_qkv(x)
+        B, T, _ = x.shape
+        H, hs = self.num_heads, self.head_size
+        qkv = self.qkv(x).view(B, T, 3, H, hs)                   # (B, T, 3, H, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)           # (B, H, T, hs) each, strided views
         if attend is None:
             out = causal_attention(q, k, v, scale=self.scale,
                                    dropout_p=self.attn_dropout if self.training else 0.0,
-                                   backend=self.backend)
+                                   backend=self.backend)        # (B, H, T, hs)
         else:
             out = attend(q, k, v)
-        return self.merge_heads(out)
+        out = out.transpose(1, 2).reshape(B, T, H * hs)          # (B, T, H * hs): heads side by side
+        return self.resid_dropout(self.proj(out))               # (B, T, C)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The lecture stores one key/query/value Linear per head; stack them into our qkv.
@@ -135,20 +129,12 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x):
-        up, _, down, drop = self.net  # called functionally: module calls cost more than tiny matmuls
-        h = F.linear(F.relu(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
-        return _dropout(self, h, drop.p)
-
-
-def _dropout(module, x, p):
-    return F.dropout(x, p, training=True) if module.training and p > 0 else x
-
-
-def _layer_norm(ln, x):
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return self.net(x)  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
+    """Communication (attention) followed by computation (MLP), pre-norm residual."""
+
     def __init__(self, cfg):
         super().__init__()
         self.sa = MultiHeadAttention(cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.dropout,
@@ -158,8 +144,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
 
     def forward(self, x, attend=None):
-        x = x + self.sa(_layer_norm(self.ln1, x), attend)
-        return x + self.ffwd(_layer_norm(self.ln2, x))
+        x = x + self.sa(self.ln1(x), attend)  # (B, T, C)
+        return x + self.ffwd(self.ln2(x))     # (B, T, C)
 
 
 class GPT(nn.Module):
@@ -186,7 +172,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"idx has {T} positions but block_size is {self.config.block_size}; "
                              "crop the context (generate does this)")
-        logits = self.head(self.hidden(idx))  # (B, T, vocab)
+        logits = self.to_logits(self.hidden(idx))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
@@ -194,19 +180,16 @@ class GPT(nn.Module):
 
     def hidden(self, idx):
         """Token ids (B, T) at positions [0, T) -> the last block's output (B, T, C)."""
-        x = self.embed(idx, torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return x
+        x = self.embed(idx, torch.arange(idx.shape[1], device=idx.device))  # (B, T, C)
+        return self.blocks(x)                                                # (B, T, C)
 
     def embed(self, idx, pos):
         """Token ids (B, T) at positions pos (T,) -> (B, T, C)."""
-        return F.embedding(idx, self.token_embedding_table.weight) + \
-            F.embedding(pos, self.position_embedding_table.weight)
+        return self.token_embedding_table(idx) + self.position_embedding_table(pos)
 
-    def head(self, x):
+    def to_logits(self, x):
         """Final layer norm and vocabulary projection: (..., C) -> (..., vocab)."""
-        return F.linear(_layer_norm(self.ln_f, x), self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(self.ln_f(x))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -229,7 +212,6 @@ class GPT(nn.Module):
         idx may also be a list of 1-D prompts of different lengths: a list comes back.
         """
         if isinstance(idx, (list, tuple)):
-            from .generate import generate_batch
             return generate_batch(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, generator=self._generator(idx, generator, seed),
                                   cuda_graphs=cuda_graphs)
@@ -249,7 +231,6 @@ class GPT(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                generator=None, seed=None, cuda_graphs=None):
         """Yield each new (B, 1) token as it is sampled; arguments as generate."""
-        from .generate import stream_tokens
         if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] > 0:
             if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
                 raise ValueError(f"idx holds token ids outside [0, {self.config.vocab_size})")

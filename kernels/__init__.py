@@ -20,7 +20,8 @@ except ImportError as e:  # no triton on this platform (macOS, Windows): pure-Py
     flash = None
     _FLASH_IMPORT_ERROR = str(e)
 
-__all__ = ["causal_attention", "available_backends", "causal_attention_reference", "set_defaults"]
+__all__ = ["causal_attention", "decode_attention", "available_backends",
+           "causal_attention_reference", "default_device", "set_defaults"]
 
 
 def _triton_unavailable(q):
@@ -128,3 +129,44 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
     else:
         out = causal_attention_reference(q4, k4, v4, scale=scale, dropout_p=dropout_p)
     return out.squeeze(1) if three_d else out
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
+    """Attention of new queries to a KV cache of fixed size, with each row's length a device
+    tensor: every shape is fixed and nothing is read back to the host, so a CUDA graph can
+    capture a decode step once and replay it as the cache fills.
+
+    Args:
+        q: (B, H, Tq, D) the newest Tq positions' queries (Tq = 1 for one token per step).
+        k_cache, v_cache: (B, H, S, D), S >= Tq slots, of which row b's first cache_seqlens[b]
+            hold keys and values (the new ones included); the rest are masked out (for now they
+            must hold finite values, as a zero-initialised cache does).
+        cache_seqlens: (B,) integer tensor on q's device.
+        scale: multiplier of q @ k^T; default D ** -0.5.
+
+    The queries are the last Tq positions of each row: query i of row b sees keys
+    j <= cache_seqlens[b] - Tq + i (causal, bottom-right within the row's length). A query that
+    sees no key gets zeros.
+
+    Returns:
+        (B, H, Tq, D) in q's dtype. (For now PyTorch's SDPA computes it, with a mask built from
+        cache_seqlens on the device.)
+    """
+    q, k_cache, v_cache, _ = check_attention_args(q, k_cache, v_cache, scale, 0.0)
+    B, _, Tq, D = q.shape
+    S = k_cache.shape[2]
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+    if (cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point()
+            or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool):
+        raise ValueError(f"cache_seqlens must be a ({B},) integer tensor (one length per batch "
+                         f"row), got {cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    q, scale = with_positive_scale(q, scale)
+    last = cache_seqlens.view(B, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, Tq, 1)
+    visible = torch.arange(S, device=q.device).view(1, 1, S) <= last  # (B, Tq, S)
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible.unsqueeze(1),
+                                         scale=scale)
+    return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from helpers import check_against_oracle
-from kernels import causal_attention
+from kernels import causal_attention, decode_attention
+from kernels.reference import causal_attention_reference, naive_causal_attention
+from kernels.testing import assert_by_rule
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 BACKENDS = ["reference", "sdpa", "auto"]
@@ -102,3 +104,70 @@ def test_dropout_keeps_about_one_minus_p(backend, device):
     outs = torch.stack([causal_attention(q, k, v, dropout_p=0.25, backend=backend) for _ in range(20)])
     assert abs(outs.mean().item() - 1.0) < 0.02  # kept weights are scaled by 1 / (1 - p)
     assert not torch.equal(outs[0], outs[1])
+
+
+# decode_attention: a fixed-size cache with per-row lengths on the device (CUDA-graph decoding).
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_decode_attention_matches_the_oracle_row_by_row(Tq, dtype, device):
+    torch.manual_seed(20 + Tq)
+    B, H, S, D = 4, 2, 37, 24
+    q = rand(B, H, Tq, D, dtype=dtype, device=device)
+    k, v = (rand(B, H, S, D, dtype=dtype, device=device) for _ in range(2))
+    lengths = [S, 20, Tq, 5][:B]
+    k[1, :, 20:], v[1, :, 20:] = 1e4, -1e4  # slots past a row's length hold anything finite
+    out = decode_attention(q, k, v, torch.tensor(lengths, device=device))
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, n in enumerate(lengths):
+        qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+        ref = causal_attention_reference(qb.double(), kb.double(), vb.double())
+        low = naive_causal_attention(qb, kb, vb)
+        assert_by_rule([out[b:b + 1]], [ref], [low], names=(f"row {b} (length {n})",))
+
+
+def test_decode_attention_gives_zeros_to_a_query_that_sees_no_key(device):
+    q, k, v = (rand(2, 1, 3, 8, dtype=torch.float32, device=device) for _ in range(3))
+    out = decode_attention(q, k, v, torch.tensor([1, 0], device=device))
+    assert torch.isfinite(out).all()
+    assert (out[0, :, :2] == 0).all() and torch.allclose(out[0, :, 2], v[0, :, 0])  # sees key 0
+    assert (out[1] == 0).all()
+
+
+def test_decode_attention_traces_without_reading_lengths_on_the_host(device):
+    """A graph break or a data-dependent branch would make fullgraph compilation fail; a CUDA
+    graph needs the same (lengths stay on the device)."""
+    torch.manual_seed(22)
+    q = rand(2, 2, 1, 16, dtype=torch.float32, device=device)
+    k, v = (rand(2, 2, 12, 16, dtype=torch.float32, device=device) for _ in range(2))
+    compiled = torch.compile(decode_attention, fullgraph=True, backend="eager")
+    for lengths in ([12, 4], [3, 7]):
+        seqlens = torch.tensor(lengths, device=device)
+        torch.testing.assert_close(compiled(q, k, v, seqlens), decode_attention(q, k, v, seqlens))
+
+
+@pytest.mark.parametrize("seqlens, error, words", [
+    ([3, 3], TypeError, "cache_seqlens must be a torch.Tensor"),
+    (torch.tensor([3.0, 3.0]), ValueError, r"cache_seqlens must be a \(2,\) integer tensor"),
+    (torch.tensor([3]), ValueError, r"cache_seqlens must be a \(2,\) integer tensor"),
+])
+def test_decode_attention_bad_lengths_are_named(seqlens, error, words):
+    q, k = torch.randn(2, 1, 1, 8), torch.randn(2, 1, 5, 8)
+    with pytest.raises(error, match=words):
+        decode_attention(q, k, k, seqlens)
+
+
+@pytest.mark.gpu
+def test_decode_attention_in_a_cuda_graph(device):
+    torch.manual_seed(23)
+    q = rand(2, 4, 1, 64, dtype=torch.bfloat16, device=device)
+    k, v = (rand(2, 4, 256, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    seqlens = torch.tensor([1, 1], device=device)
+    decode_attention(q, k, v, seqlens)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, seqlens)
+    for lengths in ([5, 200], [256, 1]):
+        seqlens.copy_(torch.tensor(lengths, device=device))
+        graph.replay()
+        torch.testing.assert_close(out, decode_attention(q, k, v, seqlens), rtol=0, atol=0)

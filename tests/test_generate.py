@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig
-from gpt.generate import KVCache, decode_one_token, prefill, sample
+from gpt.generate import KVCache, decode_one_token, decode_one_token_static, prefill, sample
 from gpt.lecture import GPTLanguageModel
 
 
@@ -98,9 +98,8 @@ def test_static_decode_step_equals_the_eager_one():
     with torch.no_grad():
         eager, static = (KVCache(ours, 2, "cpu", torch.float64) for _ in range(2))
         prefill(ours, x[:, :8], eager), prefill(ours, x[:, :8], static)
-        pos = torch.tensor([8])
-        a = decode_one_token(ours, x[:, 8:9], (pos, 8), eager)
-        b = decode_one_token(ours, x[:, 8:9], pos, static, static=True)
+        a = decode_one_token(ours, x[:, 8:9], 8, eager)
+        b = decode_one_token_static(ours, x[:, 8:9], torch.tensor([8]), static)
         full = ours(x)[0][:, -1]
     torch.testing.assert_close(a, full, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, full, rtol=1e-12, atol=1e-12)
