@@ -156,12 +156,6 @@ def _offsets(start, N: tl.constexpr, OFFS_64: tl.constexpr):
     return offs
 
 
-@triton.jit
-def _apply_dropout(x, keep, dropout_p):
-    """x where the weight is kept, scaled by 1 / (1 - p); 0 where it is dropped."""
-    return tl.where(keep, x / (1.0 - dropout_p), 0.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # One (batch, head) program's view of its tensors
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +186,9 @@ def _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT: tl.constexpr):
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
+    offset = Tk - Tq
     qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp; scale > 0
-    return Head(Tq, Tk, Tk - Tq, qk_scale, seed, bh, dropout_p)
+    return Head(Tq, Tk, offset, qk_scale, seed, bh, dropout_p)
 
 
 @triton.jit
@@ -319,8 +314,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
-            p = _apply_dropout(p, _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p,
-                                        BLOCK_M, BLOCK_N), head.dropout_p)
+            keep = _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p / (1.0 - head.dropout_p), 0.0)
         v_tile = _load_operand(v, offs_n, offs_d, D, MASKED, FP32_PRECISION)  # (BLOCK_N, HEAD_DIM)
         acc = _dot(_tf32_rounded(_to(p, v_tile.dtype), FP32_PRECISION), v_tile,
                    acc * alpha[:, None], FP32_PRECISION)
@@ -408,8 +403,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
         if DROPOUT:
             keep = tl.trans(_keep(head.seed, head.bh, offs_m, start_n, head.dropout_p,
                                   BLOCK_M, BLOCK_N))
-            pT_kept = _apply_dropout(pT, keep, head.dropout_p)
-            dpT = _apply_dropout(dpT, keep, head.dropout_p)
+            pT_kept = tl.where(keep, pT / (1.0 - head.dropout_p), 0.0)
+            dpT = tl.where(keep, dpT / (1.0 - head.dropout_p), 0.0)
         else:
             pT_kept = pT
         dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, FP32_PRECISION)
@@ -478,8 +473,8 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D:
             p = tl.where(_visible(offs_m, offs_n, head), p, 0.0)
         dp = _dot_x3(do, vT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            dp = _apply_dropout(dp, _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p,
-                                          BLOCK_M, BLOCK_N), head.dropout_p)
+            keep = _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp / (1.0 - head.dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, FP32_PRECISION)
     return dq
@@ -674,11 +669,11 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     Tk = k.shape[2]
     meta = _common(q, k, scale, dropout_p, fp32_precision)
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
-    atomic = not deterministic
     # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows,
-    # which _launch's reset zeroes before every launch of it.
-    dq_acc = q.new_empty(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32) if atomic else None
-    meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv, *([dq_acc] if atomic else []))
+    # which _launch's reset zeroes before every launch of it; no dQ kernel runs.
+    dq_acc = None if deterministic else q.new_empty(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32)
+    outputs = (dq, dk, dv) if deterministic else (dq, dk, dv, dq_acc)
+    meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, *outputs)
     delta = torch.empty_like(lse)
     pre_block = 64 if not INTERPRET else 16
     _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
@@ -686,14 +681,14 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
         OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     seed = seed if seed is not None else lse
     _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed,
-            dq_acc if atomic else lse,
+            lse if deterministic else dq_acc,
             q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride()),
-            {**meta, "DETERMINISTIC": deterministic}, reset=dq_acc.zero_ if atomic else None)
-    if atomic:
+            {**meta, "DETERMINISTIC": deterministic}, reset=None if deterministic else dq_acc.zero_)
+    if deterministic:
+        _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, q.stride(),
+                k.stride(), v.stride(), do.stride(), dq.stride()), meta)
+    else:
         torch.mul(dq_acc[..., :D], scale, out=dq)
-        return dq, dk, dv
-    _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, q.stride(),
-            k.stride(), v.stride(), do.stride(), dq.stride()), meta)
     return dq, dk, dv
 
 
