@@ -16,6 +16,10 @@ setup(
         # Triton ships wheels for Linux x86_64 only; elsewhere the pure-PyTorch backends serve.
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
+    # Command lines that work from any folder, even one holding the lecture's own gpt.py (which
+    # `python -m gpt.train` run from there would import instead of this package).
+    entry_points={"console_scripts": ["lecture-flash-train = gpt.train:main",
+                                      "lecture-flash-sample = gpt.sample:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "plot": ["matplotlib"],

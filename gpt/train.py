@@ -1,4 +1,5 @@
-"""Train the lecture's GPT: python -m gpt.train --preset lecture|small|tiny [overrides].
+"""Train the lecture's GPT: lecture-flash-train --preset lecture|small|tiny [overrides]
+(or python -m gpt.train ...).
 
 Checkpoints (OUT_DIR/ckpt.pt) hold the model, optimizer, config, tokenizer, iteration and every
 random state, so --resume continues exactly where the run stopped.
@@ -17,7 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import default_device
+from kernels.validation import BACKENDS
 
+from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
 from .model import GPT, PRESETS, GPTConfig
 
@@ -29,25 +32,74 @@ class UsageError(Exception):
     """A problem the user can fix; printed as one line, no traceback."""
 
 
+class Diverged(Exception):
+    """The loss or the weights stopped being finite; the last good checkpoint was kept."""
+
+
+def prog_name(command):
+    """How the user started us: lecture-flash-<command> (the console script) or python -m gpt.<command>."""
+    name = os.path.basename(sys.argv[0])
+    return name if name.startswith("lecture-flash-") else f"python -m gpt.{command}"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog_name("train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="lecture")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="lecture",
+                   help="model shape and training run (default: %(default)s, the lecture's final "
+                        "gpt.py: hours on a CPU; tiny trains in seconds)")
     p.add_argument("--data", help="training text (default: $GPT_DATA, else Tiny Shakespeare)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs the model under autocast")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over even if OUT_DIR/ckpt.pt exists (it is replaced at the first save)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--backend", default="auto", help="attention backend (auto, triton, sdpa, reference)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend")
     p.add_argument("--sample-tokens", type=int, default=300, help="characters sampled at the end")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for key in MODEL_KEYS + TRAIN_KEYS:  # None = take it from the checkpoint or the preset
         kind = float if key in ("dropout", "lr") else int
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
     return p.parse_args(argv)
+
+
+def _flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def check_args(args):
+    """The command line's own values, before anything is loaded or built."""
+    at_least = dict(batch_size=1, block_size=1, n_embd=1, n_head=1, n_layer=1, max_iters=0,
+                    eval_interval=1, eval_iters=1)
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise UsageError(f"{_flag(key)} must be at least {low}, got {value}")
+    if args.sample_tokens < 0:
+        raise UsageError(f"--sample-tokens must be at least 0, got {args.sample_tokens}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    return device_of(args.device)
+
+
+def device_of(name):
+    """torch.device for --device, or a one-line error."""
+    try:
+        device = default_device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def preset_settings(name):
@@ -57,13 +109,26 @@ def preset_settings(name):
 
 
 def resolve(args, ckpt):
-    """Hyperparameters: the command line, else the checkpoint being resumed, else the preset."""
+    """Hyperparameters: the command line, else the checkpoint being resumed, else the preset.
+    A resumed run keeps its model: a flag that contradicts the checkpoint's is refused, and so
+    is a --max-iters below the iteration it reached."""
     saved = ckpt["train_args"] if ckpt else {}
     preset = preset_settings(args.preset)
     out = {}
     for key in MODEL_KEYS + TRAIN_KEYS:
         given = getattr(args, key)
         out[key] = given if given is not None else saved.get(key, preset[key])
+    if ckpt:
+        model = ckpt["config"]
+        for key in MODEL_KEYS:
+            given = getattr(args, key)
+            if given is not None and given != model[key]:
+                raise UsageError(f"{_flag(key)} {given} contradicts the checkpoint's model "
+                                 f"({key} {model[key]}); leave it out to resume")
+            out[key] = model[key]
+        if out["max_iters"] < ckpt["iter"]:
+            raise UsageError(f"--max-iters {out['max_iters']} is below the checkpoint's iteration "
+                             f"{ckpt['iter']}: a resumed run never goes back (--overwrite starts over)")
     return out
 
 
@@ -80,24 +145,13 @@ def set_rng_state(state, batches):
     batches.generator.set_state(state["data"])
 
 
-def save_checkpoint(path, obj):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, seed, autocast):
+def estimate_loss(model, batches, eval_iters, seed, autocast, progress=False):
     """Mean loss over eval_iters batches of each split, drawn from a generator of its own."""
     model.eval()
     out = {}
+    bar = tqdm(total=2 * eval_iters, desc="evaluating", unit="batch", leave=False,
+               dynamic_ncols=True, disable=not progress)
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(seed)
         losses = torch.zeros(eval_iters)
@@ -106,7 +160,9 @@ def estimate_loss(model, batches, eval_iters, seed, autocast):
             with autocast():
                 _, loss = model(x, y)
             losses[i] = loss.item()
+            bar.update(1)
         out[split] = losses.mean().item()
+    bar.close()
     model.train()
     return out
 
@@ -122,16 +178,27 @@ def prepare_out_dir(out_dir):
     return out_dir
 
 
+def all_finite(model):
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 def train(args):
+    device = check_args(args)
     out_dir = prepare_out_dir(args.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
+    checkpoint.remove_stale_temporaries(ckpt_path)  # left by a write that was interrupted
     ckpt = None
     if args.resume:
         if not ckpt_path.is_file():
             raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = checkpoint.load_train_checkpoint(ckpt_path)
+    elif ckpt_path.exists() and not args.overwrite:
+        raise UsageError(f"{ckpt_path} already holds a checkpoint: --resume continues it, "
+                         "--overwrite starts over")
     hp = resolve(args, ckpt)
-    device = default_device(args.device)
+    if device.type == "cpu" and args.preset == "lecture" and not args.resume:
+        print("note: the lecture preset takes hours on a CPU; --preset tiny trains in seconds",
+              flush=True)
     torch.manual_seed(args.seed)
 
     text = load_text(args.data)
@@ -142,10 +209,11 @@ def train(args):
         raise UsageError(f"the data does not fit the checkpoint's tokenizer: {e}") from None
     batches = Batches(data, hp["block_size"], hp["batch_size"], device, seed=args.seed)
 
-    cfg = GPTConfig(vocab_size=tok.vocab_size, backend=args.backend,
-                    **{k: hp[k] for k in MODEL_KEYS})
-    if ckpt:
-        cfg = GPTConfig(**{**ckpt["config"], "backend": args.backend})
+    try:
+        cfg = GPTConfig(**{**ckpt["config"], "backend": args.backend}) if ckpt else GPTConfig(
+            vocab_size=tok.vocab_size, backend=args.backend, **{k: hp[k] for k in MODEL_KEYS})
+    except ValueError as e:  # e.g. --n-embd not divisible by --n-head
+        raise UsageError(str(e)) from None
     model = GPT(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"])
     start = 0
@@ -156,6 +224,7 @@ def train(args):
             group["lr"] = hp["lr"]
         set_rng_state(ckpt["rng"], batches)
         start = ckpt["iter"]
+    saved_at = start if ckpt else None  # the iteration of the checkpoint on disk from this run
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}, "
           f"{len(batches.splits['train'])} train tokens, starting at iter {start}", flush=True)
@@ -163,20 +232,35 @@ def train(args):
     amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    def checkpoint(it):
-        save_checkpoint(ckpt_path, {
+    def stop_if_diverged(it, what):
+        kept = (f"kept the checkpoint of iteration {saved_at} in {ckpt_path}" if saved_at is not None
+                else "no checkpoint was written")
+        raise Diverged(f"{what} at iteration {it}: stopped, {kept} (a smaller --lr may help)")
+
+    def save(it):
+        if not all_finite(model):
+            stop_if_diverged(it, "the weights are not finite")
+        checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "backend"},
             "iter": it, "tokenizer": tok.state_dict(), "rng": rng_state(batches),
             "train_args": hp})
+        nonlocal saved_at
+        saved_at = it
 
     bar = None if args.no_progress else tqdm(total=hp["max_iters"], initial=start, unit="it",
                                              dynamic_ncols=True)
 
     def evaluate(it):
-        losses = estimate_loss(step_model, batches, hp["eval_iters"], args.seed + 1, autocast)
+        losses = estimate_loss(step_model, batches, hp["eval_iters"], args.seed + 1, autocast,
+                               progress=bar is not None)
         msg = f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        (bar.write if bar else print)(msg)
+        if bar is None:
+            print(msg, flush=True)
+        else:
+            bar.write(msg)
+        if not all(math.isfinite(v) for v in losses.values()):
+            stop_if_diverged(it, "the loss is not finite")
         return losses
 
     tokens_per_step = hp["batch_size"] * hp["block_size"]
@@ -185,7 +269,7 @@ def train(args):
         if it % hp["eval_interval"] == 0 and (it != start or start == 0):
             evaluate(it)  # a resumed run was evaluated at `start` before it stopped
             if it > 0:
-                checkpoint(it)
+                save(it)
         x, y = batches.get("train")
         with autocast():
             _, loss = step_model(x, y)
@@ -193,18 +277,26 @@ def train(args):
         loss.backward()
         optimizer.step()
         done += 1
+        if done % 10 == 0 or it + 1 == hp["max_iters"]:  # .item() waits for the GPU: not every step
+            value = loss.item()
+            if not math.isfinite(value):
+                stop_if_diverged(it + 1, f"the loss is {value}")
+            rate = done * tokens_per_step / (time.perf_counter() - t0)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
+            elif done == 10 and hp["max_iters"] - it > 10:
+                left = (hp["max_iters"] - it - 1) * tokens_per_step / rate
+                print(f"{rate:,.0f} tokens/s: about {left / 60:.1f} min of training to go "
+                      "(evaluations not counted)", flush=True)
         if bar is not None:
             bar.update(1)
-            if it % 10 == 0:  # .item() waits for the GPU: not every step
-                rate = done * tokens_per_step / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:,.0f}")
     if bar is not None:
         bar.close()
     if done:
         rate = done * tokens_per_step / (time.perf_counter() - t0)
         print(f"{done} steps, {rate:,.0f} tokens/s", flush=True)
     losses = evaluate(hp["max_iters"])
-    checkpoint(hp["max_iters"])
+    save(hp["max_iters"])
     print(f"checkpoint written to {ckpt_path}", flush=True)
     if args.sample_tokens > 0:
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -218,10 +310,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, checkpoint.CheckpointError, Diverged) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted; resume with --resume (the last checkpoint is in the out-dir)")
+        ckpt_path = Path(args.out_dir) / "ckpt.pt"
+        if ckpt_path.is_file():
+            sys.exit(f"interrupted; {ckpt_path} holds the last checkpoint: --resume continues it")
+        sys.exit("interrupted before the first checkpoint was written: nothing to resume")
 
 
 if __name__ == "__main__":

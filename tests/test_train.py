@@ -1,7 +1,10 @@
 """Training, checkpoints, exact resume, and the command lines, run as a user runs them."""
+import os
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from gpt.train import main as train_main
@@ -59,6 +62,10 @@ def test_sample_from_a_raw_lecture_state_dict(tmp_path, text_path):
     r = run_cli("gpt.sample", "--ckpt", str(tmp_path / "lec.pt"), "--vocab-from", str(text_path), "--block-size", "16",
                 "--n-embd", "16", "--n-head", "2", "--n-layer", "1", "--max-new-tokens", "20", "--stop", "e")
     assert r.returncode == 0, r.stderr
+    # The shape is read off the tensors: the size flags are not needed.
+    r = run_cli("gpt.sample", "--ckpt", str(tmp_path / "lec.pt"), "--vocab-from", str(text_path),
+                "--max-new-tokens", "20", "--seed", "0")
+    assert r.returncode == 0 and len(r.stdout) > 20, r.stderr
     r = run_cli("gpt.sample", "--ckpt", str(tmp_path / "lec.pt"))
     assert r.returncode != 0 and "--vocab-from" in r.stderr and "Traceback" not in r.stderr
 
@@ -76,3 +83,114 @@ def test_cli_errors_are_one_line(tmp_path, text_path):
         r = run_cli("gpt.train", *TINY, *args)
         assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def ckpt_iter(path):
+    return torch.load(path, weights_only=True)["iter"]
+
+
+def cli_error(main, *argv):
+    """Run a command line's main() in this process (a subprocess costs seconds of imports); the
+    one line it exits with. main() turns every problem a user can fix into SystemExit('error: ...')."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_a_fresh_run_never_replaces_a_checkpoint_silently(tmp_path, text_path):
+    args = [*TINY, "--data", text_path, "--out-dir", tmp_path, "--sample-tokens", "0"]
+    train_main([str(a) for a in [*args, "--max-iters", "4"]])
+    assert "--resume continues it, --overwrite starts over" in cli_error(train_main, *args, "--max-iters", "2")
+    assert ckpt_iter(tmp_path / "ckpt.pt") == 4
+    train_main([str(a) for a in [*args, "--max-iters", "2", "--overwrite"]])
+    assert ckpt_iter(tmp_path / "ckpt.pt") == 2
+
+
+def test_resume_never_goes_back_nor_changes_the_model(tmp_path, text_path):
+    args = [*TINY, "--data", text_path, "--out-dir", tmp_path, "--sample-tokens", "0"]
+    train_main([str(a) for a in [*args, "--max-iters", "6"]])
+    for extra, words in [(["--max-iters", "3"], "--max-iters 3 is below the checkpoint's iteration 6"),
+                         (["--n-embd", "32"], "--n-embd 32 contradicts the checkpoint's model (n_embd 16)"),
+                         (["--block-size", "8"], "--block-size 8 contradicts"),
+                         (["--dropout", "0.3"], "--dropout 0.3 contradicts")]:
+        assert words in cli_error(train_main, *args, "--resume", *extra)
+        assert ckpt_iter(tmp_path / "ckpt.pt") == 6
+    train_main([str(a) for a in [*args, "--resume", "--max-iters", "8", "--n-embd", "16"]])  # agrees
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == 8 and saved["train_args"]["n_embd"] == saved["config"]["n_embd"] == 16
+
+
+def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, text_path):
+    args = [*TINY, "--data", text_path, "--out-dir", tmp_path, "--sample-tokens", "0",
+            "--eval-interval", "5"]
+    train_main([str(a) for a in [*args, "--max-iters", "5"]])
+    message = cli_error(train_main, *args, "--resume", "--max-iters", "30", "--lr", "1e30")
+    assert "not finite" in message and "kept the checkpoint of iteration 5" in message, message
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == 5 and all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-1"], "--batch-size must be at least 1"),
+    (["--eval-interval", "0"], "--eval-interval must be at least 1"),
+    (["--eval-iters", "-1"], "--eval-iters must be at least 1"),
+    (["--max-iters", "-5"], "--max-iters must be at least 0"),
+    (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--n-embd", "30", "--n-head", "4"], "must be divisible"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_values_are_refused_in_one_line(tmp_path, text_path, extra, words):
+    assert words in cli_error(train_main, *TINY, "--data", text_path, "--out-dir", tmp_path, *extra)
+
+
+def test_an_unknown_backend_is_refused_before_anything_is_built(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main([*TINY, "--out-dir", str(tmp_path), "--backend", "bogus"])
+    assert e.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_data_errors_name_the_file_in_one_line(tmp_path, monkeypatch):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1") * 100)
+    out = ["--out-dir", tmp_path / "out"]
+    assert "is not UTF-8 text" in cli_error(train_main, *TINY, *out, "--data", latin)
+    assert "is a directory" in cli_error(train_main, *TINY, *out, "--data", tmp_path)
+    monkeypatch.setenv("GPT_DATA", str(tmp_path / "nowhere.txt"))
+    assert "GPT_DATA: data file" in cli_error(train_main, *TINY, *out)
+
+
+def test_interrupt_before_the_first_checkpoint_says_so(tmp_path, text_path):
+    p = subprocess.Popen([sys.executable, "-m", "gpt.train", *TINY, "--data", str(text_path),
+                          "--out-dir", str(tmp_path), "--max-iters", "100000", "--eval-interval", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "parameters" in p.stdout.readline()  # training has started
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "before the first checkpoint was written: nothing to resume" in err, err
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_sample_reports_shape_problems_usefully(tmp_path, text_path):
+    from gpt.data import CharTokenizer, load_text
+    from gpt.lecture import GPTLanguageModel
+    from gpt.sample import main as sample_main
+    vocab = CharTokenizer.from_text(load_text(text_path)).vocab_size
+    state = GPTLanguageModel(vocab, block_size=16, n_embd=16, n_head=2, n_layer=2).state_dict()
+    del state["blocks.1.ffwd.net.0.bias"]
+    torch.save(state, tmp_path / "lec.pt")
+    message = cli_error(sample_main, "--ckpt", tmp_path / "lec.pt", "--vocab-from", text_path)
+    assert "Missing key(s)" in message and "blocks.1.ffwd.net.0.bias" in message, message
+    assert "does not exist" in cli_error(sample_main, "--ckpt", tmp_path / "lec.pt",
+                                         "--vocab-from", tmp_path / "x.txt")
+    assert "--max-new-tokens must be at least 0" in cli_error(sample_main, "--ckpt", tmp_path / "lec.pt",
+                                                              "--max-new-tokens", "-3")
+
+
+def test_help_shows_the_presets_and_their_default(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = capsys.readouterr().out
+    assert "{lecture,small,tiny}" in out and "default: lecture" in out

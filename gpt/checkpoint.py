@@ -1,0 +1,107 @@
+"""Checkpoints that load without running code and are never left half-written.
+
+save() writes to a temporary file in the same folder, fsyncs it, renames it over the old one and
+fsyncs the folder, so a crash at any point leaves either the old checkpoint or the new one.
+load() uses torch.load(weights_only=True): tensors and plain Python values only, so a crafted
+file cannot run code; anything else is refused with one line that names the file.
+"""
+import contextlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+# What gpt.train writes; a file without these is not one of its checkpoints.
+TRAIN_KEYS = ("model", "optimizer", "config", "iter", "tokenizer", "rng", "train_args")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+def _tmp_prefix(path):
+    return path.name + "."
+
+
+def stale_temporaries(path):
+    """Temporary files an interrupted save() of `path` left behind."""
+    return sorted(path.parent.glob(_tmp_prefix(path) + "*.tmp"))
+
+
+def remove_stale_temporaries(path):
+    """Delete what interrupted saves of `path` left behind; returns how many."""
+    stale = stale_temporaries(path)
+    for tmp in stale:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return len(stale)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform that cannot open a folder (Windows): the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(path, obj):
+    """torch.save(obj) to `path`, atomically and durably."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load(path):
+    """The object saved at `path`, loaded with weights_only=True, or a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" in str(e).lower():  # it names a callable to import: what a crafted file does
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain values, which could run code "
+                "when loaded; refused (load it yourself with torch.load(weights_only=False) only "
+                "if you trust where it came from)") from None
+        raise CheckpointError(_unreadable(path, e)) from None
+    except Exception as e:  # truncated, a text file, ...
+        raise CheckpointError(_unreadable(path, e)) from None
+
+
+def load_train_checkpoint(path):
+    """A checkpoint written by gpt.train, checked for everything a resume needs."""
+    obj = load(path)
+    missing = [k for k in TRAIN_KEYS if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is not a gpt.train checkpoint: it has no "
+                              + ", ".join(repr(k) for k in missing))
+    return obj
+
+
+def _unreadable(path, e):
+    text = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+    return (f"{path} is not a whole file written by torch.save (cut short, or something else): "
+            f"{type(e).__name__}{': ' + text if text else ''}")
