@@ -9,6 +9,7 @@ import torch
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINY_SHAKESPEARE_BYTES = 1115394
 ENV_VAR = "GPT_DATA"
 
 
@@ -52,35 +53,57 @@ def cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lecture-flash"
 
 
+def _is_tiny_shakespeare(path):
+    """Whether the file at path is Tiny Shakespeare, whole (size, then sha256: about 2 ms)."""
+    try:
+        if path.stat().st_size != TINY_SHAKESPEARE_BYTES:
+            return False
+        return hashlib.sha256(path.read_bytes()).hexdigest() == TINY_SHAKESPEARE_SHA256
+    except OSError:
+        return False
+
+
 def _download_tiny_shakespeare():
+    """The cached copy, checked on every use; downloaded (again) when missing or not whole."""
     target = cache_dir() / "tinyshakespeare.txt"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
-                payload = r.read()
-        except OSError as e:
-            raise DataError(f"could not download Tiny Shakespeare ({e}); pass --data PATH "
-                            f"or set {ENV_VAR}") from None
-        digest = hashlib.sha256(payload).hexdigest()
-        if digest != TINY_SHAKESPEARE_SHA256:
-            raise DataError(f"downloaded Tiny Shakespeare has sha256 {digest}, expected "
-                            f"{TINY_SHAKESPEARE_SHA256}; pass --data PATH")
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, target)
+    if _is_tiny_shakespeare(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
+            payload = r.read()
+    except OSError as e:
+        raise DataError(f"could not download Tiny Shakespeare ({e}); pass --data PATH "
+                        f"or set {ENV_VAR}") from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != TINY_SHAKESPEARE_SHA256:
+        raise DataError(f"downloaded Tiny Shakespeare has sha256 {digest}, expected "
+                        f"{TINY_SHAKESPEARE_SHA256}; pass --data PATH")
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, target)
     return target
 
 
 def load_text(path=None):
     """The training text: `path`, else $GPT_DATA, else Tiny Shakespeare (downloaded once)."""
-    path = path or os.environ.get(ENV_VAR) or _download_tiny_shakespeare()
-    path = Path(path)
+    where = "data file"
+    if not path and os.environ.get(ENV_VAR):
+        path, where = os.environ[ENV_VAR], f"{ENV_VAR}: data file"
+    path = Path(path or _download_tiny_shakespeare())
+    if path.is_dir():
+        raise DataError(f"{where} {path} is a directory, not a text file")
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise DataError(f"{where} {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                        f"offset {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {where} {path}: {e.strerror or e}") from None
     if not text:
-        raise DataError(f"data file {path} is empty")
+        raise DataError(f"{where} {path} is empty")
     return text
 
 

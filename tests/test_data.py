@@ -69,3 +69,34 @@ def test_batches_split_shift_and_generator():
 def test_too_little_text():
     with pytest.raises(DataError, match="fewer than"):
         Batches(list(range(50)), block_size=8, batch_size=2)
+
+
+def test_a_damaged_cached_download_is_fetched_again(tmp_path, monkeypatch):
+    """The cached copy is checked (size, sha256) on every use, not once: a truncated file is
+    replaced by a fresh download instead of being trained on."""
+    import hashlib
+    monkeypatch.delenv("GPT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "source.txt"
+    source.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    payload = source.read_bytes()
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_URL", source.as_uri())
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_BYTES", len(payload))
+    assert load_text() == source.read_text()  # downloaded into the cache
+    cached = data.cache_dir() / "tinyshakespeare.txt"
+    cached.write_bytes(payload[:100])  # an interrupted copy, a full disk...
+    assert load_text() == source.read_text()
+    assert cached.read_bytes() == payload
+
+
+def test_text_that_is_not_utf8_or_not_a_file(tmp_path, monkeypatch):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("naïve café".encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(byte 0xef at offset 2\)"):
+        load_text(latin)
+    with pytest.raises(DataError, match="is a directory"):
+        load_text(tmp_path)
+    monkeypatch.setenv("GPT_DATA", str(tmp_path / "nowhere.txt"))
+    with pytest.raises(DataError, match="GPT_DATA: data file .*nowhere.txt does not exist"):
+        load_text()
