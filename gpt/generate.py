@@ -149,6 +149,9 @@ def check_sampling_args(vocab_size, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+STREAM_BUFFER = 4096  # new tokens a stream keeps before it moves the last block_size to the front
+
+
 @torch.inference_mode()
 def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                   generator=None, cuda_graphs=None):
@@ -167,16 +170,23 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     bs, device = cfg.block_size, idx.device
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     dtype = model.lm_head.weight.dtype
-    # All tokens, prompt and new, in one preallocated buffer: no torch.cat per step.
-    tokens = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
+    # The prompt and the newest tokens in one preallocated buffer: no torch.cat per step. When it
+    # is full, its last block_size tokens (all the window needs) move to its front, so a long
+    # stream needs no more memory than a short one.
+    capacity = T0 + min(max_new_tokens, max(STREAM_BUFFER, 2 * bs))
+    tokens = torch.empty(B, capacity, dtype=torch.long, device=device)
     tokens[:, :T0] = idx
-    length = T0
+    length, made = T0, 0
 
     def emit(logits):
-        nonlocal length
+        nonlocal length, made
         nxt = sample(logits, temperature, top_k, top_p, generator)
+        if length == capacity:
+            tokens[:, :bs] = tokens[:, length - bs:length].clone()
+            length = bs
         tokens[:, length:length + 1] = nxt
         length += 1
+        made += 1
         return nxt
 
     if T0 <= bs:
@@ -184,7 +194,7 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
         yield emit(prefill(model, idx, cache))
         step = None
         # Position length - 1 holds the newest token; it still has a slot while length <= bs.
-        while length - T0 < max_new_tokens and length <= bs:
+        while made < max_new_tokens and length <= bs:
             pos = length - 1
             tok = tokens[:, pos:pos + 1]
             if graphs:
@@ -197,7 +207,7 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
             yield emit(logits)
         del cache, step
     window = None
-    while length - T0 < max_new_tokens:
+    while made < max_new_tokens:
         ctx = tokens[:, length - bs:length]  # here length > bs, or the prompt was longer
         if graphs:
             if window is None:

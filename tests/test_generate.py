@@ -133,3 +133,19 @@ def test_bad_arguments(kw, words):
         ours.generate(**args)
     with pytest.raises(ValueError, match="empty"):
         ours.generate([], 3)
+
+
+def test_a_long_stream_reuses_its_buffer_and_stays_exact(monkeypatch):
+    """Past STREAM_BUFFER tokens (4096) the token buffer moves its last block_size tokens to the
+    front instead of growing (so --max-new-tokens 10**12 does not allocate terabytes up front)."""
+    import gpt.generate
+    monkeypatch.setattr(gpt.generate, "STREAM_BUFFER", 20)
+    lecture, ours = pair(8, n_layer=1)
+    idx = torch.randint(65, (1, 3))
+    n = 75  # the buffer fills (23 slots) and moves four times
+    expect = idx
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = lecture(expect[:, -8:])
+            expect = torch.cat([expect, logits.view(1, -1, 65)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours.generate(idx, n, temperature=0), expect)
