@@ -3,14 +3,13 @@
 Module names follow the lecture (token_embedding_table, blocks.i.sa, blocks.i.ffwd.net, ...), so a
 state dict saved by the lecture's gpt.py loads with load_state_dict and gives the same logits.
 """
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kernels import causal_attention
+from kernels import MultiHeadAttention
 
 from .generate import generate_batch, stream_tokens
 
@@ -60,60 +59,6 @@ PRESETS = {
                  train=dict(batch_size=16, lr=3e-3, max_iters=300, eval_interval=100,
                             eval_iters=20)),
 }
-
-
-class MultiHeadAttention(nn.Module):
-    """All heads of causal self-attention at once: one fused qkv projection, heads as a batch dim.
-
-    Takes the lecture's arguments in the lecture's order and loads the lecture's per-head
-    weights (heads.{i}.key/query/value.weight, heads.{i}.tril) as well as its own layout.
-    `scale` defaults to head_size ** -0.5; the earliest lecture notes use n_embd ** -0.5.
-    """
-
-    def __init__(self, num_heads, head_size, n_embd=None, dropout=0.0, backend="auto", scale=None):
-        super().__init__()
-        self.num_heads, self.head_size = num_heads, head_size
-        self.n_embd = n_embd if n_embd is not None else num_heads * head_size
-        self.qkv = nn.Linear(self.n_embd, 3 * num_heads * head_size, bias=False)  # [q; k; v]
-        self.proj = nn.Linear(num_heads * head_size, self.n_embd)
-        self.attn_dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout)
-        self.backend = backend
-        self.scale = scale
-
-    def forward(self, x, attend=None):
-        """x (B, T, C) -> (B, T, C). attend(q, k, v) replaces the attention (KV caches use it)."""
-        B, T, _ = x.shape
-        H, hs = self.num_heads, self.head_size
-        qkv = self.qkv(x).view(B, T, 3, H, hs)                   # (B, T, 3, H, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)           # (B, H, T, hs) each, strided views
-        if attend is None:
-            out = causal_attention(q, k, v, scale=self.scale,
-                                   dropout_p=self.attn_dropout if self.training else 0.0,
-                                   backend=self.backend)        # (B, H, T, hs)
-        else:
-            out = attend(q, k, v)
-        out = out.transpose(1, 2).reshape(B, T, H * hs)          # (B, T, H * hs): heads side by side
-        return self.resid_dropout(self.proj(out))               # (B, T, C)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The lecture stores one key/query/value Linear per head; stack them into our qkv.
-        heads = {}
-        for key in [k for k in state_dict if k.startswith(prefix + "heads.")]:
-            m = re.fullmatch(re.escape(prefix) + r"heads\.(\d+)\.(key|query|value|tril)(\.weight)?", key)
-            if m is None:
-                continue  # left in place: load_state_dict reports it as unexpected
-            tensor = state_dict.pop(key)
-            if m.group(2) != "tril":  # the causal mask buffer is implied by the kernel
-                heads[(int(m.group(1)), m.group(2))] = tensor
-        if heads:
-            n = self.num_heads
-            if sorted({i for i, _ in heads}) != list(range(n)) or len(heads) != 3 * n:
-                raise ValueError(f"{prefix}heads.*: expected key/query/value weights for heads "
-                                 f"0..{n - 1}, got {sorted(heads)}")
-            state_dict[prefix + "qkv.weight"] = torch.cat(
-                [heads[(i, part)] for part in ("query", "key", "value") for i in range(n)], dim=0)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FeedForward(nn.Module):

@@ -1,7 +1,8 @@
 """Causal scaled-dot-product attention with the heads as a batch dimension.
 
-    from kernels import causal_attention
+    from kernels import causal_attention, MultiHeadAttention
     out = causal_attention(q, k, v)          # q: (B, H, Tq, D), k, v: (B, H, Tk, D)
+    sa = MultiHeadAttention(n_head, head_size, n_embd=n_embd, dropout=dropout)  # the lecture's module
 
 Backends: "triton" (fused FlashAttention-2-style kernel, CUDA), "sdpa" (PyTorch's
 scaled_dot_product_attention), "reference" (the explicit-softmax oracle), and "auto".
@@ -20,7 +21,7 @@ except ImportError as e:  # no triton on this platform (macOS, Windows): pure-Py
     flash = None
     _FLASH_IMPORT_ERROR = str(e)
 
-__all__ = ["causal_attention", "decode_attention", "available_backends",
+__all__ = ["causal_attention", "decode_attention", "MultiHeadAttention", "available_backends",
            "causal_attention_reference", "default_device", "set_defaults"]
 
 
@@ -170,3 +171,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible.unsqueeze(1),
                                          scale=scale)
     return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)
+
+
+# The batched module runs causal_attention above (and a lecture script named gpt.py can import it
+# from here without importing this project's gpt package).
+from .modules import MultiHeadAttention  # noqa: E402
