@@ -5,6 +5,7 @@ IMPLS is the registry: name -> factory(device, quick) that returns attend(q, k, 
 is one entry. Each is checked against the oracle (kernels/testing.py's rule) before it is timed.
 """
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +14,18 @@ from gpt.lecture import per_head_attention
 from kernels import available_backends, causal_attention
 from kernels.reference import naive_causal_attention
 
-from bench.harness import check_forward, fmt, measure, peak_memory_mb, skipped_reason
+from bench.harness import (check_forward, fmt, log, measure, never_ran, peak_memory_mb,
+                           print_never_ran, progress, skipped_reason)
 
 LECTURE_SHAPE = dict(B=64, H=6, T=256, D=64)
 SLOW_COMPILE = "compiling takes longer than --quick allows on a CPU"
 
 
-def _sdpa(backend_name):
+def _sdpa(backend_name, cuda_only=False):
     def factory(device, quick):
         from torch.nn.attention import SDPBackend, sdpa_kernel
+        if cuda_only and device.type != "cuda":
+            return "a CUDA kernel"
         backend = getattr(SDPBackend, backend_name)
 
         def attend(q, k, v):
@@ -70,8 +74,8 @@ IMPLS = {
     "lecture": lambda device, quick: per_head_attention,
     "naive-batched": lambda device, quick: naive_causal_attention,
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
-    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
-    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION", cuda_only=True),
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION", cuda_only=True),
     "sdpa-math": _sdpa("MATH"),
     "flex": _flex,
     "compiled-naive": _compiled_naive,
@@ -116,9 +120,11 @@ def _time_pass(impl, p, plain, sets, do, device):
 def run(opts, rows, save):
     """Time every implementation over the grid, appending to `rows`; save() after each grid
     point, so that a run cut short keeps what it measured."""
-    device, log = opts.device, opts.log
+    device = opts.device
     impls = {name: factory(device, opts.quick) for name, factory in IMPLS.items()}
-    for dtype, B, H, T, D in grid(device, opts.dtypes, opts.quick):
+    points = grid(device, opts.dtypes, opts.quick)
+    bar = progress(len(points) * len(impls), "attention")
+    for dtype, B, H, T, D in points:
         torch.manual_seed(0)
         sets = [[torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
                  for _ in range(3)] for _ in range(2)]
@@ -152,21 +158,33 @@ def run(opts, rows, save):
                 log(f"  attention {base['dtype']} B={B} H={H} T={T} D={D} {name}: " + ", ".join(
                     f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
                     for r in rows[-2:]))
+            bar.update(1)
         del sets, plain, do
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
+    bar.close()
 
 
-def print_table(rows):
+def _ours(device_type):
+    """The row that stands for this project: the kernel itself on a GPU, what auto picks elsewhere."""
+    return "triton" if device_type == "cuda" else "project-auto"
+
+
+def print_table(rows, opts):
     if not rows:
         return
-    print("\n== attention (causal; TFLOP/s count 4*B*H*T*T*D/2 forward, 2.5x that for fwd+bwd) ==")
+    cuda = opts.device.type == "cuda"
+    print("\n== attention (causal" + ("; TFLOP/s count 4*B*H*T*T*D/2 forward, 2.5x that for "
+                                       "fwd+bwd" if cuda else "") + ") ==")
+    absent = never_ran(rows)
     groups = {}
     for r in rows:
-        groups.setdefault((r["dtype"], r["D"], r["pass"], r["B"], r["H"], r["T"]), []).append(r)
-    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>3} {'T':>6} {'D':>4}  {'impl':16} {'ms':>9} "
-          f"{'TFLOP/s':>8} {'vs lecture':>10} {'vs best sdpa':>12}  note")
+        if r["impl"] not in absent:
+            groups.setdefault((r["dtype"], r["D"], r["pass"], r["B"], r["H"], r["T"]), []).append(r)
+    flops = f" {'TFLOP/s':>8}" if cuda else ""
+    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>3} {'T':>6} {'D':>4}  {'impl':16} {'ms':>9}{flops} "
+          f"{'vs lecture':>10} {'vs best sdpa':>12}  note")
     for rs in groups.values():
         lecture = next((r.get("ms") for r in rs if r["impl"] == "lecture"), None)
         sdpa = [r["ms"] for r in rs if r["impl"].startswith("sdpa-") and "ms" in r]
@@ -175,10 +193,38 @@ def print_table(rows):
             ms = r.get("ms")
             vl = f"{lecture / ms:.2f}x" if ms and lecture else "-"
             vs = f"{best / ms:.2f}x" if ms and best else "-"
+            tf = f" {fmt(r.get('tflops'), '8.1f')}" if cuda else ""
             print(f"{r['dtype']:9} {r['pass']:8} {r['B']:>4} {r['H']:>3} {r['T']:>6} {r['D']:>4}  "
-                  f"{r['impl']:16} {fmt(ms, '9.3f')} {fmt(r.get('tflops'), '8.1f')} {vl:>10} "
-                  f"{vs:>12}  {r.get('skipped', '')}")
+                  f"{r['impl']:16} {fmt(ms, '9.3f')}{tf} {vl:>10} {vs:>12}  {r.get('skipped', '')}")
         print()
+    print_never_ran(rows)
+
+
+def verdict(rows, opts):
+    """Per pass: ours against the lecture and the fastest SDPA backend, as the geometric mean
+    over the grid's shapes (and at the lecture's shape, where it was run)."""
+    ours, lines = _ours(opts.device.type), []
+    for p in ("fwd", "fwd+bwd"):
+        groups = {}
+        for r in rows:
+            if r["pass"] == p and "ms" in r:
+                groups.setdefault((r["dtype"], r["B"], r["H"], r["T"], r["D"]), {})[r["impl"]] = r["ms"]
+        vs_lecture, vs_sdpa = [], []
+        for ms in groups.values():
+            sdpa = [v for k, v in ms.items() if k.startswith("sdpa-")]
+            if ours in ms and "lecture" in ms:
+                vs_lecture.append(ms["lecture"] / ms[ours])
+            if ours in ms and sdpa:
+                vs_sdpa.append(min(sdpa) / ms[ours])
+        if vs_lecture and vs_sdpa:
+            lines.append(f"attention {p}: {ours} {_geomean(vs_lecture):.2f}x the lecture, "
+                         f"{_geomean(vs_sdpa):.2f}x the fastest SDPA backend (geometric mean over "
+                         f"{len(vs_sdpa)} shapes; worst {min(vs_sdpa):.2f}x)")
+    return lines
+
+
+def _geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def plot(report, path):

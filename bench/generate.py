@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from bench import train
-from bench.harness import print_rows, skipped_reason, sync
+from bench.harness import log, print_rows, progress, ratio_line, skipped_reason, sync
 
 
 @dataclasses.dataclass
@@ -32,11 +32,13 @@ IMPLS = {
 
 def run(opts, rows, save):
     """Time generation for every entry of IMPLS, appending to `rows`."""
-    device, log = opts.device, opts.log
-    _, cfg, _ = train.preset(device)
+    device = opts.device
+    preset_name, cfg, _ = train.preset(device)
     bs = cfg.block_size
     n = 2000 if device.type == "cuda" else (300 if opts.quick else 1000)
+    bar = progress(len(IMPLS), "generate")
     for name, spec in IMPLS.items():
+        bar.update(1)
         prompt_len, new = spec.prompt_len(bs), spec.new_tokens(bs, n)
         torch.manual_seed(0)
         model = train.IMPLS[spec.model].build(cfg).to(device).eval()
@@ -53,11 +55,25 @@ def run(opts, rows, save):
             rows.append(dict(impl=name, skipped=skipped_reason(e)))
             continue
         assert out.shape == (1, prompt_len + new)
-        rows.append(dict(impl=name, tokens_per_s=new / dt, new_tokens=new, prompt_tokens=prompt_len,
-                         block_size=bs, n_layer=cfg.n_layer, n_embd=cfg.n_embd))
+        rows.append(dict(impl=name, preset=preset_name, tokens_per_s=new / dt, new_tokens=new,
+                         prompt_tokens=prompt_len, block_size=bs, n_layer=cfg.n_layer,
+                         n_embd=cfg.n_embd))
         log(f"  generate {name}: {new} tokens, {new / dt:,.1f} tokens/s")
         save()
+    bar.close()
 
 
-def print_table(rows):
-    print_rows("generate (batch 1, one-token prompt)", rows, "tokens_per_s")
+def print_table(rows, opts):
+    if not rows:
+        return
+    r = next((r for r in rows if "block_size" in r), {})
+    print_rows(f"generate (batch 1, the {r.get('preset', '?')} preset: block {r.get('block_size', '?')})",
+               rows, "tokens_per_s")
+    print("(project: a whole run from a one-token prompt; project:cache: only the positions that fit "
+          "in block_size, one new position a step on the KV cache; project:window: only tokens past "
+          "block_size, a full-window forward a step, as the lecture's crop needs)")
+
+
+def verdict(rows, opts):
+    line = ratio_line("generation", rows, "tokens_per_s", "project", ("lecture",))
+    return [line + " (its generate, the same distribution)"] if line else []

@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 
 import torch
@@ -131,23 +132,65 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def progress(total, desc):
+    """A progress bar on stderr (tqdm), for a section's runs."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="run", leave=False, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def log(msg):
+    """A line on stderr that does not break a progress bar."""
+    from tqdm.auto import tqdm
+    tqdm.write(msg, file=sys.stderr)
+
+
+def never_ran(rows):
+    """impl -> why, for the implementations none of whose rows ran (not on this device, or not
+    in this kind of run): said once, not on every line."""
+    by_impl = {}
+    for r in rows:
+        by_impl.setdefault(r["impl"], []).append(r)
+    return {impl: rs[0]["skipped"] for impl, rs in by_impl.items()
+            if all("skipped" in r for r in rs)}
+
+
+def print_never_ran(rows):
+    why = {}
+    for impl, reason in never_ran(rows).items():
+        why.setdefault(reason, []).append(impl)
+    for reason, impls in why.items():
+        print(f"not run here: {', '.join(impls)} ({reason})")
+
+
 def print_rows(title, rows, metric, baseline="lecture", alternative=None):
     """One line per row, grouped by dtype: the metric, and its ratio to the baseline's and to
-    the alternative's."""
+    the alternative's; MFU where it was measured (a GPU)."""
     if not rows:
         return
     print(f"\n== {title} ==")
+    absent = never_ran(rows)
     for key in sorted({r.get("dtype", "") for r in rows}):
-        rs = [r for r in rows if r.get("dtype", "") == key]
+        rs = [r for r in rows if r.get("dtype", "") == key and r["impl"] not in absent]
         base = next((r.get(metric) for r in rs if r["impl"] == baseline), None)
         alt = next((r.get(metric) for r in rs if r["impl"] == alternative), None)
         for r in rs:
             v = r.get(metric)
-            extra = "" if "mfu" not in r else f" mfu {fmt(r['mfu'] and 100 * r['mfu'], '5.1f')}%"
+            extra = f" mfu {100 * r['mfu']:5.1f}%" if r.get("mfu") else ""
             ratio = f"{v / base:6.2f}x {baseline}" if v and base else ""
             ratio += f" {v / alt:6.2f}x {alternative}" if v and alt and r["impl"] != alternative else ""
             print(f"{key:9} {r['impl']:24} {fmt(v, '14,.1f')} {metric}{extra} {ratio} "
                   f"{r.get('skipped', '')}")
+    print_never_ran(rows)
+
+
+def ratio_line(what, rows, metric, impl, against):
+    """'what: impl 1.71x lecture, 1.16x sdpa-batched' from rows (one per impl), or None."""
+    value = {r["impl"]: r.get(metric) for r in rows}
+    if not value.get(impl):
+        return None
+    parts = [f"{value[impl] / value[a]:.2f}x {a}" for a in against if value.get(a)]
+    return f"{what}: {impl} " + ", ".join(parts) if parts else None
 
 
 # The row fields that say which measurement a CSV line is; the others are metrics.

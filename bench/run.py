@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from bench import attention, generate, harness, train  # noqa: E402
 from kernels import default_device  # noqa: E402
 
-# Section name -> module with run(opts, rows, save) and print_table(rows), in the report's order.
+# Section name -> module with run(opts, rows, save), print_table(rows, opts) and verdict(rows,
+# opts) (plain summary lines), in the report's order.
 SECTIONS = {"attention": attention, "gpt_train": train, "generate": generate}
 # The short sections run first, so a run cut short in the long attention grid still has them.
 RUN_ORDER = ("gpt_train", "generate", "attention")
@@ -76,11 +77,8 @@ def main(argv=None):
     sections = args.only or list(SECTIONS)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
     out_dir = Path(args.out)
-    opts = types.SimpleNamespace(device=device, dtypes=dtypes, quick=args.quick, log=log,
+    opts = types.SimpleNamespace(device=device, dtypes=dtypes, quick=args.quick,
                                  profile_dir=out_dir if args.profile else None)
     report = {"device": harness.device_name(device), "versions": harness.versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -104,19 +102,24 @@ def main(argv=None):
         report["complete"] = final
         harness.write_report(report, SECTIONS, paths)
 
-    for name in RUN_ORDER:
+    print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}",
+          flush=True)
+    for name in RUN_ORDER:  # each section's table as soon as it is measured
         if name in sections:
             SECTIONS[name].run(opts, report[name], save)
+            SECTIONS[name].print_table(report[name], opts)
+            sys.stdout.flush()
     save(final=True)
     if report["attention"]:
         try:
             attention.plot(report, out_dir / "attention.png")
         except ImportError:
-            log("matplotlib is not installed: no attention.png (pip install -e '.[plot]')")
+            harness.log("matplotlib is not installed: no attention.png (pip install -e '.[plot]')")
 
-    print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}")
-    for name, module in SECTIONS.items():
-        module.print_table(report[name])
+    verdicts = [line for name in SECTIONS for line in SECTIONS[name].verdict(report[name], opts)]
+    if verdicts:
+        print("\n== verdict ==")
+        print("\n".join(verdicts))
     print(f"\nwrote {out_dir}/results.json, results.csv ({report['seconds']} s)"
           + "".join(f" and {p}" for p in paths[1:]))
 

@@ -14,8 +14,8 @@ from gpt import GPT, GPTConfig
 from gpt.lecture import GPTLanguageModel
 from gpt.model import PRESETS
 
-from bench.harness import (measure, peak_memory_mb, print_rows, profile_steps, skipped_reason,
-                           sync)
+from bench.harness import (log, measure, peak_memory_mb, print_rows, profile_steps, progress,
+                           ratio_line, skipped_reason, sync)
 
 VOCAB = 65  # Tiny Shakespeare's characters
 
@@ -78,15 +78,17 @@ def make_step(impl, cfg, batch, device, amp):
 def run(opts, rows, save):
     """Time a training step of every implementation, per dtype, appending to `rows`; with
     opts.profile_dir, also profile each (harness.profile_steps)."""
-    device, quick, log, profile_dir = opts.device, opts.quick, opts.log, opts.profile_dir
-    _, cfg, B = preset(device)
+    device, quick, profile_dir = opts.device, opts.quick, opts.profile_dir
+    preset_name, cfg, B = preset(device)
     T, L, H = cfg.block_size, cfg.n_layer, cfg.n_head
     runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16),
                                                              ("float32", None)]
+    bar = progress(2 * len(runs) * len(IMPLS), "gpt_train")
     for dtype_name, amp in runs:
         peak = matmul_peak_tflops(device, amp or torch.float32) if device.type == "cuda" else None
         steps, skipped = {}, {}
         for name, impl in IMPLS.items():
+            bar.update(1)
             if impl.compiled and quick and device.type == "cpu":
                 skipped[name] = "compiling takes longer than --quick allows on a CPU"
                 continue
@@ -105,14 +107,17 @@ def run(opts, rows, save):
                     step()
                     times[name].append((time.perf_counter() - t0) * 1e3)
         for name in IMPLS:
+            bar.update(1)
             if name in skipped:
-                rows.append(dict(impl=name, dtype=dtype_name, skipped=skipped[name]))
+                rows.append(dict(impl=name, dtype=dtype_name, preset=preset_name,
+                                 skipped=skipped[name]))
                 continue
             step, n_params = steps[name]
             ms = statistics.median(times[name])
             flops_per_token = 6 * n_params + 12 * L * H * (cfg.n_embd // H) * T  # PaLM's, as nanoGPT
             tok_s = B * T / (ms / 1e3)
-            rows.append(dict(impl=name, dtype=dtype_name, tokens_per_s=tok_s, ms_per_iter=ms,
+            rows.append(dict(impl=name, dtype=dtype_name, preset=preset_name, tokens_per_s=tok_s,
+                             ms_per_iter=ms,
                              mfu=flops_per_token * tok_s / (peak * 1e12) if peak else None,
                              peak_mem_mb=peak_memory_mb(step, device), B=B, T=T,
                              mfu_peak=f"measured 8192^3 {dtype_name} matmul: {peak:.0f} TFLOP/s"
@@ -125,8 +130,29 @@ def run(opts, rows, save):
                 log("    profile: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
         del steps
         save()
+    bar.close()
 
 
-def print_table(rows):
-    print_rows("gpt_train (full step: forward, backward, AdamW)", rows, "tokens_per_s",
-               baseline=BASELINE, alternative=ALTERNATIVE)
+def _model(rows):
+    name = next((r["preset"] for r in rows if "preset" in r), "lecture")
+    cfg, B = GPTConfig.from_preset(name), PRESETS[name]["train"]["batch_size"]
+    return (f"the {name} preset: batch {B}, block {cfg.block_size}, {cfg.n_embd} wide, "
+            f"{cfg.n_head} heads, {cfg.n_layer} layers")
+
+
+def print_table(rows, opts):
+    if rows:
+        print_rows(f"gpt_train (full step: forward, backward, AdamW; {_model(rows)})", rows,
+                   "tokens_per_s", baseline=BASELINE, alternative=ALTERNATIVE)
+
+
+def verdict(rows, opts):
+    lines = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        for impl in ("project", "project-compiled"):
+            line = ratio_line(f"training ({dtype})", rs, "tokens_per_s", impl,
+                              (BASELINE, ALTERNATIVE))
+            if line:
+                lines.append(line + " (nanoGPT-style SDPA)")
+    return lines

@@ -17,15 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 NUMBER = (int, float)
 
 
-def test_quick_bench_writes_the_schema(tmp_path):
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """One run of `bench/run.py --quick --profile` on the CPU, shared by the checks below (a
+    second subprocess run would cost as much again)."""
+    out = tmp_path_factory.mktemp("bench")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                        "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    return r, out
+
+
+def test_quick_bench_writes_the_schema(quick_report):
+    r, out = quick_report
     assert "== attention" in r.stdout and "== gpt_train" in r.stdout and "== generate" in r.stdout
-    report = json.loads((tmp_path / "results.json").read_text())
+    report = json.loads((out / "results.json").read_text())
     assert isinstance(report["device"], str) and isinstance(report["date"], str)
     assert set(report["versions"]) >= {"python", "torch", "triton", "cuda"}
     assert isinstance(report["autotune"], list)  # tile choices; empty where nothing was tuned
+    assert report["complete"] is True
     fields = {"attention": ("impl", "pass", "dtype", "B", "H", "T", "D"),
               "gpt_train": ("impl", "dtype"), "generate": ("impl",)}
     metrics = {"attention": ("ms", "ms_p20", "ms_p80", "tflops"),
@@ -42,20 +52,33 @@ def test_quick_bench_writes_the_schema(tmp_path):
     ran = {r["impl"] for r in report["attention"] if "ms" in r}
     assert {"lecture", "naive-batched", "sdpa-math", "project-auto"} <= ran
     assert {r["impl"] for r in report["attention"] if "skipped" in r} >= {"triton", "triton-atomic-dq"}  # no GPU
-    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("section,impl,key,metric,value") and len(csv_lines) > 10
 
 
-def test_profile_flag_writes_where_the_step_time_goes(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
-                        "--only", "gpt_train", "--profile", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [row for row in json.loads((tmp_path / "results.json").read_text())["gpt_train"] if "ms_per_iter" in row]
+def test_quick_bench_output_reads_plainly_on_a_cpu(quick_report):
+    """What cannot run on a CPU is said once per section, not as a failure on every line; no
+    TFLOP/s or MFU columns of zeros; the CPU model is named; the run ends with verdict lines."""
+    r, _ = quick_report
+    out = r.stdout
+    assert "not run here: triton, triton-atomic-dq (needs a CUDA GPU and triton)" in out
+    assert "TFLOP/s" not in out and "mfu" not in out and "RuntimeError" not in out
+    assert "the small preset: batch 16, block 32, 64 wide" in out
+    assert "project:cache: only the positions that fit" in out
+    verdict = out[out.index("== verdict =="):]
+    for words in ("attention fwd: project-auto", "x the lecture", "training (float32): project",
+                  "x sdpa-batched", "generation: project"):
+        assert words in verdict, verdict
+    assert "attention:" in r.stderr  # the progress bar
+
+
+def test_profile_flag_writes_where_the_step_time_goes(quick_report):
+    _, out = quick_report
+    rows = [row for row in json.loads((out / "results.json").read_text())["gpt_train"] if "ms_per_iter" in row]
     assert {row["impl"] for row in rows} >= {"lecture", "project"}
     for row in rows:
         assert row["profile_wall_ms"] > 0
-        table = (tmp_path / f"profile-gpt_train-float32-{row['impl']}.txt").read_text()
+        table = (out / f"profile-gpt_train-float32-{row['impl']}.txt").read_text()
         assert "Self CPU" in table and "aten::" in table
 
 
