@@ -81,10 +81,10 @@ def signature(fn, dtype, constexprs):
 
 
 def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=True,
-                   fp32_precision="ieee"):
+                   fp32_precision="ieee", huge_scale=False):
     fn = flash._JIT[kind]
     hd = flash._head_dim(head_dim)
-    constexprs = dict(D=head_dim, HEAD_DIM=hd, DROPOUT=dropout,
+    constexprs = dict(D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
                       FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
                       OFFS_64=False,
                       **config.kwargs)
@@ -137,6 +137,8 @@ def parse_args(argv):
     p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
     p.add_argument("--nondeterministic", action="store_true",
                    help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
+    p.add_argument("--huge-scale", action="store_true",
+                   help="the kernels |scale| > 1 gets (softmax guarded for huge scaled scores)")
     p.add_argument("--fp32-precision", choices=settings.FP32_PRECISIONS,
                    default=settings.resolve_fp32_precision(),
                    help="float32 dots (default: what a call gets now, %(default)s)")
@@ -174,7 +176,8 @@ def main(argv=None):
                             f"{c.num_stages:6d}")
                     try:
                         f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch,
-                                                   not args.nondeterministic, args.fp32_precision))
+                                                   not args.nondeterministic, args.fp32_precision,
+                                                   args.huge_scale))
                     except Exception as e:  # report every variant, then fail at the end
                         failures += 1
                         print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")

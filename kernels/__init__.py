@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import settings
+from .masking import bad_positions, guarded_causal, seen_so_far, zero_positions
 from .reference import causal_attention_reference, causal_mask
 from .settings import set_defaults
 from .validation import check_attention_args, check_backend, with_positive_scale
@@ -48,8 +49,21 @@ def available_backends(device=None):
     return names
 
 
+def _overlaps(t):
+    """Whether two elements of t may share memory (strides such as stride_t = stride_d = 1).
+    PyTorch's CPU SDPA kernel returns garbage for such inputs (torch 2.13, seen)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    reach = 0  # the largest offset the smaller-stride dimensions span
+    for stride, n in dims:
+        if stride <= reach:
+            return True
+        reach += stride * (n - 1)
+    return False
+
+
 def _sdpa(q, k, v, scale, dropout_p):
     Tq, Tk = q.shape[-2], k.shape[-2]
+    q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
@@ -125,10 +139,11 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             raise ValueError(f"backend='triton' cannot run here: {why}")
     if backend == "triton":
         out = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
-    elif backend == "sdpa":
-        out = _sdpa(q4, k4, v4, scale, dropout_p)
+    elif backend == "sdpa":  # masking.py keeps masked positions out (the kernel, in its tiles)
+        out = guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p), q4, k4, v4)
     else:
-        out = causal_attention_reference(q4, k4, v4, scale=scale, dropout_p=dropout_p)
+        out = guarded_causal(lambda a, b, c: causal_attention_reference(
+            a, b, c, scale=scale, dropout_p=dropout_p), q4, k4, v4)
     return out.squeeze(1) if three_d else out
 
 
@@ -168,8 +183,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     q, scale = with_positive_scale(q, scale)
     last = cache_seqlens.view(B, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, Tq, 1)
     visible = torch.arange(S, device=q.device).view(1, 1, S) <= last  # (B, Tq, S)
-    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible.unsqueeze(1),
-                                         scale=scale)
+    # Masked slots never reach the output (kernels/masking.py): non-finite ones are zeroed, and a
+    # query that sees one gets NaN.
+    bad = bad_positions(k_cache, v_cache)  # (B, H, S)
+    seen = seen_so_far(bad).gather(-1, last.clamp(min=0).view(B, 1, Tq).expand(-1, bad.shape[1], -1))
+    out = F.scaled_dot_product_attention(q, zero_positions(k_cache, bad), zero_positions(v_cache, bad),
+                                         attn_mask=visible.unsqueeze(1), scale=scale)
+    out = out.masked_fill((seen & (last >= 0).view(B, 1, Tq)).unsqueeze(-1), float("nan"))
     return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)
 
 

@@ -156,6 +156,47 @@ def _offsets(start, N: tl.constexpr, OFFS_64: tl.constexpr):
     return offs
 
 
+@triton.jit
+def _product_rounded_down(a, b):
+    """a * b rounded toward -inf: rounded to nearest, then one step down where that rounded up
+    (the fused multiply-add gives the product's exact rounding error). A row maximum taken so
+    never exceeds the exact one, so exp2(fma(s, scale, -m)) of the row's largest score is at
+    least 1 and cannot underflow to 0, at any magnitude (-inf stays -inf)."""
+    m = a * b
+    err = tl.fma(a, b, -m)  # exact - rounded; NaN for -inf * b, which then stays as it is
+    bits = m.to(tl.int32, bitcast=True)
+    down = tl.where(m > 0, bits - 1, tl.where(m < 0, bits + 1, -2147483647))  # 0 -> -2**-149
+    return tl.where(err < 0, down.to(tl.float32, bitcast=True), m)
+
+
+@triton.jit
+def _exp2_weights(x, head):
+    """exp2(x) for softmax exponents x = scaled score - row maximum (or - LSE). With HUGE_SCALE
+    (|scale| > 1: scaled scores can pass 2**30, where the row maximum's rounding is larger than
+    exp2's range) x is capped at 0 first, NaN staying NaN; otherwise nothing is added to the
+    hot loop."""
+    if head.HUGE_SCALE:
+        x = tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.math.exp2(x)
+
+
+@triton.jit
+def _row_max(s, head):
+    """The scaled row maximum of raw scores s (BLOCK_M, BLOCK_N); with HUGE_SCALE rounded down,
+    so that the row's largest weight is 1 and not 0 (_product_rounded_down)."""
+    if head.HUGE_SCALE:
+        m = _product_rounded_down(tl.max(s, 1), head.qk_scale)
+    else:
+        m = tl.max(s, 1) * head.qk_scale
+    return m
+
+
+@triton.jit
+def _finite(x):
+    """True where x is neither NaN nor +-inf (x - x is 0 exactly there)."""
+    return (x - x) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # One (batch, head) program's view of its tensors
 # ----------------------------------------------------------------------------------------------
@@ -167,9 +208,10 @@ def _offsets(start, N: tl.constexpr, OFFS_64: tl.constexpr):
 Slab = namedtuple("Slab", ["ptr", "stride_t", "stride_d", "T"])
 
 # What every tile of one head needs beside its slabs: the lengths, the causal offset Tk - Tq
-# (query i sees key j iff j <= i + offset), the scale in base 2, and the dropout draw's seed,
-# head and probability.
-Head = namedtuple("Head", ["Tq", "Tk", "offset", "qk_scale", "seed", "bh", "dropout_p"])
+# (query i sees key j iff j <= i + offset), the scale in base 2, the dropout draw's seed, head
+# and probability, and HUGE_SCALE (a constexpr: the softmax guarded for scaled scores past 2**30).
+Head = namedtuple("Head", ["Tq", "Tk", "offset", "qk_scale", "seed", "bh", "dropout_p",
+                           "HUGE_SCALE"])
 
 
 @triton.jit
@@ -181,14 +223,14 @@ def _batch_and_head(H):
 
 
 @triton.jit
-def _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT: tl.constexpr):
+def _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT: tl.constexpr, HUGE_SCALE: tl.constexpr):
     """The Head of program bh: what every attention kernel's tile loops share."""
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
     offset = Tk - Tq
     qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp; scale > 0
-    return Head(Tq, Tk, offset, qk_scale, seed, bh, dropout_p)
+    return Head(Tq, Tk, offset, qk_scale, seed, bh, dropout_p, HUGE_SCALE)
 
 
 @triton.jit
@@ -309,16 +351,27 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         # With qk_scale > 0 the row maximum of the scaled scores is that of the raw ones,
         # scaled, and the scaling rides on the subtraction: one fused multiply-add per score,
         # rounded once near 0 rather than at the size of the score (the backward does the same).
-        m_new = tl.maximum(m_i, tl.max(s, 1) * head.qk_scale)
-        p = tl.math.exp2(tl.fma(s, head.qk_scale, -m_new[:, None]))
+        m_new = tl.maximum(m_i, _row_max(s, head))
+        p = _exp2_weights(tl.fma(s, head.qk_scale, -m_new[:, None]), head)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
             keep = _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - head.dropout_p), 0.0)
         v_tile = _load_operand(v, offs_n, offs_d, D, MASKED, FP32_PRECISION)  # (BLOCK_N, HEAD_DIM)
+        if MASKED:
+            # Here masked weights are 0, and 0 * NaN is NaN: a NaN or inf value that a query
+            # cannot see would reach its output through the dot. Such values are zeroed, and a
+            # row that can see one gets NaN instead (the contract of kernels/masking.py): row i
+            # sees the tile's first bad key j iff j <= i + offset.
+            finite = _finite(v_tile)
+            bad_keys = tl.where(tl.min(finite.to(tl.int32), 1) == 0, offs_n, head.Tk)  # (BLOCK_N,)
+            row_bad = tl.min(bad_keys, 0) <= offs_m + head.offset  # (BLOCK_M,)
+            v_tile = tl.where(finite, v_tile, 0.0)
         acc = _dot(_tf32_rounded(_to(p, v_tile.dtype), FP32_PRECISION), v_tile,
                    acc * alpha[:, None], FP32_PRECISION)
+        if MASKED:
+            l_i = tl.where(row_bad, float("nan"), l_i)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -328,7 +381,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
               H, Tq, Tk, scale, dropout_p,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-              FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+              HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
@@ -339,7 +392,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -394,8 +447,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
         row_ok = offs_m < head.Tq
         qT = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION, TRANS=True)
         lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
-        pT = tl.math.exp2(tl.fma(_dot(k, qT, None, FP32_PRECISION), head.qk_scale,
-                                 -lse2[None, :]))
+        pT = _exp2_weights(tl.fma(_dot(k, qT, None, FP32_PRECISION), head.qk_scale,
+                                  -lse2[None, :]), head)
         if MASKED:
             pT = tl.where(_visible(offs_m, offs_n, head, TRANS=True), pT, 0.0)
         do = _load_tile(do_slab, offs_m, offs_d, D, CHECK_ROWS=True)  # (BLOCK_M, HEAD_DIM)
@@ -409,6 +462,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
             pT_kept = pT
         dv = _dot_x3(_to(pT_kept, do.dtype), do, dv, FP32_PRECISION)
         delta_i = tl.load(delta + offs_m, mask=row_ok, other=0.0)
+        if MASKED:  # a row that sees a non-finite value has delta NaN; its masked dS stay 0
+            delta_i = tl.where(_finite(delta_i), delta_i, 0.0)
         dsT = _to(pT * (dpT - delta_i[None, :]), qT.dtype)
         dk = _dot_x3(dsT, tl.trans(qT), dk, FP32_PRECISION)
         if not DETERMINISTIC:
@@ -426,7 +481,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    H, Tq, Tk, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                   FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                   HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                    DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     b, h, bh = _batch_and_head(H)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
@@ -434,7 +489,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     k = _load_operand(_slab(K, stride_k, b, h, Tk), offs_n, offs_d, D, True, FP32_PRECISION)
     v = _load_operand(_slab(V, stride_v, b, h, Tk), offs_n, offs_d, D, True, FP32_PRECISION)
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT)
+    # A NaN or inf value (or, for the atomic dQ, key) must not reach through 0 * NaN the
+    # gradients that masked pairs contribute; the gradients of such a position itself are not
+    # defined. Once per program, not per tile.
+    v = tl.where(_finite(v), v, 0.0)
+    if not DETERMINISTIC:
+        k = tl.where(_finite(k), k, 0.0)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
     q_slab, do_slab = _slab(Q, stride_q, b, h, Tq), _slab(DO, stride_do, b, h, Tq)
     lse, delta = _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq)
     dq_acc = DQ_ACC + bh.to(tl.int64) * Tq * HEAD_DIM  # (Tq, HEAD_DIM) float32 rows
@@ -468,14 +529,17 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D:
         offs_n = start_n + offs_n0
         kT = _load_operand(k, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
         vT = _load_operand(v, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
-        p = tl.math.exp2(tl.fma(_dot(q, kT, None, FP32_PRECISION), head.qk_scale, -lse2[:, None]))
-        if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, head), p, 0.0)
+        if MASKED:  # a non-finite key adds nothing to the dQ of a query that cannot see it
+            kT = tl.where(_finite(kT), kT, 0.0)
+        p = _exp2_weights(tl.fma(_dot(q, kT, None, FP32_PRECISION), head.qk_scale,
+                                 -lse2[:, None]), head)
         dp = _dot_x3(do, vT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - head.dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if MASKED:  # dP is NaN where a masked value is: select, do not multiply by 0
+            ds = tl.where(_visible(offs_m, offs_n, head), ds, 0.0)
         dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, FP32_PRECISION)
     return dq
 
@@ -486,7 +550,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                  H, Tq, Tk, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                 FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                 HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
@@ -497,7 +561,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
     do = _load_tile(_slab(DO, stride_do, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
     lse2 = tl.load(_row_stats(LSE, bh, Tq) + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(_row_stats(DELTA, bh, Tq) + offs_m, mask=row_ok, other=0.0)
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
     k, v = _slab(K, stride_k, b, h, Tk), _slab(V, stride_v, b, h, Tk)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -627,6 +691,7 @@ def _common(q, k, scale, dropout_p, fp32_precision):
     hd = _head_dim(D)
     return dict(H=H, Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
+                HUGE_SCALE=abs(scale) > 1.0,  # see _exp2_weights
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
                 FP32_PRECISION=fp32_precision if q.dtype == torch.float32 else "ieee")
 

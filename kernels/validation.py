@@ -50,8 +50,17 @@ def check_attention_args(q, k, v, scale, dropout_p):
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+        # Scores are computed in float32 (float64 for float64 inputs): a scale past that range
+        # makes every score inf, on every backend.
+        limit = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+        try:
+            fits = math.isfinite(scale) and abs(float(scale)) <= limit
+        except OverflowError:  # an int too large for any float
+            fits = False
+        if not fits:
+            shown = f"{scale:.4g}" if isinstance(scale, float) else f"an int of {len(str(abs(scale)))} digits"
+            raise ValueError(f"scale must be finite and at most {limit:.4g} in magnitude (the "
+                             f"range of the scores' float type), got {shown}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
