@@ -194,3 +194,15 @@ def test_help_shows_the_presets_and_their_default(capsys):
         train_main(["--help"])
     out = capsys.readouterr().out
     assert "{lecture,small,tiny}" in out and "default: lecture" in out
+
+
+def test_a_newcomer_on_a_cpu_is_told_what_to_expect(tmp_path, text_path, capsys):
+    """No --preset on a CPU starts the lecture's run: say it takes hours; without a progress
+    bar, print an ETA once ten steps are timed."""
+    small = ["--n-embd", "16", "--n-head", "2", "--n-layer", "1", "--block-size", "16", "--batch-size", "4",
+             "--eval-iters", "1", "--max-iters", "25", "--eval-interval", "100", "--no-progress",
+             "--sample-tokens", "0", "--device", "cpu"]
+    train_main([*small, "--data", str(text_path), "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "note: the lecture preset takes hours on a CPU; --preset tiny trains in seconds" in out
+    assert "min of training to go" in out
