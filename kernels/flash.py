@@ -24,6 +24,13 @@ float32 atomics and the dQ kernel does not run, which saves recomputing QK^T and
 Dropout: a 32-bit Philox draw per (head, row, key), four keys to a Philox call, from a seed that
 the wrapper takes from torch's generator; the backward regenerates the same mask from the seed.
 
+Masked positions never reach an output (kernels/masking.py states the contract): only the tiles
+the diagonal crosses hold masked (query, key) pairs, and there a masked weight of 0 times a NaN
+value would still be NaN, so those tiles zero non-finite values and mark the rows that can see
+one; the backward keeps masked pairs' dS at exactly 0. Scales above 1 get a specialisation
+(HUGE_SCALE) whose softmax rounds the row maximum down and caps exponents at 0, so that scaled
+scores far past 2**30 neither overflow exp2 nor leave a row with only zeros.
+
 How a kernel sees its tensors: each tensor comes with one stride tuple (stride_q = q.stride(),
 any layout). A program first finds its head (_batch_and_head; _head gathers what every tile
 loop needs: lengths, causal offset, scale, dropout draw), then each tensor's (T, D) slab for
