@@ -270,7 +270,7 @@ def test_wide_offsets_path(monkeypatch, device):
     assert not flash._offsets_need_64(torch.empty(8, 4096, 64, 128, device="meta").transpose(1, 2))
     monkeypatch.setattr(flash, "_INT32_LIMIT", 0)
     torch.manual_seed(16)
-    shape = (2, 3, 37, 45, 40)
+    shape = (2, 2, 37, 45, 40)
     with set_defaults(fp32_precision="ieee"):
         check_against_oracle(*inputs(*shape, torch.float32, device), "triton")
     check_against_oracle(*inputs(*shape, torch.bfloat16, device), "triton")
@@ -280,7 +280,7 @@ def test_wide_offsets_path(monkeypatch, device):
 
 def test_backward_is_deterministic(device):
     torch.manual_seed(10)
-    q, k, v = (t.requires_grad_() for t in inputs(2, 2, 70, 70, 32, torch.bfloat16, device))
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 70, 70, 32, torch.bfloat16, device))
     do = torch.randn_like(q)
     grads = [torch.autograd.grad(causal_attention(q, k, v, backend="triton"), (q, k, v), do) for _ in range(2)]
     for a, b in zip(*grads):

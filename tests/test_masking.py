@@ -26,8 +26,8 @@ def attend(backend, q, k, v):
     return causal_attention(q, k, v, backend=backend, fp32_precision="ieee")
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=str)
-@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("where, value", [("k", float("nan")), ("v", float("nan")), ("v", float("inf"))],
+                         ids=["k-nan", "v-nan", "v-inf"])
 @pytest.mark.parametrize("Tq, Tk, bad", CASES, ids=str)
 @pytest.mark.parametrize("backend", EACH)
 def test_a_bad_key_or_value_reaches_only_the_queries_that_see_it(backend, Tq, Tk, bad, where, value, device):
