@@ -17,9 +17,15 @@ far was bad" flag (a cumulative max along the keys) is set at the last key it se
 import torch
 
 
-def bad_positions(k, v):
-    """(..., T) bool: True where a key or value position holds a NaN or an inf."""
-    return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+def bad_positions(*tensors):
+    """(..., T) bool: True where a position of any of the (..., T, D) tensors holds a NaN or an
+    inf. One min-and-max reduction over D each (both carry NaN, and an infinity shows in one),
+    several times cheaper than an elementwise isfinite."""
+    bad = None
+    for t in tensors:
+        b = ~(torch.isfinite(t.amax(-1)) & torch.isfinite(t.amin(-1)))  # aminmax is slower on CPUs
+        bad = b if bad is None else bad | b
+    return bad
 
 
 def zero_positions(x, bad):
@@ -34,8 +40,14 @@ def seen_so_far(bad):
 
 def guarded_causal(attend, q, k, v):
     """attend(q, k, v) (causal, bottom-right aligned) keeping the contract above."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On a CPU a check costs no device sync: when the sum of all entries is finite (nearly
+        # always), so is every entry, and attention runs as it is, with no copies. (A sum that
+        # overflows only sends the call down the exact path below.)
+        if bool(torch.isfinite(q.sum() + k.sum() + v.sum())):
+            return attend(q, k, v)
     Tq, Tk = q.shape[-2], k.shape[-2]
     bad = bad_positions(k, v)  # (B, H, Tk)
-    poisoned = seen_so_far(bad)[..., Tk - Tq:] | ~torch.isfinite(q).all(-1)  # (B, H, Tq)
+    poisoned = seen_so_far(bad)[..., Tk - Tq:] | bad_positions(q)  # (B, H, Tq)
     out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
     return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))

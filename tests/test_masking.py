@@ -36,7 +36,8 @@ def test_a_bad_key_or_value_reaches_only_the_queries_that_see_it(backend, Tq, Tk
     q = torch.randn(1, 2, Tq, 16, device=device, requires_grad=True)
     k, v = (torch.randn(1, 2, Tk, 16, device=device) for _ in range(2))
     clean = attend(backend, q, k, v)
-    (k if where == "k" else v).data[0, 1, bad, 5] = value
+    k, v = k.clone(), v.clone()  # the clean graph keeps the originals for its backward
+    (k if where == "k" else v)[0, 1, bad, 5] = value
     out = attend(backend, q, k, v)
     blind = bad - (Tk - Tq)  # queries before this one cannot see the bad position
     torch.testing.assert_close(out[0, 1, :blind], clean[0, 1, :blind], rtol=0, atol=0)
@@ -134,7 +135,8 @@ def test_the_atomic_dq_backward_keeps_bad_keys_out_too(where, device):
     q = torch.randn(1, 1, 40, 16, device=device, requires_grad=True)
     k, v = (torch.randn(1, 1, 40, 16, device=device) for _ in range(2))
     clean = causal_attention(q, k, v, backend="triton", deterministic=False)
-    (k if where == "k" else v).data[0, 0, 21, 5] = float("nan")
+    k, v = k.clone(), v.clone()  # the clean graph keeps the originals for its backward
+    (k if where == "k" else v)[0, 0, 21, 5] = float("nan")
     out = causal_attention(q, k, v, backend="triton", deterministic=False)
     do = torch.randn_like(out)
     do[0, 0, 21:] = 0
