@@ -2,6 +2,7 @@
 (kernels/testing.py) against the float64 oracle, with PyTorch's own math attention in the same
 precision as the baseline.
 """
+import pytest
 import torch
 
 from kernels import causal_attention, settings
@@ -83,3 +84,14 @@ def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None,
     assert got[0].shape == q.shape and got[0].dtype == q.dtype
     assert_by_rule(got, ref64, low)
     return got
+
+
+def cli_error(main, *argv):
+    """Run a command line's main() in this process (a subprocess costs seconds of imports) and
+    return the one line it exits with: main() turns every problem a user can fix into
+    SystemExit("error: ...")."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt import checkpoint
+from helpers import cli_error
 from gpt.sample import main as sample_main
 from gpt.train import main as train_main
 
@@ -20,16 +21,6 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def error_of(main, *argv):
-    """The one line a command line's main() exits with (in this process: a subprocess costs
-    seconds of imports; test_train.py runs the real command lines)."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
 def test_a_crafted_checkpoint_runs_no_code(tmp_path, text_path):
     marker = tmp_path / "pwned"
     out = tmp_path / "out"
@@ -37,8 +28,8 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, text_path):
     torch.save({"model": _RunsCode(marker), "config": {}, "tokenizer": {"chars": "ab"}}, out / "ckpt.pt")
     with pytest.raises(checkpoint.CheckpointError, match="could run code"):
         checkpoint.load(out / "ckpt.pt")
-    assert "could run code" in error_of(sample_main, "--ckpt", out / "ckpt.pt")
-    assert "could run code" in error_of(train_main, "--preset", "tiny", "--data", text_path,
+    assert "could run code" in cli_error(sample_main, "--ckpt", out / "ckpt.pt")
+    assert "could run code" in cli_error(train_main, "--preset", "tiny", "--data", text_path,
                                         "--out-dir", out, "--resume", "--no-progress")
     assert not marker.exists()
 
@@ -54,7 +45,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, text_path):
 def test_sample_names_a_bad_checkpoint_in_one_line(tmp_path, make, words):
     path = tmp_path / "ckpt.pt"
     make(path)
-    assert words in error_of(sample_main, "--ckpt", path)
+    assert words in cli_error(sample_main, "--ckpt", path)
 
 
 def test_resume_needs_a_train_checkpoint(tmp_path):

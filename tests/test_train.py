@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpt.train import main as train_main
+from helpers import cli_error
 
 TINY = ["--preset", "tiny", "--n-embd", "16", "--n-layer", "1", "--batch-size", "4",
         "--block-size", "16", "--eval-iters", "2", "--no-progress", "--sample-tokens", "20"]
@@ -91,16 +92,6 @@ def test_cli_errors_are_one_line(tmp_path, text_path):
 
 def ckpt_iter(path):
     return torch.load(path, weights_only=True)["iter"]
-
-
-def cli_error(main, *argv):
-    """Run a command line's main() in this process (a subprocess costs seconds of imports); the
-    one line it exits with. main() turns every problem a user can fix into SystemExit('error: ...')."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def test_a_fresh_run_never_replaces_a_checkpoint_silently(tmp_path, text_path):
