@@ -51,7 +51,8 @@ def available_backends(device=None):
 
 def _overlaps(t):
     """Whether two elements of t may share memory (strides such as stride_t = stride_d = 1).
-    PyTorch's CPU SDPA kernel returns garbage for such inputs (torch 2.13, seen)."""
+    A review saw PyTorch's CPU SDPA return garbage for such inputs; the shapes tried here with
+    torch 2.13 came out right, and a copy costs little, so the sdpa backend copies them."""
     dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
     reach = 0  # the largest offset the smaller-stride dimensions span
     for stride, n in dims:
@@ -92,7 +93,8 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         q: (B, H, Tq, D) queries, or (N, Tq, D).
         k: (B, H, Tk, D) keys, or (N, Tk, D), with Tq <= Tk.
         v: (B, H, Tk, D) values, or (N, Tk, D).
-        scale: multiplier of q @ k^T; default D ** -0.5.
+        scale: multiplier of q @ k^T; default D ** -0.5. Any value within float32's range
+            (float64's for float64 inputs), zero and negative included.
         dropout_p: probability of dropping an attention weight (training only; pass 0.0 in
             eval). The kept weights are scaled by 1 / (1 - dropout_p).
         backend: "auto" | "triton" | "reference" | "sdpa". "auto" picks Triton on CUDA for
@@ -119,6 +121,10 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         1 1 0 0
         1 1 1 0
         1 1 1 1
+
+    Masked positions never influence the output: a NaN or inf in a key or value that a query
+    cannot see leaves that query's output (and its dQ) as if it were finite; a query that sees
+    one gets NaN (kernels/masking.py).
 
     Returns:
         (B, H, Tq, D) (or (N, Tq, D)), in q's dtype, on q's device.
