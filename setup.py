@@ -14,6 +14,8 @@ setup(
         "numpy",
         "tqdm",
         # Triton ships wheels for Linux x86_64 only; elsewhere the pure-PyTorch backends serve.
+        # The kernels need Triton >= 3.3 (torch >= 2.7); with an older one, which an older torch
+        # pins, "auto" uses PyTorch's SDPA and backend="triton" says why it cannot run.
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     # Command lines that work from any folder, even one holding the lecture's own gpt.py (which

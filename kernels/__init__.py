@@ -44,7 +44,7 @@ def available_backends(device=None):
     """The backends that can run on `device` (default: CUDA if present, else CPU), best first."""
     device = default_device(device)
     names = ["sdpa", "reference"]
-    if flash is not None and (device.type == "cuda" or flash.INTERPRET):
+    if flash is not None and not flash.TOO_OLD and (device.type == "cuda" or flash.INTERPRET):
         names.insert(0, "triton")
     return names
 

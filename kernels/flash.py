@@ -53,6 +53,9 @@ from . import autotune, settings
 from .validation import with_positive_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The kernels pass tuples and namedtuples between jitted functions, which Triton 3.3 brought.
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+TOO_OLD = TRITON_VERSION < (3, 3)
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -844,6 +847,8 @@ class _EagerAttention(torch.autograd.Function):
 
 def supports(q):
     """Why the Triton kernel cannot take q, or None if it can (q is 4-D and validated)."""
+    if TOO_OLD:
+        return f"triton {triton.__version__} is older than 3.3, which the kernels need"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} is not one of float16, bfloat16, float32"
     if q.shape[-1] > 256:

@@ -95,3 +95,14 @@ def test_triton_refuses_what_it_cannot_run():
 def test_available_backends_lists_the_pure_pytorch_paths():
     names = available_backends("cpu")
     assert names[-2:] == ["sdpa", "reference"]
+
+
+def test_an_old_triton_is_named_and_auto_falls_back(monkeypatch):
+    flash = pytest.importorskip("kernels.flash")
+    monkeypatch.setattr(flash, "TOO_OLD", True)
+    q = torch.randn(1, 1, 4, 16)
+    assert "older than 3.3" in flash.supports(q)
+    with pytest.raises(ValueError, match="older than 3.3"):
+        causal_attention(q, q, q, backend="triton")
+    assert "triton" not in available_backends("cuda")
+    assert torch.isfinite(causal_attention(q, q, q)).all()  # auto: a pure-PyTorch path
