@@ -165,6 +165,10 @@ def main(argv=None):
     for dtype in [DTYPES[d] for d in (args.dtype or ["bfloat16"])]:
         for kind in args.kernel or list(flash._CONFIGS):
             for D in args.head_dims:
+                if kind == "fused" and not flash._fused_backward(0, flash._head_dim(D), TORCH_DTYPES[dtype]):
+                    print(f"{kind:6s} {dtype:5s} {D:3d}  not used for this head dim and dtype "
+                          "(two launches instead)")
+                    continue
                 # The configs flash tries for a long sequence of this head dim and dtype, in order.
                 q = torch.empty(0, dtype=TORCH_DTYPES[dtype])
                 configs = flash._prune(flash._CONFIGS[kind], dict(

@@ -485,6 +485,40 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
     return dk, dv
 
 
+@triton.jit
+def _dkdv_block(start_n, q_slab, k_slab, v_slab, do_slab, dk_slab, dv_slab, lse, delta, dq_acc, head,
+                scale, D: tl.constexpr, HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr,
+                DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of the key tile at start_n: hold it, stream the query rows that see it."""
+    offs_n = _offsets(start_n, BLOCK_N, OFFS_64)
+    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
+    k = _load_operand(k_slab, offs_n, offs_d, D, True, FP32_PRECISION)
+    v = _load_operand(v_slab, offs_n, offs_d, D, True, FP32_PRECISION)
+    # A NaN or inf value (or, for the atomic dQ, key) must not reach through 0 * NaN the
+    # gradients that masked pairs contribute; the gradients of such a position itself are not
+    # defined. Once per key tile, not per query tile.
+    v = tl.where(_finite(v), v, 0.0)
+    if not DETERMINISTIC:
+        k = tl.where(_finite(k), k, 0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    first, full = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
+                             offs_d, first, full, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             MASKED=True,
+                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+                             DETERMINISTIC=DETERMINISTIC)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
+                             offs_d, full, head.Tq, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             MASKED=False,
+                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+                             DETERMINISTIC=DETERMINISTIC)
+    dk = dk * scale
+    _store_tile(dk_slab, offs_n, offs_d, D, dk)
+    _store_tile(dv_slab, offs_n, offs_d, D, dv)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
@@ -495,37 +529,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     b, h, bh = _batch_and_head(H)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
-    offs_n = _offsets(start_n, BLOCK_N, OFFS_64)
-    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    k = _load_operand(_slab(K, stride_k, b, h, Tk), offs_n, offs_d, D, True, FP32_PRECISION)
-    v = _load_operand(_slab(V, stride_v, b, h, Tk), offs_n, offs_d, D, True, FP32_PRECISION)
-    # A NaN or inf value (or, for the atomic dQ, key) must not reach through 0 * NaN the
-    # gradients that masked pairs contribute; the gradients of such a position itself are not
-    # defined. Once per program, not per tile.
-    v = tl.where(_finite(v), v, 0.0)
-    if not DETERMINISTIC:
-        k = tl.where(_finite(k), k, 0.0)
     head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
-    q_slab, do_slab = _slab(Q, stride_q, b, h, Tq), _slab(DO, stride_do, b, h, Tq)
-    lse, delta = _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq)
     dq_acc = DQ_ACC + bh.to(tl.int64) * Tq * HEAD_DIM  # (Tq, HEAD_DIM) float32 rows
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    first, full = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
-                             offs_d, first, full, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                             MASKED=True,
-                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
-                             DETERMINISTIC=DETERMINISTIC)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
-                             offs_d, full, Tq, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                             MASKED=False,
-                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
-                             DETERMINISTIC=DETERMINISTIC)
-    dk = dk * scale
-    _store_tile(_slab(DK, stride_dk, b, h, Tk), offs_n, offs_d, D, dk)
-    _store_tile(_slab(DV, stride_dv, b, h, Tk), offs_n, offs_d, D, dv)
+    _dkdv_block(start_n, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk),
+                _slab(V, stride_v, b, h, Tk), _slab(DO, stride_do, b, h, Tq),
+                _slab(DK, stride_dk, b, h, Tk), _slab(DV, stride_dv, b, h, Tk),
+                _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq), dq_acc, head, scale, D=D,
+                HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+                DETERMINISTIC=DETERMINISTIC, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -554,9 +565,39 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D:
     return dq
 
 
+@triton.jit
+def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, delta_out, head, scale,
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr,
+              DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of the query tile at start_m: hold it, stream the key tiles it sees. It also takes
+    its rows' delta = rowsum(dO * O), the row term of the softmax gradient, and stores it for
+    the dK/dV pass that follows (so no preprocessing launch is needed)."""
+    offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
+    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
+    row_ok = offs_m < head.Tq
+    q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
+    do = _load_tile(do_slab, offs_m, offs_d, D, CHECK_ROWS=True)
+    o = _load_tile(o_slab, offs_m, offs_d, D, CHECK_ROWS=True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_out + offs_m, delta, mask=row_ok)
+    lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d, 0, full_end, head,
+                       D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
+                       FP32_PRECISION=FP32_PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d, full_end, diag_end,
+                       head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
+                       FP32_PRECISION=FP32_PRECISION)
+    dq = dq * scale
+    _store_tile(dq_slab, offs_m, offs_d, D, dq)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
-                 stride_q, stride_k, stride_v, stride_do, stride_dq,
+def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
+                 stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq,
                  H, Tq, Tk, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
@@ -564,26 +605,42 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
-    offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
-    offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    row_ok = offs_m < Tq
-    q = _load_operand(_slab(Q, stride_q, b, h, Tq), offs_m, offs_d, D, True, FP32_PRECISION)
-    do = _load_tile(_slab(DO, stride_do, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
-    lse2 = tl.load(_row_stats(LSE, bh, Tq) + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(_row_stats(DELTA, bh, Tq) + offs_m, mask=row_ok, other=0.0)
     head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
-    k, v = _slab(K, stride_k, b, h, Tk), _slab(V, stride_v, b, h, Tk)
+    _dq_block(start_m, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk),
+              _slab(V, stride_v, b, h, Tk), _slab(DO, stride_do, b, h, Tq),
+              _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
+              _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq), head, scale, D=D,
+              HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, 0, full_end, head, D=D,
-                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
-                       FP32_PRECISION=FP32_PRECISION)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, full_end, diag_end, head,
-                       D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
-                       FP32_PRECISION=FP32_PRECISION)
-    dq = dq * scale
-    _store_tile(_slab(DQ, stride_dq, b, h, Tq), offs_m, offs_d, D, dq)
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
+                    stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_dk,
+                    stride_dv, H, Tq, Tk, scale, dropout_p,
+                    TQ_BUCKET, TK_BUCKET,
+                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
+                    HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The whole backward of one (batch, head) in one program, for short sequences: the dQ pass
+    over its query tiles (which also stores delta), then the dK/dV pass over its key tiles.
+    One launch instead of two; no atomics, each output written once: deterministic."""
+    b, h, bh = _batch_and_head(H)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    q, k, v = _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk), _slab(V, stride_v, b, h, Tk)
+    do = _slab(DO, stride_do, b, h, Tq)
+    lse, delta = _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq)
+    for start_m in range(0, Tq, BLOCK_M):
+        _dq_block(start_m, q, k, v, do, _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
+                  lse, delta, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
+                  DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    # The dK/dV pass reads the delta the other threads of this program just stored.
+    tl.debug_barrier()
+    for start_n in range(0, Tk, BLOCK_N):
+        _dkdv_block(start_n, q, k, v, do, _slab(DK, stride_dk, b, h, Tk), _slab(DV, stride_dv, b, h, Tk),
+                    lse, delta, DELTA, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
+                    DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=True,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -650,8 +707,22 @@ _CONFIGS = {
              _cfg(32, 128, 2, 8), _cfg(32, 64, 3, 4), _cfg(32, 32, 1, 4)],
     # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles.
     "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
+    # The short-sequence backward runs both passes with one pair of tiles.
+    "fused": [_cfg(64, 64, 2, 8), _cfg(64, 64, 2, 4), _cfg(64, 128, 2, 8), _cfg(32, 32, 1, 4)],
 }
-_JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "fused": _attn_bwd_fused}
+# Keys up to which the deterministic backward is one launch, one program per (batch, head)
+# (_attn_bwd_fused); longer sequences take two (dQ, then dK/dV), spread over tiles. A first
+# guess to be settled on a GPU: the lecture's T = 256 is at it. Head dims past 64 and float32
+# take two as well: with both passes in one kernel, every wgmma config spills there
+# (compile_report.py: D = 128 bf16 80 bytes and more, float32 300 and more at any D).
+FUSED_MAX_TK = 256
+
+
+def _fused_backward(Tk, head_dim, dtype):
+    """Whether the deterministic backward of Tk keys, this (padded) head dim and this input
+    dtype is one launch."""
+    return Tk <= FUSED_MAX_TK and head_dim <= 64 and dtype in (torch.float16, torch.bfloat16)
 # Under the interpreter, one small fixed tile for every kernel: the test shapes then cross
 # several tiles, tails and diagonals (a test swaps in unequal tiles, as the GPU configs have).
 _INTERPRET_CONFIG = _cfg(16, 16, 1, 4)
@@ -662,15 +733,17 @@ _TUNER = autotune.ConfigCache(("kernel", "dtype", "device") + _TUNE_KEY, autotun
 
 
 def _launch(name, tiles_along, args, meta, reset=None):
-    """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N>, the second B*H.
-    reset(), if given, runs before every launch (a kernel that accumulates into its output
-    needs it zeroed each time the autotuner reruns it)."""
+    """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N> (1 where the
+    block is None: one program per head), the second B*H. reset(), if given, runs before every
+    launch (a kernel that accumulates into its output needs it zeroed each time the autotuner
+    reruns it)."""
     n, block, bh = tiles_along
 
     def run(conf):
         if reset is not None:
             reset()
-        _JIT[name][(_cdiv(n, conf.kwargs[block]), bh)](
+        tiles = 1 if block is None else _cdiv(n, conf.kwargs[block])
+        _JIT[name][(tiles, bh)](
             *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
 
     if INTERPRET:
@@ -750,19 +823,25 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     outputs = (dq, dk, dv) if deterministic else (dq, dk, dv, dq_acc)
     meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, *outputs)
     delta = torch.empty_like(lse)
-    pre_block = 64 if not INTERPRET else 16
-    _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
-        o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
-        OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     seed = seed if seed is not None else lse
+    if deterministic and _fused_backward(Tk, meta["HEAD_DIM"], q.dtype):  # one launch
+        _launch("fused", (1, None, B * H), (q, k, v, do, o, dq, dk, dv, lse, delta, seed,
+                q.stride(), k.stride(), v.stride(), do.stride(), o.stride(), dq.stride(),
+                dk.stride(), dv.stride()), meta)
+        return dq, dk, dv
+    if deterministic:  # two launches: dQ (which stores delta), then dK/dV
+        _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, o, dq, lse, delta, seed, q.stride(),
+                k.stride(), v.stride(), do.stride(), o.stride(), dq.stride()), meta)
+    else:
+        pre_block = 64 if not INTERPRET else 16
+        _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
+            o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
+            OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
     _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed,
             lse if deterministic else dq_acc,
             q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride()),
             {**meta, "DETERMINISTIC": deterministic}, reset=None if deterministic else dq_acc.zero_)
-    if deterministic:
-        _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, dq, lse, delta, seed, q.stride(),
-                k.stride(), v.stride(), do.stride(), dq.stride()), meta)
-    else:
+    if not deterministic:
         torch.mul(dq_acc[..., :D], scale, out=dq)
     return dq, dk, dv
 

@@ -106,10 +106,12 @@ def tiles(monkeypatch, block_m, block_n):
         yield
 
 
-@pytest.mark.parametrize("variant", ["deterministic", "atomic-dq", "dropout"])
+@pytest.mark.parametrize("variant", ["fused", "two-launch", "atomic-dq", "dropout"])
 @pytest.mark.parametrize("tile", UNEQUAL_TILES, ids=str)
 def test_unequal_tiles(monkeypatch, tile, variant, device):
     shapes = [(1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (1, 1, 37, 50, 112)]
+    if variant == "two-launch":
+        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
     with tiles(monkeypatch, *tile), set_defaults(deterministic=variant != "atomic-dq"):
         if variant == "dropout":
             _dropout_matches_oracle((2, 2, 37, 45, 24), torch.bfloat16, device)
@@ -126,8 +128,9 @@ def test_atomic_dq_backward_large(device):
 
 
 def test_which_backward_kernels_run(monkeypatch, device):
-    """Deterministic (default): dK/dV and dQ kernels. deterministic=False (the call's argument
-    or the process default): dK/dV alone, adding dQ atomically;
+    """Deterministic (default): one launch for short sequences (the fused kernel), two past
+    FUSED_MAX_TK keys (dQ, which stores delta, then dK/dV). deterministic=False (the call's
+    argument or the process default): dK/dV alone, adding dQ atomically;
     torch.use_deterministic_algorithms(True) overrides that. The choice is made at the forward
     and kept for its backward."""
     launched = []
@@ -140,23 +143,35 @@ def test_which_backward_kernels_run(monkeypatch, device):
         causal_attention(q, k, v, backend="triton", **options).sum().backward()
         return list(launched)
 
-    assert kernels() == ["fwd", "dkdv", "dq"]
+    assert kernels() == ["fwd", "fused"]
     assert kernels(deterministic=False) == ["fwd", "dkdv"]
     with set_defaults(deterministic=False):
         assert kernels() == ["fwd", "dkdv"]
-        assert kernels(deterministic=True) == ["fwd", "dkdv", "dq"]  # the call's own choice
+        assert kernels(deterministic=True) == ["fwd", "fused"]  # the call's own choice
         old = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            assert kernels() == ["fwd", "dkdv", "dq"]
+            assert kernels() == ["fwd", "fused"]
         finally:
             torch.use_deterministic_algorithms(old)
         o = causal_attention(q, k, v, backend="triton")
     launched.clear()
     o.sum().backward()  # set back to deterministic before the backward: the forward's choice holds
     assert launched == ["dkdv"]
+    monkeypatch.setattr(flash, "FUSED_MAX_TK", 19)  # 20 keys are past it: the two-launch path
+    assert kernels() == ["fwd", "dq", "dkdv"]
     with pytest.raises(TypeError, match="deterministic must be"):
         set_defaults(deterministic=0)
+
+
+# The two-launch deterministic backward (dQ with delta, then dK/dV) on the awkward shapes that
+# the main test sends through the fused kernel (16-bit, T <= FUSED_MAX_TK, D <= 64).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1, 8), (2, 1, 7, 7, 24), (1, 2, 100, 100, 64),
+                                   (1, 1, 1, 239, 40)], ids=str)
+def test_two_launch_backward(monkeypatch, shape, dtype, device):
+    monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+    run_case(shape, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
