@@ -34,17 +34,21 @@ from kernels import causal_attention, default_device, flash  # noqa: E402
 
 @contextlib.contextmanager
 def launches_stubbed():
-    """Every kernel launch in kernels.flash becomes a no-op (outputs stay uninitialised)."""
+    """Every kernel launch in kernels.flash becomes a no-op (outputs stay uninitialised): a
+    launch plan's first call gets a stand-in config and no compiled kernel, every later call of
+    a plan does nothing, and the atomic path's preprocessing does nothing."""
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    saved = flash._launch, flash._bwd_preprocess
-    flash._launch, flash._bwd_preprocess = (lambda *args, **kwargs: None), NoLaunch()
+    saved = flash._launch, flash._Plan.__call__, flash._bwd_preprocess
+    flash._launch = lambda name, tiles_along, args, meta, reset=None: [flash._INTERPRET_CONFIG, (1, 1, 1), None]
+    flash._Plan.__call__ = lambda self, tensors: None
+    flash._bwd_preprocess = NoLaunch()
     try:
         yield
     finally:
-        flash._launch, flash._bwd_preprocess = saved
+        flash._launch, flash._Plan.__call__, flash._bwd_preprocess = saved
 
 
 def per_call_us(fn, calls, repeats, device):

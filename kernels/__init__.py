@@ -85,6 +85,27 @@ def _auto_backend(q):
     return "sdpa"
 
 
+# Argument checks and the backend choice depend only on the arguments' shapes, dtypes, devices,
+# types and values: a call whose signature was seen before skips them (a training run repeats
+# one signature thousands of times; the checks cost about 9 us of its host time on a 2-core CPU).
+_RESOLVED = {}
+
+
+def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision):
+    """(backend to run, scale, whether the inputs are 3-D), or the error for bad arguments."""
+    check_backend(backend)
+    settings.check(deterministic, fp32_precision)
+    q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p)
+    scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = _auto_backend(q4)  # picks "triton" only where it can run
+    elif backend == "triton":
+        why = _triton_unavailable(q4)
+        if why is not None:
+            raise ValueError(f"backend='triton' cannot run here: {why}")
+    return backend, scale, three_d
+
+
 def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", deterministic=None,
                      fp32_precision=None):
     """Causal (masked) scaled-dot-product attention, all heads at once.
@@ -133,16 +154,23 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, Tq > Tk,
         dropout_p outside [0, 1), an unknown backend, or "triton" where it cannot run.
     """
-    check_backend(backend)
-    settings.check(deterministic, fp32_precision)
-    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
-    scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":
-        backend = _auto_backend(q4)  # picks "triton" only where it can run
-    elif backend == "triton":
-        why = _triton_unavailable(q4)
-        if why is not None:
-            raise ValueError(f"backend='triton' cannot run here: {why}")
+    resolved, signature = None, None
+    if not torch.compiler.is_compiling():  # (torch.compile traces the checks instead)
+        try:
+            signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+                         v.device, type(scale), scale, type(dropout_p), dropout_p, backend,
+                         deterministic, fp32_precision)
+            resolved = _RESOLVED.get(signature)
+        except (AttributeError, TypeError):  # not tensors, or an unhashable argument
+            signature = None
+    if resolved is None:
+        resolved = _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision)
+        if signature is not None:
+            if len(_RESOLVED) >= 4096:  # e.g. a decode loop whose Tk grows: keep it bounded
+                _RESOLVED.clear()
+            _RESOLVED[signature] = resolved
+    backend, scale, three_d = resolved
+    q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
     if backend == "triton":
         out = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
     elif backend == "sdpa":  # masking.py keeps masked positions out (the kernel, in its tiles)

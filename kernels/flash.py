@@ -738,19 +738,82 @@ def _launch(name, tiles_along, args, meta, reset=None):
     launch (a kernel that accumulates into its output needs it zeroed each time the autotuner
     reruns it)."""
     n, block, bh = tiles_along
+    last = []  # (config, grid, what the JIT returned: the compiled kernel) of the latest launch
 
     def run(conf):
         if reset is not None:
             reset()
-        tiles = 1 if block is None else _cdiv(n, conf.kwargs[block])
-        _JIT[name][(tiles, bh)](
+        grid = (1 if block is None else _cdiv(n, conf.kwargs[block]), bh, 1)
+        kernel = _JIT[name][grid](
             *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
+        last[:] = [conf, grid, kernel]
 
     if INTERPRET:
         run(_INTERPRET_CONFIG)
+    else:
+        key = (name, args[0].dtype, args[0].device, *(meta.get(k) for k in _TUNE_KEY))
+        _TUNER.run(key, lambda: _prune(_CONFIGS[name], {"Q": args[0], **meta}), run)
+    return last
+
+
+# CompiledKernel[grid](*every argument) launches a compiled kernel directly (Triton >= 3.3):
+# no argument binding, specialisation or cache lookup, which JITFunction.run does on every
+# call (about 12 us of Python per launch in Triton 3.x, against about 3 us for this).
+_DIRECT = not INTERPRET and hasattr(triton.compiler.CompiledKernel, "__getitem__")
+# (kernel name, specialisation key) -> _Plan. The key holds what the launch depends on besides
+# its tensors: shapes, strides, dtype, device, scale and flags, and the tensors' 16-byte
+# alignment (Triton specialises on it).
+_PLANS = {}
+
+
+class _Plan:
+    """One kernel's launch for one specialisation, worked out at its first call: the config,
+    the grid and every argument but the tensors. A later call adds its tensors and launches,
+    on a GPU through the compiled kernel's own launcher."""
+
+    def __init__(self, name, n_tensors, fixed, meta, launched):
+        conf, grid, kernel = launched
+        options = dict(num_warps=conf.num_warps, num_stages=conf.num_stages)
+        self.jit = lambda tensors: _JIT[name][grid](*tensors, *fixed, **meta, **conf.kwargs, **options)
+        self.runner = None
+        names = _JIT[name].arg_names[n_tensors:]
+        values = {**dict(zip(names, fixed)), **meta, **conf.kwargs}
+        if _DIRECT and kernel is not None and all(arg in values for arg in names):
+            # The launcher takes every argument in the kernel's order, constexprs included,
+            # as JITFunction.run passes them.
+            self.tail = tuple(values[arg] for arg in names)
+            self.runner = kernel[grid]
+
+    def __call__(self, tensors):
+        if self.runner is not None:
+            self.runner(*tensors, *self.tail)
+        else:
+            self.jit(tensors)
+
+
+def _launch_planned(name, key, tensors, first, reset=None):
+    """Launch kernel `name` on `tensors`, its leading arguments (the ones that change from call
+    to call). The first call of a key takes the rest from first() -> (tiles_along, fixed
+    arguments, meta) and launches through _launch (choosing the config); later calls look the
+    plan up. reset(), if given, runs before the launch (before each of the tuner's runs)."""
+    plan = _PLANS.get((name, key))
+    if plan is None:
+        tiles_along, fixed, meta = first()
+        _PLANS[(name, key)] = _Plan(name, len(tensors), fixed, meta,
+                                    _launch(name, tiles_along, tensors + fixed, meta, reset=reset))
         return
-    key = (name, args[0].dtype, args[0].device, *(meta.get(k) for k in _TUNE_KEY))
-    _TUNER.run(key, lambda: _prune(_CONFIGS[name], {"Q": args[0], **meta}), run)
+    if reset is not None:
+        reset()
+    plan(tensors)
+
+
+def _aligned(*tensors):
+    """The tensors' 16-byte alignment, as Triton specialises on it: True when all are aligned
+    (one bitwise or, the usual case), else each one's."""
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return True if ptr % 16 == 0 else tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def autotune_report():
@@ -800,47 +863,77 @@ def _new_like_bthd(q):
     return q.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))
 
 
-def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision):
+# An inference forward's log-sum-exp rows, which nothing reads: one buffer per (device, size),
+# reused (the kernels write it in stream order; saves an allocation per call).
+_SCRATCH_LSE = {}
+
+
+def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, keep_lse=True):
+    """(o, lse) of the forward kernel; with keep_lse=False, lse is a scratch buffer that the
+    next inference call overwrites."""
     B, H, Tq, D = q.shape
     q, scale = with_positive_scale(q, scale)  # the forward kernel needs scale > 0
     o = _new_like_bthd(q)
-    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base 2
-    meta = _common(q, k, scale, dropout_p, fp32_precision)
-    meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
-    _launch("fwd", (Tq, "BLOCK_M", B * H), (q, k, v, o, lse, seed if seed is not None else lse,
-            q.stride(), k.stride(), v.stride(), o.stride()), meta)
+    if keep_lse:
+        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base 2
+    else:
+        lse = _SCRATCH_LSE.get((q.device, B * H * Tq))
+        if lse is None:
+            if len(_SCRATCH_LSE) >= 64:  # e.g. a prefill per prompt length: keep it bounded
+                _SCRATCH_LSE.clear()
+            lse = _SCRATCH_LSE[(q.device, B * H * Tq)] = torch.empty(
+                B * H * Tq, device=q.device, dtype=torch.float32)
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
+           dropout_p, fp32_precision, _aligned(q, k, v))
+    tensors = (q, k, v, o, lse, seed if seed is not None else lse)
+
+    def first():
+        meta = _common(q, k, scale, dropout_p, fp32_precision)
+        meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
+        return (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), o.stride()), meta
+
+    _launch_planned("fwd", key, tensors, first)
     return o, lse
 
 
 def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    meta = _common(q, k, scale, dropout_p, fp32_precision)
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+    head_dim = _head_dim(D)
     # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows,
-    # which _launch's reset zeroes before every launch of it; no dQ kernel runs.
-    dq_acc = None if deterministic else q.new_empty(B, H, Tq, meta["HEAD_DIM"], dtype=torch.float32)
-    outputs = (dq, dk, dv) if deterministic else (dq, dk, dv, dq_acc)
-    meta["OFFS_64"] = _offsets_need_64(q, k, v, o, do, *outputs)
+    # which the reset zeroes before every launch of it; no dQ kernel runs.
+    dq_acc = None if deterministic else q.new_empty(B, H, Tq, head_dim, dtype=torch.float32)
     delta = torch.empty_like(lse)
     seed = seed if seed is not None else lse
-    if deterministic and _fused_backward(Tk, meta["HEAD_DIM"], q.dtype):  # one launch
-        _launch("fused", (1, None, B * H), (q, k, v, do, o, dq, dk, dv, lse, delta, seed,
-                q.stride(), k.stride(), v.stride(), do.stride(), o.stride(), dq.stride(),
-                dk.stride(), dv.stride()), meta)
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), do.stride(), o.stride(), q.dtype,
+           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o))
+
+    def meta():
+        m = _common(q, k, scale, dropout_p, fp32_precision)
+        m["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv,
+                                        *([] if deterministic else [dq_acc]))
+        return m
+
+    if deterministic and _fused_backward(Tk, head_dim, q.dtype):  # one launch
+        _launch_planned("fused", key, (q, k, v, do, o, dq, dk, dv, lse, delta, seed), lambda: (
+            (1, None, B * H), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
+                               dq.stride(), dk.stride(), dv.stride()), meta()))
         return dq, dk, dv
     if deterministic:  # two launches: dQ (which stores delta), then dK/dV
-        _launch("dq", (Tq, "BLOCK_M", B * H), (q, k, v, do, o, dq, lse, delta, seed, q.stride(),
-                k.stride(), v.stride(), do.stride(), o.stride(), dq.stride()), meta)
+        _launch_planned("dq", key, (q, k, v, do, o, dq, lse, delta, seed), lambda: (
+            (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
+                                     dq.stride()), meta()))
     else:
         pre_block = 64 if not INTERPRET else 16
         _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
-            o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=meta["HEAD_DIM"],
-            OFFS_64=meta["OFFS_64"], BLOCK_M=pre_block)
-    _launch("dkdv", (Tk, "BLOCK_N", B * H), (q, k, v, do, dk, dv, lse, delta, seed,
-            lse if deterministic else dq_acc,
-            q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride()),
-            {**meta, "DETERMINISTIC": deterministic}, reset=None if deterministic else dq_acc.zero_)
+            o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=head_dim,
+            OFFS_64=_offsets_need_64(o, do), BLOCK_M=pre_block)
+    _launch_planned("dkdv", key + (deterministic,), (q, k, v, do, dk, dv, lse, delta, seed,
+                    lse if deterministic else dq_acc), lambda: (
+        (Tk, "BLOCK_N", B * H), (q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(),
+                                 dv.stride()), {**meta(), "DETERMINISTIC": deterministic}),
+        reset=None if deterministic else dq_acc.zero_)
     if not deterministic:
         torch.mul(dq_acc[..., :D], scale, out=dq)
     return dq, dk, dv
@@ -947,14 +1040,16 @@ def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_prec
     """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels.
     deterministic, fp32_precision: None for the process default (kernels/settings.py)."""
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    args = (q, k, v, seed, float(scale), float(dropout_p),
-            settings.resolve_fp32_precision(fp32_precision),
-            settings.resolve_deterministic(deterministic))
+    # The precision matters to float32 inputs only; 16-bit ones always take the one kernel.
+    precision = settings.resolve_fp32_precision(fp32_precision) if q.dtype == torch.float32 else "ieee"
     if torch.compiler.is_compiling():
-        return _fwd_op(*args)[0]
+        return _fwd_op(q, k, v, seed, float(scale), float(dropout_p), precision,
+                       settings.resolve_deterministic(deterministic))[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(*args)
-    return _fwd_impl(*args[:-1])[0]  # inference (sampling): no autograd bookkeeping at all
+        return _EagerAttention.apply(q, k, v, seed, float(scale), float(dropout_p), precision,
+                                     settings.resolve_deterministic(deterministic))
+    # Inference (sampling): no autograd bookkeeping at all.
+    return _fwd_impl(q, k, v, seed, float(scale), float(dropout_p), precision, keep_lse=False)[0]
 
 
 def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):

@@ -1,5 +1,6 @@
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "benchmark" in getattr(item, "fixturenames", ()) and not bench_only:
             item.add_marker(no_bench)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans(monkeypatch):
+    """Each test works its Triton launches out afresh: a launch plan cached by an earlier test
+    would keep the config, tiles and int64 decision that a test's monkeypatching changes."""
+    flash = sys.modules.get("kernels.flash")
+    if flash is not None:
+        monkeypatch.setattr(flash, "_PLANS", {})
 
 
 @pytest.fixture(scope="session")

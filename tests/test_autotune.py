@@ -88,7 +88,7 @@ def test_untuned_launch_path(monkeypatch):
     kernel, cache, launch = _gpu_launcher(monkeypatch, autotune_on=False)
     for _ in range(2):
         launch()
-    assert kernel.launches == [((3, 6), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
+    assert kernel.launches == [((3, 6, 1), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
     assert list(cache.chosen.values()) == [DQ_CONFIGS[0]]
     assert [r["timed_ms"] for r in flash.autotune_report()] == [{}]  # nothing was timed
 
@@ -108,7 +108,7 @@ def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch)
     kernel, cache, launch = _gpu_launcher(monkeypatch, autotune_on=True, timer=timer)
     launch()
     assert timed == [128, 128, 64, 32]  # every dq config fits 300 rows of D=64
-    assert kernel.launches[-1] == ((5, 6), 64, 4)  # the winner ran last: its outputs stand
+    assert kernel.launches[-1] == ((5, 6, 1), 64, 4)  # the winner ran last: its outputs stand
     assert list(cache.chosen.values()) == [DQ_CONFIGS[2]]
     [row] = flash.autotune_report()  # what bench/run.py records
     assert row["kernel"] == "dq" and row["dtype"] == "bfloat16" and row["HEAD_DIM"] == 64
@@ -117,7 +117,7 @@ def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch)
     n = len(kernel.launches)
     launch()
     launch()
-    assert timed == [128, 128, 64, 32] and kernel.launches[n:] == [((5, 6), 64, 4)] * 2
+    assert timed == [128, 128, 64, 32] and kernel.launches[n:] == [((5, 6, 1), 64, 4)] * 2
 
 
 def test_on_a_tie_the_earlier_config_wins_and_runs_last():

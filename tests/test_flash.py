@@ -134,8 +134,9 @@ def test_which_backward_kernels_run(monkeypatch, device):
     torch.use_deterministic_algorithms(True) overrides that. The choice is made at the forward
     and kept for its backward."""
     launched = []
-    real = flash._launch
-    monkeypatch.setattr(flash, "_launch", lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw)))
+    real = flash._launch_planned
+    monkeypatch.setattr(flash, "_launch_planned",
+                        lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw))[1])
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 20, 20, 16, torch.float16, device))
 
     def kernels(**options):
@@ -184,6 +185,79 @@ def test_model_layout_is_read_in_place(dtype, device):
     with set_defaults(fp32_precision="ieee"):
         out = check_against_oracle(q, k, v, "triton")[0]
     assert out.transpose(1, 2).is_contiguous()
+
+
+def test_launch_plans_are_reused_and_keyed(monkeypatch, device):
+    """A call whose shapes, strides, dtype, scale, flags and 16-byte alignment were seen before
+    launches from its plan (no config lookup, no argument binding); any of those changing makes
+    a new plan, and every call's results hold to the rule. On a GPU with Triton >= 3.3 a plan
+    launches the compiled kernel directly."""
+    worked_out = []
+    real = flash._launch
+    monkeypatch.setattr(flash, "_launch", lambda name, *a, **kw: (worked_out.append(name), real(name, *a, **kw))[1])
+    torch.manual_seed(11)
+    qkv = torch.randn(2, 40, 3, 2, 32, dtype=torch.bfloat16, device=device)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # the model's layout
+
+    def new_plans(q, k, v, **kw):
+        worked_out.clear()
+        check_against_oracle(q, k, v, "triton", **kw)
+        return sorted(worked_out)
+
+    assert new_plans(q, k, v) == ["fused", "fwd"]
+    assert new_plans(q, k, v) == []  # the same signature: both launches planned
+    assert new_plans(q, k, v, scale=0.5) == ["fused", "fwd"]
+    assert new_plans(q.contiguous(), k.contiguous(), v.contiguous()) == ["fused", "fwd"]
+    # 2 bytes past an aligned address: Triton compiles another specialisation for it.
+    storage = torch.randn(2 * 2 * 40 * 32 + 1, dtype=torch.bfloat16, device=device)
+    odd = storage[1:].view(2, 2, 40, 32)
+    assert new_plans(odd, k.contiguous(), v.contiguous()) == ["fused", "fwd"]
+    assert new_plans(q, k, v, deterministic=False) == ["dkdv"]  # the forward's plan holds
+    if device.type == "cuda" and flash._DIRECT:
+        assert all(plan.runner is not None for plan in flash._PLANS.values())
+
+
+def test_inference_calls_do_not_share_outputs(device):
+    """Under no_grad the forward's log-sum-exp goes to a reused scratch buffer; the outputs
+    of consecutive calls are still their own."""
+    torch.manual_seed(12)
+    a, b = (inputs(1, 2, 30, 30, 16, torch.float16, device) for _ in range(2))
+    with torch.no_grad():
+        out_a, out_b = causal_attention(*a, backend="triton"), causal_attention(*b, backend="triton")
+    for out, (q, k, v) in ((out_a, a), (out_b, b)):
+        assert_by_rule([out], [causal_attention_reference(q.double(), k.double(), v.double())],
+                       [naive_causal_attention(q, k, v, q.shape[-1] ** -0.5)])
+
+
+@pytest.mark.gpu
+def test_direct_launches_match_the_jit_path(device):
+    """The plans' direct launches of the compiled kernels give bitwise the results of Triton's
+    own launch path (JITFunction.run) for every kernel: forward, fused and two-launch backward,
+    atomic dQ."""
+    assert flash._DIRECT, f"triton {triton.__version__} has no CompiledKernel[grid] launcher"
+    torch.manual_seed(13)
+
+    def run(q, k, v, do, **kw):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = causal_attention(q, k, v, backend="triton", **kw)
+        return [out, *torch.autograd.grad(out, (q, k, v), do)]
+
+    for T in (256, 700):  # fused backward, then dQ + dK/dV
+        q, k, v = inputs(4, 6, T, T, 64, torch.bfloat16, device)
+        do = torch.randn_like(q)
+        for kw in ({}, {"deterministic": False}):
+            flash._PLANS.clear()
+            first = run(q, k, v, do, **kw)  # works the plans out, through JITFunction.run
+            assert all(plan.runner is not None for plan in flash._PLANS.values())
+            direct = run(q, k, v, do, **kw)
+            for plan in flash._PLANS.values():
+                plan.runner = None  # back to JITFunction.run, with the plan's config
+            jit = run(q, k, v, do, **kw)
+            for name, a, b, c in zip(["out", "dq", "dk", "dv"], first, direct, jit):
+                if kw:  # atomic dQ adds in any order: the same to rounding, not bitwise
+                    torch.testing.assert_close(b, c, msg=name)
+                else:
+                    assert torch.equal(a, b) and torch.equal(b, c), name
 
 
 def test_three_dimensional_input_and_scale(device):

@@ -92,11 +92,13 @@ def test_triton_float32_dots_follow_the_setting(monkeypatch, matmul_precision, d
     seen = []
     real = flash._launch
     monkeypatch.setattr(flash, "_launch", lambda name, tiles, args, meta, **kw: (
-        seen.append(meta["FP32_PRECISION"]), real(name, tiles, args, meta, **kw)))
+        seen.append(meta["FP32_PRECISION"]), real(name, tiles, args, meta, **kw))[1])
+    monkeypatch.setattr(flash, "_PLANS", {})
     q = torch.randn(1, 1, 20, 16, device=device)
 
     def precision(**kw):
         seen.clear()
+        flash._PLANS.clear()  # so that every call works its launch out (and meets _launch) again
         causal_attention(q, q, q, backend="triton", **kw)
         return seen[0]
 
