@@ -13,7 +13,8 @@ Writes OUT/results.json, OUT/results.csv and, with matplotlib, OUT/attention.png
 JSON also goes to bench/results/<device>-<date>[-<only>][-<dtype>].json (written after every
 grid point, "complete": true at the end), so a grid too long for one sitting can be run in
 parts, e.g. --only gpt_train --only generate, then --only attention --dtype bfloat16. The report
-also lists the Triton autotuner's choices, with each timed config's median ("autotune").
+also lists the Triton autotuner's choices, with each timed config's median ("autotune"), and
+what backend="auto" measured and chose per class of calls ("auto", kernels/auto.py).
 
 Sections (one module each, each a registry of implementations): bench/attention.py,
 bench/train.py (gpt_train), bench/generate.py; what they share is in bench/harness.py.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from bench import attention, generate, harness, train  # noqa: E402
+import kernels  # noqa: E402
 from kernels import default_device  # noqa: E402
 
 # Section name -> module with run(opts, rows, save), print_table(rows, opts) and verdict(rows,
@@ -99,6 +101,7 @@ def main(argv=None):
     def save(final=False):
         report["seconds"] = round(time.time() - t0, 1)
         report["autotune"] = autotune_report()
+        report["auto"] = kernels.auto_report()  # backend="auto"'s measured choice per class
         report["complete"] = final
         harness.write_report(report, SECTIONS, paths)
 

@@ -10,7 +10,7 @@ scaled_dot_product_attention), "reference" (the explicit-softmax oracle), and "a
 import torch
 import torch.nn.functional as F
 
-from . import settings
+from . import auto, settings
 from .masking import bad_positions, guarded_causal, seen_so_far, zero_positions
 from .reference import causal_attention_reference, causal_mask
 from .settings import set_defaults
@@ -23,7 +23,7 @@ except ImportError as e:  # no triton on this platform (macOS, Windows): pure-Py
     _FLASH_IMPORT_ERROR = str(e)
 
 __all__ = ["causal_attention", "decode_attention", "MultiHeadAttention", "available_backends",
-           "causal_attention_reference", "default_device", "set_defaults"]
+           "auto_report", "causal_attention_reference", "default_device", "set_defaults"]
 
 
 def _triton_unavailable(q):
@@ -62,7 +62,12 @@ def _overlaps(t):
     return False
 
 
-def _sdpa(q, k, v, scale, dropout_p):
+def _sdpa(q, k, v, scale, dropout_p, pinned=None):
+    """PyTorch's SDPA with our mask convention; pinned: the name of the one SDPBackend to use."""
+    if pinned is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([getattr(SDPBackend, pinned)]):
+            return _sdpa(q, k, v, scale, dropout_p)
     Tq, Tk = q.shape[-2], k.shape[-2]
     q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
@@ -75,9 +80,11 @@ def _sdpa(q, k, v, scale, dropout_p):
                                           dropout_p=dropout_p, scale=scale)
 
 
-def _auto_backend(q):
+def _auto_backend(q, measure):
     if q.device.type == "cuda" and _triton_unavailable(q) is None:
-        return "triton"
+        # measure: the call leaves the options to the process defaults; then the fastest path
+        # for this class of calls is measured (kernels/auto.py), else it is Triton.
+        return "measure" if measure and auto.MEASURE else "triton"
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         # PyTorch's CPU SDPA kernel loses precision in the bf16 backward (dV error up to 2.3x
         # that of plain bf16 math, see tests/test_backends.py); the float32 path is exact enough.
@@ -97,8 +104,8 @@ def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision):
     settings.check(deterministic, fp32_precision)
     q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":
-        backend = _auto_backend(q4)  # picks "triton" only where it can run
+    if backend == "auto":  # picks "triton" only where it can run
+        backend = _auto_backend(q4, deterministic is None and fp32_precision is None)
     elif backend == "triton":
         why = _triton_unavailable(q4)
         if why is not None:
@@ -118,12 +125,15 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             (float64's for float64 inputs), zero and negative included.
         dropout_p: probability of dropping an attention weight (training only; pass 0.0 in
             eval). The kept weights are scaled by 1 / (1 - dropout_p).
-        backend: "auto" | "triton" | "reference" | "sdpa". "auto" picks Triton on CUDA for
-            float16/bfloat16/float32 with D <= 256, else PyTorch's SDPA (on CPU, the float32
-            reference for float16/bfloat16 inputs, which SDPA's CPU kernel handles less exactly).
+        backend: "auto" | "triton" | "reference" | "sdpa". "auto" on CUDA: for each class of
+            calls, the fastest of Triton and SDPA's backends, measured on the class's first call
+            (kernels/auto.py; Triton, unmeasured, for calls naming deterministic or
+            fp32_precision); elsewhere PyTorch's SDPA (on CPU, the float32 reference for
+            float16/bfloat16 inputs, which SDPA's CPU kernel handles less exactly).
         deterministic: the Triton backward. True: bitwise reproducible; False: dQ added with
             atomics, 5 tile matmuls instead of 7. None: the process default (True unless
             changed with kernels.set_defaults). torch.use_deterministic_algorithms(True) wins.
+            (A class that "auto" sends to SDPA has SDPA's backward, reproducible to rounding.)
         fp32_precision: how the Triton kernel multiplies float32 inputs, "ieee" or "tf32".
             None: the process default, which follows torch.get_float32_matmul_precision()
             ("highest", PyTorch's default: "ieee"; "high"/"medium": "tf32"). The other
@@ -171,14 +181,58 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             _RESOLVED[signature] = resolved
     backend, scale, three_d = resolved
     q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
-    if backend == "triton":
-        out = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
-    elif backend == "sdpa":  # masking.py keeps masked positions out (the kernel, in its tiles)
-        out = guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p), q4, k4, v4)
-    else:
-        out = guarded_causal(lambda a, b, c: causal_attention_reference(
-            a, b, c, scale=scale, dropout_p=dropout_p), q4, k4, v4)
+    if backend == "measure":
+        backend = _measured_route(signature, q4, k4, v4, scale, dropout_p)
+    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
     return out.squeeze(1) if three_d else out
+
+
+def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None):
+    """Attention of validated 4-D tensors by one route: "triton", "reference", "sdpa" or an
+    SDPA pinned to one backend (auto.ROUTES). masking.py keeps masked positions out of the
+    PyTorch paths' outputs; the kernel does it in its tiles."""
+    if route == "triton":
+        return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision)
+    if route == "reference":
+        return guarded_causal(lambda a, b, c: causal_attention_reference(
+            a, b, c, scale=scale, dropout_p=dropout_p), q, k, v)
+    pinned = auto.ROUTES[route]
+    return guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p, pinned), q, k, v)
+
+
+# (signature, whether the call needs gradients) -> the route auto measured for its class.
+_MEASURED = {}
+
+
+def _measured_route(signature, q, k, v, scale, dropout_p):
+    """backend="auto" on CUDA with the default options: the route kernels/auto.py measured
+    fastest for this call's class (measuring it now if the class is new)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "triton"  # the deterministic backward by default, which SDPA's fused ones are not
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    route = _MEASURED.get((signature, needs_grad)) if signature is not None else None
+    if route is not None:
+        return route
+    cls = auto.class_of(q, k, dropout_p, needs_grad)
+    if not auto.can_measure(q):  # tracing or capturing: what was measured before, else Triton
+        route = auto.CHOOSER.chosen.get(cls, "triton")
+        if torch.compiler.is_compiling() and auto.ROUTES[route] is not None:
+            route = "sdpa"  # traced without sdpa_kernel's context: inductor picks SDPA's kernel
+        return route
+    passes = {r: auto.one_pass(lambda a, b, c, r=r: _run(r, a, b, c, scale, dropout_p), q, k, v,
+                               needs_grad) for r in auto.ROUTES}
+    route = auto.CHOOSER.choose(cls, passes, devices=[q.device] if q.is_cuda else [])
+    if signature is not None:
+        if len(_MEASURED) >= 4096:
+            _MEASURED.clear()
+        _MEASURED[(signature, needs_grad)] = route
+    return route
+
+
+def auto_report():
+    """backend="auto"'s measured choices in this process: per class of calls (see
+    kernels/auto.py), the route chosen and every route's median milliseconds."""
+    return auto.report()
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
