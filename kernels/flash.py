@@ -15,11 +15,20 @@ folded into the scale. Key tiles wholly below the diagonal run unmasked; only th
 diagonal crosses are masked; tiles above it are never loaded. Writes O and the row
 log-sum-exp for the backward (float32, in base 2: log2(e) times the natural one).
 
-Backward: delta = rowsum(dO * O), then one kernel that holds a K/V tile on chip and streams the
-query rows that see it (dK, dV), and one that holds a Q tile and streams K/V (dQ). Each output
-element is written by exactly one program: deterministic, no atomics. With
+Backward: one kernel that holds a Q tile and streams K/V (dQ; it also takes delta =
+rowsum(dO * O) for its rows and stores it), then one that holds a K/V tile on chip and streams
+the query rows that see it (dK, dV): two launches, each output element written by exactly one
+program, deterministic, no atomics. Short sequences (16-bit, D <= 64, at most FUSED_MAX_TK
+keys) take one launch instead: _attn_bwd_fused gives each (batch, head) one program that runs
+both passes in turn (the same block functions, _dq_block and _dkdv_block). With
 deterministic=False (kernels/settings.py) the dK/dV kernel also adds its share of dQ with
-float32 atomics and the dQ kernel does not run, which saves recomputing QK^T and dO V^T.
+float32 atomics and no dQ kernel runs, which saves recomputing QK^T and dO V^T (a small kernel
+takes delta first).
+
+Launching (host side): the first call of each specialisation (shapes, strides, dtype, scale,
+flags, alignment) works its launch out once: the config (kernels/autotune.py), the grid and
+every non-tensor argument, kept as a _Plan; later calls pass their tensors to the compiled
+kernel's own launcher, with no argument binding or cache lookup per call.
 
 Dropout: a 32-bit Philox draw per (head, row, key), four keys to a Philox call, from a seed that
 the wrapper takes from torch's generator; the backward regenerates the same mask from the seed.
