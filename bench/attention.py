@@ -30,9 +30,23 @@ def _sdpa(backend_name, cuda_only=False):
 
         def attend(q, k, v):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                      **_gqa(q, k))
         return attend
     return factory
+
+
+def _gqa(q, k):
+    """SDPA's and FlexAttention's flag for k, v with fewer heads than q (grouped-query)."""
+    return {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+
+
+def _lecture(device, quick):
+    def attend(q, k, v):
+        if k.shape[1] != q.shape[1]:
+            raise ValueError("the lecture's per-head loop has no grouped-query heads")
+        return per_head_attention(q, k, v)
+    return attend
 
 
 def _flex(device, quick):
@@ -52,7 +66,7 @@ def _flex(device, quick):
         key = (q.shape[-2], k.shape[-2], q.device)
         if key not in masks:
             masks[key] = create_block_mask(causal, None, None, key[0], key[1], device=q.device)
-        return compiled(q, k, v, block_mask=masks[key])
+        return compiled(q, k, v, block_mask=masks[key], **_gqa(q, k))
     return attend
 
 
@@ -71,7 +85,7 @@ def _ours(**options):
 
 
 IMPLS = {
-    "lecture": lambda device, quick: per_head_attention,
+    "lecture": _lecture,
     "naive-batched": lambda device, quick: naive_causal_attention,
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION", cuda_only=True),
@@ -87,17 +101,21 @@ IMPLS = {
 
 
 def grid(device, dtypes, quick):
-    """(dtype, B, H, T, D) points. B*H shrinks as T grows so each call does similar work."""
+    """(dtype, B, H, T, D, Hk) points (Hk: key/value heads, < H for grouped-query ones). B*H
+    shrinks as T grows so each call does similar work."""
     if device.type == "cuda":
         Ts = (256, 1024, 4096) if quick else (256, 512, 1024, 2048, 4096, 8192, 16384)
         Ds, tokens, width = (64, 128), 16384, 2048
     else:
         Ts = (128, 256) if quick else (128, 256, 512, 1024)
         Ds, tokens, width = (64,), 1024 if quick else 2048, 384
-    points = [(dt, max(1, tokens // T), width // D, T, D) for dt in dtypes for D in Ds for T in Ts]
+    points = [(dt, max(1, tokens // T), width // D, T, D, width // D)
+              for dt in dtypes for D in Ds for T in Ts]
     if not quick:
         s = LECTURE_SHAPE
-        points += [(dt, s["B"], s["H"], s["T"], s["D"]) for dt in dtypes]
+        points += [(dt, s["B"], s["H"], s["T"], s["D"], s["H"]) for dt in dtypes]
+    if device.type == "cuda":  # grouped-query heads as current open models have them
+        points += [(dt, tokens // T, 32, T, 128, 8) for dt in dtypes for T in (1024, 4096)]
     return points
 
 
@@ -124,14 +142,15 @@ def run(opts, rows, save):
     impls = {name: factory(device, opts.quick) for name, factory in IMPLS.items()}
     points = grid(device, opts.dtypes, opts.quick)
     bar = progress(len(points) * len(impls), "attention")
-    for dtype, B, H, T, D in points:
+    for dtype, B, H, T, D, Hk in points:
         torch.manual_seed(0)
-        sets = [[torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
-                 for _ in range(3)] for _ in range(2)]
+        sets = [[torch.randn(B, heads, T, D, device=device, dtype=dtype, requires_grad=True)
+                 for heads in (H, Hk, Hk)] for _ in range(2)]
         plain = [[t.detach() for t in qkv] for qkv in sets]  # forward-only: some refuse grads
         do = torch.randn(B, H, T, D, device=device, dtype=dtype)
         flops = 4 * B * H * T * T * D / 2  # causal: half of the two (T x T x D) matmuls
-        base = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, D=D)
+        base = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, D=D,
+                    **({"Hk": Hk} if Hk != H else {}))
         for name, impl in impls.items():
             why = impl if isinstance(impl, str) else None
             if why is None:
@@ -155,7 +174,8 @@ def run(opts, rows, save):
                 fl = flops * (2.5 if p == "fwd+bwd" else 1.0)
                 row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=fl / ms / 1e9, peak_mem_mb=mem)
             if not isinstance(impl, str):
-                log(f"  attention {base['dtype']} B={B} H={H} T={T} D={D} {name}: " + ", ".join(
+                log(f"  attention {base['dtype']} B={B} H={H}{f'/{Hk}' if Hk != H else ''} T={T} "
+                    f"D={D} {name}: " + ", ".join(
                     f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
                     for r in rows[-2:]))
             bar.update(1)
@@ -181,9 +201,10 @@ def print_table(rows, opts):
     groups = {}
     for r in rows:
         if r["impl"] not in absent:
-            groups.setdefault((r["dtype"], r["D"], r["pass"], r["B"], r["H"], r["T"]), []).append(r)
+            groups.setdefault((r["dtype"], r["D"], r["pass"], r["B"], r["H"], r.get("Hk"), r["T"]),
+                              []).append(r)
     flops = f" {'TFLOP/s':>8}" if cuda else ""
-    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>3} {'T':>6} {'D':>4}  {'impl':16} {'ms':>9}{flops} "
+    print(f"{'dtype':9} {'pass':8} {'B':>4} {'H':>5} {'T':>6} {'D':>4}  {'impl':16} {'ms':>9}{flops} "
           f"{'vs lecture':>10} {'vs best sdpa':>12}  note")
     for rs in groups.values():
         lecture = next((r.get("ms") for r in rs if r["impl"] == "lecture"), None)
@@ -194,7 +215,8 @@ def print_table(rows, opts):
             vl = f"{lecture / ms:.2f}x" if ms and lecture else "-"
             vs = f"{best / ms:.2f}x" if ms and best else "-"
             tf = f" {fmt(r.get('tflops'), '8.1f')}" if cuda else ""
-            print(f"{r['dtype']:9} {r['pass']:8} {r['B']:>4} {r['H']:>3} {r['T']:>6} {r['D']:>4}  "
+            heads = f"{r['H']}/{r['Hk']}" if "Hk" in r else str(r["H"])  # query/key-value heads
+            print(f"{r['dtype']:9} {r['pass']:8} {r['B']:>4} {heads:>5} {r['T']:>6} {r['D']:>4}  "
                   f"{r['impl']:16} {fmt(ms, '9.3f')}{tf} {vl:>10} {vs:>12}  {r.get('skipped', '')}")
         print()
     print_never_ran(rows)
@@ -208,7 +230,8 @@ def verdict(rows, opts):
         groups = {}
         for r in rows:
             if r["pass"] == p and "ms" in r:
-                groups.setdefault((r["dtype"], r["B"], r["H"], r["T"], r["D"]), {})[r["impl"]] = r["ms"]
+                groups.setdefault((r["dtype"], r["B"], r["H"], r.get("Hk"), r["T"], r["D"]),
+                                  {})[r["impl"]] = r["ms"]
         vs_lecture, vs_sdpa = [], []
         for ms in groups.values():
             sdpa = [v for k, v in ms.items() if k.startswith("sdpa-")]
@@ -240,7 +263,7 @@ def plot(report, path):
     import matplotlib.pyplot as plt
     s = LECTURE_SHAPE
     rows = [r for r in report["attention"] if "tflops" in r
-            and (r["B"], r["H"], r["T"]) != (s["B"], s["H"], s["T"])]  # the grid's lines only
+            and (r["B"], r["H"], r["T"]) != (s["B"], s["H"], s["T"]) and "Hk" not in r]  # the grid's lines
     panels = sorted({(r["D"], r["pass"]) for r in rows})
     if not panels:
         return

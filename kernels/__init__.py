@@ -14,7 +14,7 @@ from . import auto, settings
 from .masking import bad_positions, guarded_causal, seen_so_far, zero_positions
 from .reference import causal_attention_reference, causal_mask
 from .settings import set_defaults
-from .validation import check_attention_args, check_backend, with_positive_scale
+from .validation import check_attention_args, check_backend, kv_heads_expanded, with_positive_scale
 
 try:
     from . import flash
@@ -71,13 +71,16 @@ def _sdpa(q, k, v, scale, dropout_p, pinned=None):
     Tq, Tk = q.shape[-2], k.shape[-2]
     q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
+    # Grouped-query heads (k, v with fewer heads than q): SDPA's enable_gqa reads them in place.
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                              scale=scale, **gqa)
     if Tq == 1:  # one new query sees every key: no mask at all
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, **gqa)
     # SDPA's is_causal aligns top-left when Tq != Tk; ours is bottom-right, so pass the mask.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device),
-                                          dropout_p=dropout_p, scale=scale)
+                                          dropout_p=dropout_p, scale=scale, **gqa)
 
 
 def _auto_backend(q, measure):
@@ -119,8 +122,10 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
 
     Args:
         q: (B, H, Tq, D) queries, or (N, Tq, D).
-        k: (B, H, Tk, D) keys, or (N, Tk, D), with Tq <= Tk.
-        v: (B, H, Tk, D) values, or (N, Tk, D).
+        k: (B, Hk, Tk, D) keys, or (N, Tk, D), with Tq <= Tk. Hk may be a divisor of H
+            (grouped-query attention; 1: multi-query): query head h reads key/value head
+            h // (H // Hk), as flash-attn and SDPA's enable_gqa define it.
+        v: (B, Hk, Tk, D) values, or (N, Tk, D).
         scale: multiplier of q @ k^T; default D ** -0.5. Any value within float32's range
             (float64's for float64 inputs), zero and negative included.
         dropout_p: probability of dropping an attention weight (training only; pass 0.0 in
@@ -242,9 +247,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
 
     Args:
         q: (B, H, Tq, D) the newest Tq positions' queries (Tq = 1 for one token per step).
-        k_cache, v_cache: (B, H, S, D), S >= Tq slots, of which row b's first cache_seqlens[b]
-            hold keys and values (the new ones included); the rest are masked out (for now they
-            must hold finite values, as a zero-initialised cache does).
+        k_cache, v_cache: (B, Hk, S, D), S >= Tq slots (Hk dividing H: grouped-query heads),
+            of which row b's first cache_seqlens[b] hold keys and values (the new ones
+            included); the rest are masked out (for now they must hold finite values, as a
+            zero-initialised cache does).
         cache_seqlens: (B,) integer tensor on q's device.
         scale: multiplier of q @ k^T; default D ** -0.5.
 
@@ -273,10 +279,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     visible = torch.arange(S, device=q.device).view(1, 1, S) <= last  # (B, Tq, S)
     # Masked slots never reach the output (kernels/masking.py): non-finite ones are zeroed, and a
     # query that sees one gets NaN.
-    bad = bad_positions(k_cache, v_cache)  # (B, H, S)
+    bad = bad_positions(k_cache, v_cache)  # (B, Hk, S)
     seen = seen_so_far(bad).gather(-1, last.clamp(min=0).view(B, 1, Tq).expand(-1, bad.shape[1], -1))
+    seen = kv_heads_expanded(seen, q.shape[1])  # (B, H, Tq): grouped-query heads share their flags
+    gqa = {"enable_gqa": True} if k_cache.shape[1] != q.shape[1] else {}
     out = F.scaled_dot_product_attention(q, zero_positions(k_cache, bad), zero_positions(v_cache, bad),
-                                         attn_mask=visible.unsqueeze(1), scale=scale)
+                                         attn_mask=visible.unsqueeze(1), scale=scale, **gqa)
     out = out.masked_fill((seen & (last >= 0).view(B, 1, Tq)).unsqueeze(-1), float("nan"))
     return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)
 

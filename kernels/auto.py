@@ -1,8 +1,8 @@
 """backend="auto" on a GPU: for each class of calls, the fastest of the Triton kernel and
 PyTorch's SDPA, measured once per process when the class is first met.
 
-A class is what decides which is faster: device, dtype, head dim, batch x heads, the query and
-key counts (each rounded up to a power of two), whether Tq == Tk, dropout on or off, and
+A class is what decides which is faster: device, dtype, head dim, query heads per key/value
+head, batch x heads, the query and key counts (each rounded up to a power of two), whether Tq == Tk, dropout on or off, and
 whether the call needs gradients (then forward+backward is timed, else the forward). The
 candidates are the paths causal_attention can run (masked-position guard included): the
 Triton kernel, SDPA as PyTorch dispatches it, and SDPA pinned to each of its fused backends
@@ -31,8 +31,8 @@ MEASURE = os.environ.get("LECTURE_FLASH_AUTO_MEASURE", "1") != "0"
 # Candidate routes, in the order that breaks ties: name -> the SDPA backend it pins (None: none).
 ROUTES = {"triton": None, "sdpa": None, "sdpa-flash": "FLASH_ATTENTION",
           "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION"}
-KEY_NAMES = ("device", "dtype", "D", "BH_BUCKET", "TQ_BUCKET", "TK_BUCKET", "square", "dropout",
-             "backward")
+KEY_NAMES = ("device", "dtype", "D", "group", "BH_BUCKET", "TQ_BUCKET", "TK_BUCKET", "square",
+             "dropout", "backward")
 
 
 def _bucket(n):
@@ -43,8 +43,8 @@ def class_of(q, k, dropout_p, needs_grad):
     """The class of a validated (B, H, Tq, D) call: see the module docstring."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    return (str(q.device), str(q.dtype).replace("torch.", ""), D, _bucket(B * H), _bucket(Tq),
-            _bucket(Tk), Tq == Tk, dropout_p > 0, needs_grad)
+    return (str(q.device), str(q.dtype).replace("torch.", ""), D, H // k.shape[1], _bucket(B * H),
+            _bucket(Tq), _bucket(Tk), Tq == Tk, dropout_p > 0, needs_grad)
 
 
 def can_measure(q):

@@ -253,6 +253,14 @@ def _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT: tl.constexpr, HUGE_SCALE:
 
 
 @triton.jit
+def _member(head, g):
+    """The Head of query head g of a grouped-query group whose first query head is head's (the
+    dropout draw is per query head; everything else the group shares)."""
+    return Head(head.Tq, head.Tk, head.offset, head.qk_scale, head.seed, head.bh + g,
+                head.dropout_p, head.HUGE_SCALE)
+
+
+@triton.jit
 def _slab(X, strides, b, h, T):
     """Head h of batch row b of X, a (B, H, T, D) tensor with these (4) strides."""
     return Slab(X + b * strides[0] + h * strides[1], strides[2], strides[3], T)
@@ -397,7 +405,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
-              H, Tq, Tk, scale, dropout_p,
+              H, GROUP, Tq, Tk, scale, dropout_p,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
               HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
@@ -406,8 +414,9 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b, h, bh = _batch_and_head(H)
-    q_slab, k, v, o = (_slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk),
-                       _slab(V, stride_v, b, h, Tk), _slab(O, stride_o, b, h, Tq))
+    hk = h // GROUP  # the key/value head of query head h
+    q_slab, k, v, o = (_slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, hk, Tk),
+                       _slab(V, stride_v, b, hk, Tk), _slab(O, stride_o, b, h, Tq))
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
@@ -495,11 +504,13 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
 
 
 @triton.jit
-def _dkdv_block(start_n, q_slab, k_slab, v_slab, do_slab, dk_slab, dv_slab, lse, delta, dq_acc, head,
-                scale, D: tl.constexpr, HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr,
-                DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK and dV of the key tile at start_n: hold it, stream the query rows that see it."""
+def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_slab, dk_slab, dv_slab,
+                LSE, DELTA, DQ_ACC, head, scale, D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                OFFS_64: tl.constexpr, DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of the key tile at start_n: hold it, stream the query rows that see it, of
+    each of the GROUP query heads h0, h0 + 1, ... that read this key/value head, in that order
+    (the group's sum, deterministic). head is the Head of query head h0."""
     offs_n = _offsets(start_n, BLOCK_N, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     k = _load_operand(k_slab, offs_n, offs_d, D, True, FP32_PRECISION)
@@ -513,16 +524,19 @@ def _dkdv_block(start_n, q_slab, k_slab, v_slab, do_slab, dk_slab, dv_slab, lse,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     first, full = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
-                             offs_d, first, full, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                             MASKED=True,
-                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
-                             DETERMINISTIC=DETERMINISTIC)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
-                             offs_d, full, head.Tq, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                             MASKED=False,
-                             DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
-                             DETERMINISTIC=DETERMINISTIC)
+    for g in range(GROUP):
+        member = _member(head, g)
+        q_slab, do_slab = _slab(Q, stride_q, b, h0 + g, head.Tq), _slab(DO, stride_do, b, h0 + g, head.Tq)
+        lse, delta = _row_stats(LSE, member.bh, head.Tq), _row_stats(DELTA, member.bh, head.Tq)
+        dq_acc = DQ_ACC + member.bh.to(tl.int64) * head.Tq * HEAD_DIM  # (Tq, HEAD_DIM) float32
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
+                                 offs_d, first, full, member, D=D, BLOCK_M=BLOCK_M,
+                                 BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
+                                 FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=DETERMINISTIC)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
+                                 offs_d, full, head.Tq, member, D=D, BLOCK_M=BLOCK_M,
+                                 BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
+                                 FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=DETERMINISTIC)
     dk = dk * scale
     _store_tile(dk_slab, offs_n, offs_d, D, dk)
     _store_tile(dv_slab, offs_n, offs_d, D, dv)
@@ -531,21 +545,21 @@ def _dkdv_block(start_n, q_slab, k_slab, v_slab, do_slab, dk_slab, dv_slab, lse,
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
-                   H, Tq, Tk, scale, dropout_p,
+                   H, GROUP, Tq, Tk, scale, dropout_p,
                    TQ_BUCKET, TK_BUCKET,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                    HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                    DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, h, bh = _batch_and_head(H)
+    # One program per key tile of each key/value head (B * H // GROUP of them).
+    b, hk, bhk = _batch_and_head(H // GROUP)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
-    dq_acc = DQ_ACC + bh.to(tl.int64) * Tq * HEAD_DIM  # (Tq, HEAD_DIM) float32 rows
-    _dkdv_block(start_n, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk),
-                _slab(V, stride_v, b, h, Tk), _slab(DO, stride_do, b, h, Tq),
-                _slab(DK, stride_dk, b, h, Tk), _slab(DV, stride_dv, b, h, Tk),
-                _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq), dq_acc, head, scale, D=D,
-                HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
-                DETERMINISTIC=DETERMINISTIC, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, hk * GROUP, GROUP,
+                _slab(K, stride_k, b, hk, Tk), _slab(V, stride_v, b, hk, Tk),
+                _slab(DK, stride_dk, b, hk, Tk), _slab(DV, stride_dv, b, hk, Tk),
+                LSE, DELTA, DQ_ACC, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
+                DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=DETERMINISTIC,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -607,16 +621,17 @@ def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, de
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
                  stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq,
-                 H, Tq, Tk, scale, dropout_p,
+                 H, GROUP, Tq, Tk, scale, dropout_p,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                  HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
+    hk = h // GROUP
     head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
-    _dq_block(start_m, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk),
-              _slab(V, stride_v, b, h, Tk), _slab(DO, stride_do, b, h, Tq),
+    _dq_block(start_m, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, hk, Tk),
+              _slab(V, stride_v, b, hk, Tk), _slab(DO, stride_do, b, h, Tq),
               _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
               _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq), head, scale, D=D,
               HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
@@ -626,28 +641,34 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
                     stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_dk,
-                    stride_dv, H, Tq, Tk, scale, dropout_p,
+                    stride_dv, H, GROUP, Tq, Tk, scale, dropout_p,
                     TQ_BUCKET, TK_BUCKET,
                     D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                     HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The whole backward of one (batch, head) in one program, for short sequences: the dQ pass
-    over its query tiles (which also stores delta), then the dK/dV pass over its key tiles.
-    One launch instead of two; no atomics, each output written once: deterministic."""
-    b, h, bh = _batch_and_head(H)
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
-    q, k, v = _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, h, Tk), _slab(V, stride_v, b, h, Tk)
-    do = _slab(DO, stride_do, b, h, Tq)
-    lse, delta = _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq)
-    for start_m in range(0, Tq, BLOCK_M):
-        _dq_block(start_m, q, k, v, do, _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
-                  lse, delta, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
-                  DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    """The whole backward of one (batch, key/value head) in one program, for short sequences:
+    the dQ pass over the query tiles of each query head of its group (which also stores delta),
+    then the dK/dV pass over its key tiles. One launch instead of two; no atomics, each output
+    written once: deterministic."""
+    b, hk, bhk = _batch_and_head(H // GROUP)
+    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    k, v = _slab(K, stride_k, b, hk, Tk), _slab(V, stride_v, b, hk, Tk)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        member = _member(head, g)
+        q, do = _slab(Q, stride_q, b, h, Tq), _slab(DO, stride_do, b, h, Tq)
+        o, dq = _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq)
+        lse, delta = _row_stats(LSE, member.bh, Tq), _row_stats(DELTA, member.bh, Tq)
+        for start_m in range(0, Tq, BLOCK_M):
+            _dq_block(start_m, q, k, v, do, o, dq, lse, delta, member, scale, D=D,
+                      HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT,
+                      FP32_PRECISION=FP32_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     # The dK/dV pass reads the delta the other threads of this program just stored.
     tl.debug_barrier()
     for start_n in range(0, Tk, BLOCK_N):
-        _dkdv_block(start_n, q, k, v, do, _slab(DK, stride_dk, b, h, Tk), _slab(DV, stride_dv, b, h, Tk),
-                    lse, delta, DELTA, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
+        _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, hk * GROUP, GROUP, k, v,
+                    _slab(DK, stride_dk, b, hk, Tk), _slab(DV, stride_dv, b, hk, Tk),
+                    LSE, DELTA, DELTA, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
                     DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=True,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
@@ -844,7 +865,7 @@ def _common(q, k, scale, dropout_p, fp32_precision):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     hd = _head_dim(D)
-    return dict(H=H, Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
+    return dict(H=H, GROUP=H // k.shape[1], Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
                 HUGE_SCALE=abs(scale) > 1.0,  # see _exp2_weights
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
@@ -907,7 +928,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, keep_lse=True):
 
 def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic):
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    Hk, Tk = k.shape[1], k.shape[2]  # Hk < H: grouped-query heads
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
     head_dim = _head_dim(D)
     # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows,
@@ -926,7 +947,7 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
 
     if deterministic and _fused_backward(Tk, head_dim, q.dtype):  # one launch
         _launch_planned("fused", key, (q, k, v, do, o, dq, dk, dv, lse, delta, seed), lambda: (
-            (1, None, B * H), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
+            (1, None, B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
                                dq.stride(), dk.stride(), dv.stride()), meta()))
         return dq, dk, dv
     if deterministic:  # two launches: dQ (which stores delta), then dK/dV
@@ -940,7 +961,7 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
             OFFS_64=_offsets_need_64(o, do), BLOCK_M=pre_block)
     _launch_planned("dkdv", key + (deterministic,), (q, k, v, do, dk, dv, lse, delta, seed,
                     lse if deterministic else dq_acc), lambda: (
-        (Tk, "BLOCK_N", B * H), (q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(),
+        (Tk, "BLOCK_N", B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(),
                                  dv.stride()), {**meta(), "DETERMINISTIC": deterministic}),
         reset=None if deterministic else dq_acc.zero_)
     if not deterministic:

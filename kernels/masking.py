@@ -16,6 +16,8 @@ far was bad" flag (a cumulative max along the keys) is set at the last key it se
 """
 import torch
 
+from .validation import kv_heads_expanded
+
 
 def bad_positions(*tensors):
     """(..., T) bool: True where a position of any of the (..., T, D) tensors holds a NaN or an
@@ -47,7 +49,8 @@ def guarded_causal(attend, q, k, v):
         if bool(torch.isfinite(q.sum() + k.sum() + v.sum())):
             return attend(q, k, v)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    bad = bad_positions(k, v)  # (B, H, Tk)
-    poisoned = seen_so_far(bad)[..., Tk - Tq:] | bad_positions(q)  # (B, H, Tq)
+    bad = bad_positions(k, v)  # (B, Hk, Tk)
+    # (B, H, Tq); with grouped-query heads each key/value head's flags serve its query heads.
+    poisoned = kv_heads_expanded(seen_so_far(bad)[..., Tk - Tq:], q.shape[1]) | bad_positions(q)
     out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
     return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))

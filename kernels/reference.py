@@ -5,7 +5,7 @@ materialises the whole (Tq, Tk) score matrix.
 """
 import torch
 
-from .validation import check_attention_args
+from .validation import check_attention_args, kv_heads_expanded
 
 
 def causal_mask(Tq, Tk, device=None):
@@ -22,12 +22,14 @@ def causal_mask(Tq, Tk, device=None):
 def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_mask=None):
     """Causal attention computed the plain way, as the lecture does, for all heads at once.
 
-    q: (B, H, Tq, D) or (N, Tq, D); k, v: (B, H, Tk, D) or (N, Tk, D), Tq <= Tk.
+    q: (B, H, Tq, D) or (N, Tq, D); k, v: (B, Hk, Tk, D) or (N, Tk, D), Tq <= Tk, Hk dividing H
+    (grouped-query attention: query head h sees key/value head h // (H // Hk)).
     dropout_mask: optional bool tensor broadcastable to (B, H, Tq, Tk), True = keep. When given,
     it replaces a random draw, so a test can feed the oracle the very mask a kernel used.
     Returns a tensor of q's shape and dtype.
     """
     q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
+    k4, v4 = kv_heads_expanded(k4, q4.shape[1]), kv_heads_expanded(v4, q4.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q4.shape[-1] ** -0.5 if scale is None else scale
     Tq, Tk = q4.shape[-2], k4.shape[-2]
@@ -53,6 +55,8 @@ def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     Tq, Tk = q.shape[-2], k.shape[-2]
+    if q.dim() == 4:  # grouped-query: each key/value head serves H // Hk query heads
+        k, v = kv_heads_expanded(k, q.shape[1]), kv_heads_expanded(v, q.shape[1])
     s = (q @ k.transpose(-2, -1)) * scale
     s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)

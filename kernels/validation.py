@@ -12,7 +12,9 @@ BACKENDS = ("auto", "triton", "reference", "sdpa")
 
 
 def check_attention_args(q, k, v, scale, dropout_p):
-    """Validate q/k/v/scale/dropout_p; return (q, k, v) as 4-D tensors and whether input was 3-D."""
+    """Validate q/k/v/scale/dropout_p; return (q, k, v) as 4-D tensors and whether input was 3-D.
+    k and v may have fewer heads than q (grouped-query attention): Hk dividing H, query head h
+    reading key/value head h // (H // Hk)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -36,11 +38,13 @@ def check_attention_args(q, k, v, scale, dropout_p):
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if (Bk, Hk, Dk) != (B, H, D):
-        what = "batch" if Bk != B else "heads" if Hk != H else "head dim"
-        raise ValueError(
-            f"k must match q in batch, heads and head dim ({what} differs): q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}"
+    if (Bk, Dk) != (B, D):
+        what = "batch" if Bk != B else "head dim"
+        raise ValueError(f"k must match q in batch and head dim ({what} differs): {shapes}")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"k's heads ({Hk}) must divide q's ({H}): each key/value head serves "
+                         f"H // Hk query heads (grouped-query attention): {shapes}")
     if Tq == 0 or D == 0:
         raise ValueError(f"q must have at least one query and a non-empty head dim, got {tuple(q.shape)}")
     if Tq > Tk:
@@ -81,3 +85,11 @@ def with_positive_scale(q, scale):
     if scale > 0:
         return q, scale
     return (-q, -scale) if scale < 0 else (q * 0.0, 1.0)
+
+
+def kv_heads_expanded(x, H):
+    """(B, Hk, ...) per-key/value-head x repeated to (B, H, ...) along the head axis, so that
+    query head h lines up with key/value head h // (H // Hk). A copy: for the PyTorch paths and
+    the oracle; the Triton kernel reads each key/value head in place."""
+    Hk = x.shape[1]
+    return x if Hk == H else x.repeat_interleave(H // Hk, dim=1)

@@ -8,6 +8,7 @@ import torch
 from kernels import causal_attention, settings
 from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
 from kernels.testing import assert_by_rule
+from kernels.validation import kv_heads_expanded
 
 
 def _grads(fn, inputs, do):
@@ -41,6 +42,7 @@ class _TF32MatMul(torch.autograd.Function):
 def tf32_naive_attention(q, k, v, scale, dropout_p=0.0, keep=None):
     """PyTorch's math attention as TF32 matmuls compute it: each matmul operand rounded to tf32."""
     mm = _TF32MatMul.apply
+    k, v = kv_heads_expanded(k, q.shape[1]), kv_heads_expanded(v, q.shape[1])
     s = mm(q, k.transpose(-2, -1)) * scale
     s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)

@@ -18,11 +18,11 @@ needs_triton = pytest.mark.skipif("triton" not in available_backends(),
 
 def test_class_of_rounds_counts_up_to_powers_of_two():
     q = torch.empty(64, 6, 256, 64, device="meta", dtype=torch.bfloat16)
-    k = torch.empty(64, 6, 300, 64, device="meta", dtype=torch.bfloat16)
-    assert auto.class_of(q, q, 0.0, True) == ("meta", "bfloat16", 64, 512, 256, 256, True, False, True)
-    assert auto.class_of(q, k, 0.2, False) == ("meta", "bfloat16", 64, 512, 256, 512, False, True, False)
+    k = torch.empty(64, 3, 300, 64, device="meta", dtype=torch.bfloat16)  # groups of 2
+    assert auto.class_of(q, q, 0.0, True) == ("meta", "bfloat16", 64, 1, 512, 256, 256, True, False, True)
+    assert auto.class_of(q, k, 0.2, False) == ("meta", "bfloat16", 64, 2, 512, 256, 512, False, True, False)
     one = torch.empty(1, 1, 1, 8, device="meta")
-    assert auto.class_of(one, one, 0.0, False)[3:6] == (1, 1, 1)
+    assert auto.class_of(one, one, 0.0, False)[4:7] == (1, 1, 1)
 
 
 def test_chooser_times_each_route_once_per_class_and_keeps_the_fastest():

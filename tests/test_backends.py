@@ -95,6 +95,33 @@ def test_nan_in_one_batch_element_stays_there(backend, device):
         assert torch.isfinite(g[clean]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("Hk, Tq, Tk", [(2, 37, 37), (1, 20, 45)], ids=["gqa", "mqa-Tq<Tk"])
+def test_grouped_query_heads(backend, Hk, Tq, Tk, device):
+    """k, v with Hk heads, each read by H // Hk query heads (Hk = 1: multi-query)."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(Hk + Tq)
+    q = rand(1, 4, Tq, 24, dtype=torch.float32, device=device)
+    k, v = (rand(1, Hk, Tk, 24, dtype=torch.float32, device=device) for _ in range(2))
+    out, _, dk, dv = check_against_oracle(q, k, v, backend, fp32_precision="ieee"
+                                          if backend == "triton" else None)
+    assert dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_grouped_query_nan_reaches_only_its_group(backend, device):
+    """A NaN in key/value head 0 reaches query heads 0 and 1 (its group of 2), from the
+    position it sits at on; query heads 2 and 3 read the other key/value head and stay finite."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(5)
+    q = rand(1, 4, 20, 16, dtype=torch.float32, device=device)
+    k, v = (rand(1, 2, 20, 16, dtype=torch.float32, device=device) for _ in range(2))
+    v[0, 0, 7, 2] = float("nan")
+    out = causal_attention(q, k, v, backend=backend)
+    assert torch.isnan(out[0, :2, 7:]).any(dim=-1).all() and torch.isfinite(out[0, :2, :7]).all()
+    assert torch.isfinite(out[0, 2:]).all()
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
 def test_dropout_keeps_about_one_minus_p(backend, device):
     """Dropout without an exposed mask: the mean output scales right, and eval-mode is exact."""
@@ -124,6 +151,18 @@ def test_decode_attention_matches_the_oracle_row_by_row(Tq, dtype, device):
         ref = causal_attention_reference(qb.double(), kb.double(), vb.double())
         low = naive_causal_attention(qb, kb, vb)
         assert_by_rule([out[b:b + 1]], [ref], [low], names=(f"row {b} (length {n})",))
+
+
+def test_decode_attention_grouped_query_heads(device):
+    torch.manual_seed(21)
+    B, H, Hk, S, D = 2, 4, 2, 30, 16
+    q = rand(B, H, 2, D, dtype=torch.float32, device=device)
+    k, v = (rand(B, Hk, S, D, dtype=torch.float32, device=device) for _ in range(2))
+    out = decode_attention(q, k, v, torch.tensor([S, 9], device=device))
+    for b, n in enumerate([S, 9]):
+        ref = causal_attention_reference(q[b:b + 1].double(), k[b:b + 1, :, :n].double(),
+                                         v[b:b + 1, :, :n].double())
+        torch.testing.assert_close(out[b:b + 1], ref.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_attention_gives_zeros_to_a_query_that_sees_no_key(device):

@@ -82,6 +82,27 @@ def test_profile_flag_writes_where_the_step_time_goes(quick_report):
         assert "Self CPU" in table and "aten::" in table
 
 
+def test_attention_section_runs_grouped_query_points(monkeypatch, capsys):
+    """A grid point with fewer key/value heads than query heads (the GPU grid has H = 32,
+    Hk = 8): each implementation runs it with its own grouped-query flag, checked against the
+    oracle, or says why it cannot; the table shows H/Hk."""
+    import types
+    sys.path.insert(0, str(ROOT))
+    from bench import attention
+    monkeypatch.setattr(attention, "grid", lambda device, dtypes, quick: [(torch.float32, 1, 4, 32, 16, 2)])
+    opts = types.SimpleNamespace(device=torch.device("cpu"), dtypes=[torch.float32], quick=True,
+                                 profile_dir=None)
+    rows = []
+    attention.run(opts, rows, save=lambda: None)
+    by = {(r["impl"], r["pass"]): r for r in rows}
+    assert all(r["H"] == 4 and r["Hk"] == 2 for r in rows)
+    assert "no grouped-query heads" in by[("lecture", "fwd")]["skipped"]
+    for impl in ("naive-batched", "sdpa-math", "sdpa-flash", "project-auto"):
+        assert "ms" in by[(impl, "fwd+bwd")], by[(impl, "fwd+bwd")]
+    attention.print_table(rows, opts)
+    assert "   4/2" in capsys.readouterr().out
+
+
 def test_host_overhead_reports_every_path():
     """bench/host_overhead.py runs here (launches stubbed, interpreter) and prints each path."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -101,7 +122,8 @@ def _can_compile_for_cuda():
 
 
 # Each compile_report run below is one process busy on one core for up to a minute (less once
-# Triton's cache holds the kernels); they start together, so two cores run them side by side.
+# Triton's cache holds the kernels). conftest.py starts them as the session starts and moves
+# their checks to the end, so that they compile on the second core while the other tests run.
 COMPILES = {
     # (flags, untuned choices: 3 kernels per head dim, and the fused backward for 16-bit D <= 64)
     "bf16": (["--head-dim", "40,64,128", "--dtype", "bfloat16"], 3 * 3 + 2),
@@ -111,12 +133,22 @@ COMPILES = {
 }
 
 
-@pytest.fixture(scope="module")
+_COMPILE_PROCS = {}
+
+
+def start_compile_reports():
+    """The compile_report processes, started on the first call (once per session)."""
+    if not _COMPILE_PROCS:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        _COMPILE_PROCS.update({name: subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "compile_report.py"), "--fixed", *flags], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (flags, _) in COMPILES.items()})
+    return _COMPILE_PROCS
+
+
+@pytest.fixture(scope="session")
 def compile_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--fixed",
-                                     *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (flags, _) in COMPILES.items()}
+    procs = start_compile_reports()
     yield procs
     for p in procs.values():
         if p.poll() is None:

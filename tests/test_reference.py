@@ -54,7 +54,7 @@ BAD = [
     (dict(q=torch.zeros(2, 3)), ValueError, "q must be 4-D"),
     (dict(k=torch.zeros(2, 9, 8)), ValueError, "same number of dimensions"),
     (dict(k=torch.zeros(1, 2, 9, 8), v=torch.zeros(1, 2, 9, 8)), ValueError, "batch differs"),
-    (dict(k=torch.zeros(2, 3, 9, 8), v=torch.zeros(2, 3, 9, 8)), ValueError, "heads differs"),
+    (dict(k=torch.zeros(2, 3, 9, 8), v=torch.zeros(2, 3, 9, 8)), ValueError, "k's heads (3) must divide q's (2)"),
     (dict(k=torch.zeros(2, 2, 9, 4), v=torch.zeros(2, 2, 9, 4)), ValueError, "head dim differs"),
     (dict(v=torch.zeros(2, 2, 8, 8)), ValueError, "k and v must have the same shape"),
     (dict(q=torch.zeros(2, 2, 10, 8)), ValueError, "Tq=10 > Tk=9"),
