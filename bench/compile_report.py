@@ -92,6 +92,8 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=T
                       **config.kwargs)
     if "DETERMINISTIC" in fn.arg_names:
         constexprs["DETERMINISTIC"] = deterministic
+    if "DELTA_OFFSET" in fn.arg_names:  # the lse's own gradient: only where a caller uses lse
+        constexprs["DELTA_OFFSET"] = False
     sig, attrs = signature(fn, dtype, constexprs)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))

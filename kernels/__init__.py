@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import auto, settings
 from .masking import bad_positions, guarded_causal, seen_so_far, zero_positions
-from .reference import causal_attention_reference, causal_mask
+from .reference import causal_attention_reference, causal_mask, masked_scores
 from .settings import set_defaults
 from .validation import check_attention_args, check_backend, kv_heads_expanded, with_positive_scale
 
@@ -101,14 +101,15 @@ def _auto_backend(q, measure):
 _RESOLVED = {}
 
 
-def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision):
+def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision, return_lse):
     """(backend to run, scale, whether the inputs are 3-D), or the error for bad arguments."""
     check_backend(backend)
     settings.check(deterministic, fp32_precision)
     q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":  # picks "triton" only where it can run
-        backend = _auto_backend(q4, deterministic is None and fp32_precision is None)
+        backend = _auto_backend(q4, deterministic is None and fp32_precision is None
+                                and not return_lse)
     elif backend == "triton":
         why = _triton_unavailable(q4)
         if why is not None:
@@ -117,7 +118,7 @@ def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision):
 
 
 def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", deterministic=None,
-                     fp32_precision=None):
+                     fp32_precision=None, layout="bhtd", return_lse=False):
     """Causal (masked) scaled-dot-product attention, all heads at once.
 
     Args:
@@ -143,6 +144,15 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             None: the process default, which follows torch.get_float32_matmul_precision()
             ("highest", PyTorch's default: "ieee"; "high"/"medium": "tf32"). The other
             backends' matmuls follow PyTorch's setting themselves.
+        layout: "bhtd" (the default: q (B, H, Tq, D), ...) or "bthd": q (B, Tq, H, D), k and v
+            (B, Tk, Hk, D), and the output (B, Tq, H, D), as flash-attn takes them and as a qkv
+            projection gives them without a transpose. Any strides either way; 4-D only.
+        return_lse: also return each row's log-sum-exp of its scaled, masked scores, (B, H, Tq)
+            float32 (float64 for float64 inputs), natural log, whatever the layout: what merging
+            attention over parts of the keys needs (out = sum of each part's out weighted by
+            exp(lse_part - lse)). Differentiable. The Triton kernel keeps it from the forward
+            (auto keeps Triton, unmeasured, for such calls); the PyTorch backends compute it as
+            the reference does, with the whole (Tq, Tk) score matrix.
 
     The mask is bottom-right aligned: query i sees keys j <= i + (Tk - Tq), which is what a
     KV cache needs (the new queries are the last Tq positions). For Tq = 2, Tk = 5:
@@ -163,23 +173,32 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
     one gets NaN (kernels/masking.py).
 
     Returns:
-        (B, H, Tq, D) (or (N, Tq, D)), in q's dtype, on q's device.
+        (B, H, Tq, D) (or (N, Tq, D); with layout="bthd", (B, Tq, H, D)), in q's dtype, on q's
+        device; with return_lse, (that, lse).
 
     Raises:
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, Tq > Tk,
-        dropout_p outside [0, 1), an unknown backend, or "triton" where it cannot run.
+        dropout_p outside [0, 1), an unknown backend or layout, or "triton" where it cannot run.
     """
+    if layout != "bhtd":  # (B, T, H, D): the same attention on transposed views, no copies
+        _check_bthd(layout, q, k, v)
+        got = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               scale=scale, dropout_p=dropout_p, backend=backend,
+                               deterministic=deterministic, fp32_precision=fp32_precision,
+                               return_lse=return_lse)
+        return (got[0].transpose(1, 2), got[1]) if return_lse else got.transpose(1, 2)
     resolved, signature = None, None
     if not torch.compiler.is_compiling():  # (torch.compile traces the checks instead)
         try:
             signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
                          v.device, type(scale), scale, type(dropout_p), dropout_p, backend,
-                         deterministic, fp32_precision)
+                         deterministic, fp32_precision, return_lse)
             resolved = _RESOLVED.get(signature)
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             signature = None
     if resolved is None:
-        resolved = _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision)
+        resolved = _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
+                            return_lse)
         if signature is not None:
             if len(_RESOLVED) >= 4096:  # e.g. a decode loop whose Tk grows: keep it bounded
                 _RESOLVED.clear()
@@ -188,8 +207,27 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
     q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
     if backend == "measure":
         backend = _measured_route(signature, q4, k4, v4, scale, dropout_p)
+    if return_lse:
+        if backend == "triton":
+            out, lse = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic,
+                                             fp32_precision, return_lse=True)
+        else:  # the PyTorch paths: the reference's log-sum-exp beside their output
+            out = _run(backend, q4, k4, v4, scale, dropout_p)
+            dtype = torch.float64 if q4.dtype == torch.float64 else torch.float32
+            lse = torch.logsumexp(masked_scores(
+                q4.to(dtype), kv_heads_expanded(k4, q4.shape[1]).to(dtype), scale), dim=-1)
+        return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
     out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
     return out.squeeze(1) if three_d else out
+
+
+def _check_bthd(layout, q, k, v):
+    if layout != "bthd":
+        raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"layout='bthd' needs 4-D (B, T, H, D) tensors; {name} is {shape}")
 
 
 def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None):

@@ -62,6 +62,7 @@ from . import autotune, settings
 from .validation import with_positive_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 # The kernels pass tuples and namedtuples between jitted functions, which Triton 3.3 brought.
 TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 TOO_OLD = TRITON_VERSION < (3, 3)
@@ -444,16 +445,29 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _delta(o, do, delta_row, offs_m, row_ok, DELTA_OFFSET: tl.constexpr):
+    """Store and return delta = rowsum(dO * O) for these rows. The log-sum-exp's own gradient
+    g (where the caller uses it) adds p * g to every dS of its row, which is the same as taking
+    delta - g: with DELTA_OFFSET the rows hold -g beforehand, and it is added."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if DELTA_OFFSET:
+        delta += tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+    tl.store(delta_row + offs_m, delta, mask=row_ok)
+    return delta
+
+
+@triton.jit
 def _bwd_preprocess(O, DO, DELTA, stride_o, stride_do, H, Tq, D: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient."""
+                    HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr, DELTA_OFFSET: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient (with
+    DELTA_OFFSET, plus what DELTA holds already: see _delta)."""
     b, h, bh = _batch_and_head(H)
     offs_m = _offsets(tl.program_id(0) * BLOCK_M, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     o = _load_tile(_slab(O, stride_o, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
     do = _load_tile(_slab(DO, stride_do, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(_row_stats(DELTA, bh, Tq) + offs_m, delta, mask=offs_m < Tq)
+    _delta(o, do, _row_stats(DELTA, bh, Tq), offs_m, offs_m < Tq, DELTA_OFFSET)
 
 
 @triton.jit
@@ -591,7 +605,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D:
 @triton.jit
 def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, delta_out, head, scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr,
-              DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr,
+              DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr, DELTA_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of the query tile at start_m: hold it, stream the key tiles it sees. It also takes
     its rows' delta = rowsum(dO * O), the row term of the softmax gradient, and stores it for
@@ -602,8 +616,7 @@ def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, de
     q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
     do = _load_tile(do_slab, offs_m, offs_d, D, CHECK_ROWS=True)
     o = _load_tile(o_slab, offs_m, offs_d, D, CHECK_ROWS=True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_out + offs_m, delta, mask=row_ok)
+    delta = _delta(o, do, delta_out, offs_m, row_ok, DELTA_OFFSET)
     lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -625,7 +638,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                  HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
     hk = h // GROUP
@@ -635,7 +648,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
               _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
               _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq), head, scale, D=D,
               HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
-              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+              DELTA_OFFSET=DELTA_OFFSET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -645,7 +658,7 @@ def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
                     TQ_BUCKET, TK_BUCKET,
                     D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                     HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The whole backward of one (batch, key/value head) in one program, for short sequences:
     the dQ pass over the query tiles of each query head of its group (which also stores delta),
     then the dK/dV pass over its key tiles. One launch instead of two; no atomics, each output
@@ -662,7 +675,8 @@ def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
         for start_m in range(0, Tq, BLOCK_M):
             _dq_block(start_m, q, k, v, do, o, dq, lse, delta, member, scale, D=D,
                       HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT,
-                      FP32_PRECISION=FP32_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                      FP32_PRECISION=FP32_PRECISION, DELTA_OFFSET=DELTA_OFFSET,
+                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     # The dK/dV pass reads the delta the other threads of this program just stored.
     tl.debug_barrier()
     for start_n in range(0, Tk, BLOCK_N):
@@ -926,7 +940,8 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, keep_lse=True):
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic):
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse=None):
+    """dq, dk, dv; dlse: the gradient of the forward's (base-2) lse where the caller used it."""
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]  # Hk < H: grouped-query heads
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
@@ -934,10 +949,13 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows,
     # which the reset zeroes before every launch of it; no dQ kernel runs.
     dq_acc = None if deterministic else q.new_empty(B, H, Tq, head_dim, dtype=torch.float32)
-    delta = torch.empty_like(lse)
+    # The kernels store delta = rowsum(dO * O) per row; a gradient g of lse (base 2) enters as
+    # delta - g / ln(2) (see _delta), so the rows start at -g / ln(2).
+    has_dlse = dlse is not None
+    delta = torch.empty_like(lse) if not has_dlse else (dlse * -LOG2E).float().contiguous()
     seed = seed if seed is not None else lse
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), do.stride(), o.stride(), q.dtype,
-           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o))
+           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse)
 
     def meta():
         m = _common(q, k, scale, dropout_p, fp32_precision)
@@ -948,17 +966,17 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     if deterministic and _fused_backward(Tk, head_dim, q.dtype):  # one launch
         _launch_planned("fused", key, (q, k, v, do, o, dq, dk, dv, lse, delta, seed), lambda: (
             (1, None, B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-                               dq.stride(), dk.stride(), dv.stride()), meta()))
+                               dq.stride(), dk.stride(), dv.stride()), {**meta(), "DELTA_OFFSET": has_dlse}))
         return dq, dk, dv
     if deterministic:  # two launches: dQ (which stores delta), then dK/dV
         _launch_planned("dq", key, (q, k, v, do, o, dq, lse, delta, seed), lambda: (
             (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-                                     dq.stride()), meta()))
+                                     dq.stride()), {**meta(), "DELTA_OFFSET": has_dlse}))
     else:
         pre_block = 64 if not INTERPRET else 16
         _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
             o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=head_dim,
-            OFFS_64=_offsets_need_64(o, do), BLOCK_M=pre_block)
+            OFFS_64=_offsets_need_64(o, do), DELTA_OFFSET=has_dlse, BLOCK_M=pre_block)
     _launch_planned("dkdv", key + (deterministic,), (q, k, v, do, dk, dv, lse, delta, seed,
                     lse if deterministic else dq_acc), lambda: (
         (Tk, "BLOCK_N", B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(),
@@ -989,13 +1007,14 @@ def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic):
 @torch.library.custom_op("lecture_flash::bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic)
+            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool,
+            dlse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
+                     dlse)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic):
+def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse):
     return _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
 
 
@@ -1008,10 +1027,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse, bwd=None):
-    """Gradients of the forward's inputs, through the custom op (or `bwd`, same arguments)."""
+    """Gradients of the forward's inputs, through the custom op (or `bwd`, same arguments).
+    do or dlse is None where that output was not used (the other one was)."""
     q, k, v, o, lse, seed = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
     dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p,
-                                  ctx.fp32_precision, ctx.deterministic)
+                                  ctx.fp32_precision, ctx.deterministic, dlse)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -1034,13 +1056,14 @@ class _EagerAttention(torch.autograd.Function):
         o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision)
         _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic),
                        (o, lse))
-        return o
+        ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlse):
         # With create_graph=True, through the custom op, so that differentiating these gradients
         # again fails loudly (the op has no derivative) instead of treating them as constants.
-        return _backward(ctx, do, None, _bwd_op if torch.is_grad_enabled() else _bwd_impl)
+        return _backward(ctx, do, dlse, _bwd_op if torch.is_grad_enabled() else _bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1066,20 +1089,26 @@ def draw_seed(device):
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None):
+def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None,
+                    return_lse=False):
     """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels.
-    deterministic, fp32_precision: None for the process default (kernels/settings.py)."""
+    deterministic, fp32_precision: None for the process default (kernels/settings.py).
+    return_lse: also return each row's log-sum-exp of its scaled scores, (B, H, Tq) float32,
+    natural log, differentiable."""
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     # The precision matters to float32 inputs only; 16-bit ones always take the one kernel.
     precision = settings.resolve_fp32_precision(fp32_precision) if q.dtype == torch.float32 else "ieee"
     if torch.compiler.is_compiling():
-        return _fwd_op(q, k, v, seed, float(scale), float(dropout_p), precision,
-                       settings.resolve_deterministic(deterministic))[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, seed, float(scale), float(dropout_p), precision,
-                                     settings.resolve_deterministic(deterministic))
-    # Inference (sampling): no autograd bookkeeping at all.
-    return _fwd_impl(q, k, v, seed, float(scale), float(dropout_p), precision, keep_lse=False)[0]
+        o, lse = _fwd_op(q, k, v, seed, float(scale), float(dropout_p), precision,
+                         settings.resolve_deterministic(deterministic))
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse = _EagerAttention.apply(q, k, v, seed, float(scale), float(dropout_p), precision,
+                                       settings.resolve_deterministic(deterministic))
+    else:  # inference (sampling): no autograd bookkeeping at all
+        o, lse = _fwd_impl(q, k, v, seed, float(scale), float(dropout_p), precision,
+                           keep_lse=return_lse)
+    # The kernels keep lse in base 2 (log2(e) times the natural one).
+    return (o, lse * LN2) if return_lse else o
 
 
 def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):

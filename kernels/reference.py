@@ -19,23 +19,31 @@ def causal_mask(Tq, Tk, device=None):
     return j <= i + (Tk - Tq)
 
 
-def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_mask=None):
+def masked_scores(q, k, scale):
+    """(..., Tq, Tk) scaled scores q k^T, -inf where the causal mask hides a key (a NaN there
+    included), in q's dtype; q and k with their heads already matched."""
+    s = (q @ k.transpose(-2, -1)) * scale
+    return s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+
+
+def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_mask=None,
+                               return_lse=False):
     """Causal attention computed the plain way, as the lecture does, for all heads at once.
 
     q: (B, H, Tq, D) or (N, Tq, D); k, v: (B, Hk, Tk, D) or (N, Tk, D), Tq <= Tk, Hk dividing H
     (grouped-query attention: query head h sees key/value head h // (H // Hk)).
     dropout_mask: optional bool tensor broadcastable to (B, H, Tq, Tk), True = keep. When given,
     it replaces a random draw, so a test can feed the oracle the very mask a kernel used.
-    Returns a tensor of q's shape and dtype.
+    Returns a tensor of q's shape and dtype; with return_lse, also each row's log-sum-exp of
+    its scaled, masked scores ((B, H, Tq) or (N, Tq), natural log, float32; float64 for float64
+    inputs).
     """
     q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
     k4, v4 = kv_heads_expanded(k4, q4.shape[1]), kv_heads_expanded(v4, q4.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q4.shape[-1] ** -0.5 if scale is None else scale
-    Tq, Tk = q4.shape[-2], k4.shape[-2]
-
-    scores = (q4.to(compute) @ k4.to(compute).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    scores = masked_scores(q4.to(compute), k4.to(compute), scale)  # (B, H, Tq, Tk)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq)
     probs = torch.softmax(scores, dim=-1)
     if dropout_mask is not None:
         if dropout_p == 0.0:
@@ -44,7 +52,9 @@ def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_ma
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = (probs @ v4.to(compute)).to(q.dtype)  # (B, H, Tq, D)
-    return out.squeeze(1) if three_d else out
+    if three_d:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out
 
 
 def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None):
@@ -54,12 +64,9 @@ def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None
     baseline of the tolerance rule, and "naive-batched" in the benchmark.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    Tq, Tk = q.shape[-2], k.shape[-2]
     if q.dim() == 4:  # grouped-query: each key/value head serves H // Hk query heads
         k, v = kv_heads_expanded(k, q.shape[1]), kv_heads_expanded(v, q.shape[1])
-    s = (q @ k.transpose(-2, -1)) * scale
-    s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    p = torch.softmax(masked_scores(q, k, scale), dim=-1)
     if dropout_mask is not None:
         p = p * dropout_mask.to(p.dtype) / (1 - dropout_p)
     return p @ v

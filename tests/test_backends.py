@@ -4,8 +4,9 @@ import torch
 
 from helpers import check_against_oracle
 from kernels import causal_attention, decode_attention
-from kernels.reference import causal_attention_reference, naive_causal_attention
+from kernels.reference import causal_attention_reference, masked_scores, naive_causal_attention
 from kernels.testing import assert_by_rule
+from kernels.validation import kv_heads_expanded
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 BACKENDS = ["reference", "sdpa", "auto"]
@@ -106,6 +107,90 @@ def test_grouped_query_heads(backend, Hk, Tq, Tk, device):
     out, _, dk, dv = check_against_oracle(q, k, v, backend, fp32_precision="ieee"
                                           if backend == "triton" else None)
     assert dk.shape == k.shape and dv.shape == v.shape
+
+
+def _lse_and_grads(attend, q, k, v, do, dl):
+    """(out, lse, dq, dk, dv) of attend, the gradients of sum(out * do) + sum(lse * dl)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = attend(q, k, v)
+    return [out, lse, *torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v))]
+
+
+def _naive_lse_attention(q, k, v):
+    """PyTorch's math in the inputs' dtype, and its log-sum-exp in float32: the rule's baseline."""
+    scores = masked_scores(q.float(), kv_heads_expanded(k, q.shape[1]).float(), q.shape[-1] ** -0.5)
+    return naive_causal_attention(q, k, v), torch.logsumexp(scores, dim=-1)
+
+
+LSE_CASES = [(backend, dtype, "") for backend in BACKENDS for dtype in (torch.float32, torch.bfloat16)] + [
+    ("triton", torch.float32, ""), ("triton", torch.bfloat16, "one launch"),
+    ("triton", torch.bfloat16, "two launches"), ("triton", torch.bfloat16, "atomic dQ")]
+
+
+@pytest.mark.parametrize("backend, dtype, path", LSE_CASES, ids=[f"{b}-{str(d)[6:]}-{p}" for b, d, p in LSE_CASES])
+def test_return_lse_and_its_gradient(monkeypatch, backend, dtype, path, device):
+    """return_lse=True: the (B, H, Tq) natural log-sum-exp beside the output, held to the rule
+    with its gradient (a loss that uses both), through every backward path of the kernel."""
+    skip_if_unavailable(backend, device)
+    if path == "two launches":
+        monkeypatch.setattr(__import__("kernels").flash, "FUSED_MAX_TK", 0)
+    deterministic = False if path == "atomic dQ" else None
+    Tk = 45
+    torch.manual_seed(Tk)
+    q = rand(1, 4, 30, 16, dtype=dtype, device=device)
+    k, v = (rand(1, 2, Tk, 16, dtype=dtype, device=device) for _ in range(2))
+    do, dl = rand(1, 4, 30, 16, dtype=dtype, device=device), rand(1, 4, 30, dtype=torch.float32, device=device)
+    options = {} if backend != "triton" else {"deterministic": deterministic, "fp32_precision": "ieee"}
+    got = _lse_and_grads(lambda a, b, c: causal_attention(a, b, c, backend=backend, return_lse=True,
+                                                          **options), q, k, v, do, dl)
+    ref = _lse_and_grads(lambda a, b, c: causal_attention_reference(a, b, c, return_lse=True),
+                         *(t.double() for t in (q, k, v, do, dl)))
+    low = _lse_and_grads(_naive_lse_attention, q, k, v, do, dl)
+    assert got[1].shape == (1, 4, 30) and got[1].dtype == torch.float32
+    assert_by_rule(got, ref, low, names=("out", "lse", "dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_lse_merges_attention_over_two_halves_of_the_keys(backend, device):
+    """A decode query (it sees every key) attended over each half of the keys: the halves'
+    outputs weighted by exp(lse_half - lse) are the whole's output, logaddexp of their lse its
+    lse, and the gradients through the merge (which run through lse) the whole's gradients."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(8)
+    q = rand(2, 4, 1, 16, dtype=torch.float32, device=device)
+    k, v = (rand(2, 2, 40, 16, dtype=torch.float32, device=device) for _ in range(2))
+    do = rand(2, 4, 1, 16, dtype=torch.float32, device=device)
+    options = {"fp32_precision": "ieee"} if backend == "triton" else {}
+
+    def whole(a, b, c):
+        return causal_attention(a, b, c, backend=backend, return_lse=True, **options)
+
+    def merged(a, b, c):
+        (o1, l1), (o2, l2) = (whole(a, b[:, :, part], c[:, :, part])
+                              for part in (slice(0, 17), slice(17, 40)))
+        lse = torch.logaddexp(l1, l2)
+        return (o1 * (l1 - lse).exp()[..., None] + o2 * (l2 - lse).exp()[..., None]), lse
+
+    zero = torch.zeros(2, 4, 1, device=device)
+    for a, b in zip(_lse_and_grads(merged, q, k, v, do, zero), _lse_and_grads(whole, q, k, v, do, zero)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_bthd_layout(backend, device):
+    """layout="bthd": (B, T, H, D) in and out (grouped heads and Tq < Tk here), the same numbers
+    as the default layout on the transposed tensors, gradients included."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(6)
+    q = rand(1, 20, 4, 16, dtype=torch.bfloat16, device=device)
+    k, v = (rand(1, 29, 2, 16, dtype=torch.bfloat16, device=device) for _ in range(2))
+    out = causal_attention(q, k, v, layout="bthd", backend=backend)
+    t = [x.transpose(1, 2) for x in (q, k, v)]
+    assert out.shape == q.shape
+    assert torch.equal(out, causal_attention(*t, backend=backend).transpose(1, 2))
+    check_against_oracle(*t, backend, run=lambda a, b, c: causal_attention(
+        a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), layout="bthd",
+        backend=backend).transpose(1, 2))
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton"])

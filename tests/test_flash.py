@@ -456,7 +456,9 @@ def test_opcheck(device):
     o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)
     do = torch.randn_like(o)
     for det in (True, False):
-        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", det))
+        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", det, None))
+    torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", True,
+                                          torch.randn_like(lse)))  # lse used by the caller
 
 
 def test_compiles_without_graph_breaks(device):
@@ -476,6 +478,22 @@ def test_compiles_without_graph_breaks(device):
     torch.manual_seed(0)
     expect = torch.autograd.grad(f(q, k, v), (q, k, v))
     for a, b in zip(grads, expect):
+        torch.testing.assert_close(a, b)
+
+
+def test_lse_compiles_and_differentiates(device):
+    """return_lse=True under torch.compile(fullgraph=True): the custom op's second output, with
+    its gradient, as in eager."""
+    torch.manual_seed(17)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 20, 20, 16, torch.bfloat16, device))
+
+    def f(q, k, v):
+        out, lse = causal_attention(q, k, v, backend="triton", return_lse=True)
+        return out.float().square().sum() + lse.sin().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    for a, b in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
+                    torch.autograd.grad(f(q, k, v), (q, k, v))):
         torch.testing.assert_close(a, b)
 
 

@@ -70,6 +70,9 @@ BAD = [
     (dict(scale=float("nan")), ValueError, "scale must be finite"),
     (dict(scale=float("-inf")), ValueError, "scale must be finite"),
     (dict(backend="flash"), ValueError, "backend must be one of"),
+    (dict(layout="BTHD"), ValueError, "layout must be 'bhtd' or 'bthd', got 'BTHD'"),
+    (dict(layout="bthd", q=torch.zeros(2, 9, 8), k=torch.zeros(2, 9, 8), v=torch.zeros(2, 9, 8)),
+     ValueError, "layout='bthd' needs 4-D (B, T, H, D) tensors; q is (2, 9, 8)"),
 ]
 
 
