@@ -63,8 +63,16 @@ TINY_HEAD_DIM = pytest.mark.xfail(strict=False, reason=(
     "is taken over the rounded O, as in FlashAttention-2"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# float16 takes the same code paths as bfloat16 (16-bit loads, tensor-core dots, the same
+# kernels): under the interpreter it runs on a few shapes of each kind (a tail, Tq < Tk, a
+# padded head dim, D = 256); on a GPU on every shape.
+FP16_SHAPES = [(1, 2, 100, 100, 64), (1, 1, 1, 239, 40), (1, 1, 37, 50, 112), (1, 1, 20, 20, 256)]
+DTYPES_HERE = DTYPES if torch.cuda.is_available() else [torch.float32, torch.bfloat16]  # the same
+CASES = [(shape, dtype) for shape in SHAPES for dtype in DTYPES
+         if dtype != torch.float16 or shape in FP16_SHAPES or torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("shape, dtype", CASES, ids=[f"{s}-{d}" for s, d in CASES])
 def test_forward_and_gradients(request, shape, dtype, device):
     if shape[-1] < 8 and dtype != torch.float32:
         request.applymarker(TINY_HEAD_DIM)
@@ -83,7 +91,7 @@ def test_forward_and_gradients_large(shape, dtype, device):
 ATOMIC_SHAPES = [(2, 1, 7, 7, 24), (1, 2, 100, 100, 64), (1, 1, 113, 203, 96), (1, 1, 1, 239, 40)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
 @pytest.mark.parametrize("shape", ATOMIC_SHAPES, ids=str)
 def test_atomic_dq_backward(shape, dtype, device):
     with set_defaults(deterministic=False):
@@ -123,7 +131,7 @@ def test_unequal_tiles(monkeypatch, tile, variant, device):
 
 
 # (B, H, Hk, Tq, Tk, D): groups of 2 and 3 query heads, multi-query (Hk = 1), Tq < Tk.
-GQA_SHAPES = [(1, 4, 2, 37, 37, 24), (1, 6, 2, 20, 33, 16), (1, 3, 1, 20, 20, 40)]
+GQA_SHAPES = [(1, 6, 2, 20, 33, 16), (1, 3, 1, 20, 20, 40)]
 # The draws are fixed (seed 1000 + H * Tk + D). At (1, 3, 1, 20, 20, 40) in bf16, 2 of 31 draws
 # tried broke the 2x rule (seed 100: dQ 1.43e-2 against PyTorch's 7.05e-3, 2.03x; seed 17: dK),
 # and no MHA draw of that size in 30: the backward takes delta = rowsum(dO * O) over O rounded to
@@ -225,7 +233,7 @@ def test_which_backward_kernels_run(monkeypatch, device):
 
 # The two-launch deterministic backward (dQ with delta, then dK/dV) on the awkward shapes that
 # the main test sends through the fused kernel (16-bit, T <= FUSED_MAX_TK, D <= 64).
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [d for d in DTYPES_HERE if d != torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1, 8), (2, 1, 7, 7, 24), (1, 2, 100, 100, 64),
                                    (1, 1, 1, 239, 40)], ids=str)
 def test_two_launch_backward(monkeypatch, shape, dtype, device):
@@ -233,7 +241,7 @@ def test_two_launch_backward(monkeypatch, shape, dtype, device):
     run_case(shape, dtype, device)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
 def test_model_layout_is_read_in_place(dtype, device):
     """q, k, v as strided views of one (B, T, 3, H, D) projection; the output comes back in
     (B, T, H, D) storage so the model's transpose + reshape is free."""
@@ -447,7 +455,7 @@ def test_lse_is_the_row_logsumexp(device):
 
 def test_opcheck(device):
     torch.manual_seed(12)
-    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 19, 24, 16, torch.float32, device))
+    q, k, v = (t.requires_grad_() for t in inputs(1, 1, 19, 24, 16, torch.float32, device))
     torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, "ieee", True))
     seed = flash.draw_seed(device)
     torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, "ieee", True))
