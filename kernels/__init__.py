@@ -7,6 +7,8 @@
 Backends: "triton" (fused FlashAttention-2-style kernel, CUDA), "sdpa" (PyTorch's
 scaled_dot_product_attention), "reference" (the explicit-softmax oracle), and "auto".
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +24,14 @@ except ImportError as e:  # no triton on this platform (macOS, Windows): pure-Py
     flash = None
     _FLASH_IMPORT_ERROR = str(e)
 
-__all__ = ["causal_attention", "decode_attention", "MultiHeadAttention", "available_backends",
-           "auto_report", "causal_attention_reference", "default_device", "set_defaults"]
+__all__ = ["causal_attention", "decode_attention", "scaled_dot_product_attention",
+           "MultiHeadAttention", "available_backends", "auto_report", "causal_attention_reference",
+           "default_device", "set_defaults"]
+
+# PyTorch's own SDPA, kept as it was at import: a user may monkey-patch
+# F.scaled_dot_product_attention with ours (scaled_dot_product_attention below), and the paths
+# that hand work to PyTorch must not then call back into it.
+_torch_sdpa = F.scaled_dot_product_attention
 
 
 def _triton_unavailable(q):
@@ -74,12 +82,12 @@ def _sdpa(q, k, v, scale, dropout_p, pinned=None):
     # Grouped-query heads (k, v with fewer heads than q): SDPA's enable_gqa reads them in place.
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+        return _torch_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True,
                                               scale=scale, **gqa)
     if Tq == 1:  # one new query sees every key: no mask at all
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, **gqa)
+        return _torch_sdpa(q, k, v, dropout_p=dropout_p, scale=scale, **gqa)
     # SDPA's is_causal aligns top-left when Tq != Tk; ours is bottom-right, so pass the mask.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device),
+    return _torch_sdpa(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device),
                                           dropout_p=dropout_p, scale=scale, **gqa)
 
 
@@ -321,10 +329,61 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     seen = seen_so_far(bad).gather(-1, last.clamp(min=0).view(B, 1, Tq).expand(-1, bad.shape[1], -1))
     seen = kv_heads_expanded(seen, q.shape[1])  # (B, H, Tq): grouped-query heads share their flags
     gqa = {"enable_gqa": True} if k_cache.shape[1] != q.shape[1] else {}
-    out = F.scaled_dot_product_attention(q, zero_positions(k_cache, bad), zero_positions(v_cache, bad),
+    out = _torch_sdpa(q, zero_positions(k_cache, bad), zero_positions(v_cache, bad),
                                          attn_mask=visible.unsqueeze(1), scale=scale, **gqa)
     out = out.masked_fill((seen & (last >= 0).view(B, 1, Tq)).unsqueeze(-1), float("nan"))
     return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)
+
+
+_SAID = set()  # the reasons scaled_dot_product_attention handed a call to PyTorch, warned once
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention's signature and meaning, for
+    monkey-patching code written against it (nanoGPT's `F.scaled_dot_product_attention(q, k,
+    v, is_causal=True)`):
+
+        import torch.nn.functional as F, kernels
+        F.scaled_dot_product_attention = kernels.scaled_dot_product_attention
+
+    Causal calls without a mask run causal_attention (backend "auto"): with as many queries as
+    keys; with fewer queries than keys too, keeping PyTorch's top-left alignment (query i sees
+    keys j <= i, the opposite of causal_attention's bottom-right), which never reaches keys past
+    the query count; with grouped key/value heads where enable_gqa=True. Everything else (an
+    attn_mask, non-causal attention, more queries than keys, inputs not 3- or 4-D, a value head
+    dim other than the key's) goes to PyTorch's own SDPA, with a warning saying why, once per
+    process and reason.
+    """
+    why = None
+    if attn_mask is not None:
+        why = "an attn_mask (padding masks are not supported yet)"
+    elif not is_causal:
+        why = "non-causal attention"
+    elif not all(isinstance(t, torch.Tensor) and t.dim() in (3, 4) and t.dim() == query.dim()
+                 for t in (query, key, value)):
+        why = "inputs that are not all 3-D or all 4-D tensors"
+    elif value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+        why = "a value or key head dim other than the query's"
+    elif query.shape[-2] > key.shape[-2]:
+        why = "more queries than keys"
+    elif key.shape[:-3] != query.shape[:-3] or value.shape[:-1] != key.shape[:-1]:
+        why = "batch shapes that differ (broadcast)"
+    elif not (query.dtype == key.dtype == value.dtype and query.device == key.device == value.device):
+        why = "inputs of mixed dtypes or devices"
+    elif key.shape[-3] != query.shape[-3] and (query.dim() == 3 or not enable_gqa):
+        why = "fewer key/value heads than query heads in 3-D inputs or without enable_gqa=True"
+    if why is not None:
+        if why not in _SAID:
+            _SAID.add(why)
+            warnings.warn(f"kernels.scaled_dot_product_attention: {why} goes to PyTorch's SDPA",
+                          stacklevel=2)
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    Tq = query.shape[-2]
+    if key.shape[-2] > Tq:  # top-left: keys past the last query are seen by none
+        key, value = key[..., :Tq, :], value[..., :Tq, :]
+    return causal_attention(query, key, value, scale=scale, dropout_p=dropout_p)
 
 
 # The batched module runs causal_attention above (and a lecture script named gpt.py can import it

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from helpers import check_against_oracle
-from kernels import causal_attention, decode_attention
+import kernels
+from kernels import causal_attention, decode_attention, scaled_dot_product_attention
 from kernels.reference import causal_attention_reference, masked_scores, naive_causal_attention
 from kernels.testing import assert_by_rule
 from kernels.validation import kv_heads_expanded
@@ -295,3 +296,66 @@ def test_decode_attention_in_a_cuda_graph(device):
         seqlens.copy_(torch.tensor(lengths, device=device))
         graph.replay()
         torch.testing.assert_close(out, decode_attention(q, k, v, seqlens), rtol=0, atol=0)
+
+
+# scaled_dot_product_attention: PyTorch's signature and meaning, for monkey-patching.
+
+SDPA_OURS = [  # (q shape, k shape, options): the calls that run causal_attention
+    ((2, 4, 10, 16), (2, 4, 10, 16), {"is_causal": True}),
+    ((2, 4, 7, 16), (2, 4, 19, 16), {"is_causal": True}),  # top-left: keys 7.. seen by none
+    ((2, 4, 10, 16), (2, 2, 10, 16), {"is_causal": True, "enable_gqa": True}),
+    ((6, 10, 16), (6, 10, 16), {"is_causal": True, "scale": 0.3, "dropout_p": 0.0}),
+]
+
+
+@pytest.mark.parametrize("qs, ks, options", SDPA_OURS, ids=["square", "Tq<Tk", "gqa", "3-D"])
+def test_sdpa_entry_runs_ours_and_means_what_pytorch_means(monkeypatch, qs, ks, options, device):
+    torch.manual_seed(9)
+    q = rand(*qs, dtype=torch.float32, device=device)
+    k, v = (rand(*ks, dtype=torch.float32, device=device) for _ in range(2))
+    ran = []
+    real = kernels.causal_attention
+    monkeypatch.setattr(kernels, "causal_attention", lambda *a, **kw: (ran.append(1), real(*a, **kw))[1])
+    got = _lse_free_grads(scaled_dot_product_attention, q, k, v, options)
+    want = _lse_free_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v, options)
+    assert ran, "causal_attention did not run"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _lse_free_grads(sdpa, q, k, v, options):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = sdpa(q, k, v, **options)
+    return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
+
+
+def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, device):
+    monkeypatch.setattr(kernels, "_SAID", set())
+    torch.manual_seed(10)
+    q, k, v = (rand(2, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
+    pad = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=device)
+    pad[1, ..., 6:] = False
+    calls = [dict(attn_mask=pad), dict(), dict(is_causal=True, scale=0.5)]
+    with pytest.warns(UserWarning) as record:
+        for options in calls + calls:  # every reason warns the first time only
+            got = scaled_dot_product_attention(q, k, v, **options)
+            torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, **options))
+    assert [str(w.message) for w in record] == [
+        "kernels.scaled_dot_product_attention: an attn_mask (padding masks are not supported yet) goes to PyTorch's SDPA",
+        "kernels.scaled_dot_product_attention: non-causal attention goes to PyTorch's SDPA"]
+    with pytest.warns(UserWarning, match="without enable_gqa=True goes to PyTorch"):
+        got = scaled_dot_product_attention(q, k[:, :1], v[:, :1], is_causal=True)  # it broadcasts
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :1], v[:, :1], is_causal=True))
+
+
+def test_sdpa_entry_can_replace_pytorchs(monkeypatch, device):
+    """Monkey-patched in, as nanoGPT-style code would be: the PyTorch paths inside kernels keep
+    calling PyTorch's own SDPA (no recursion)."""
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", scaled_dot_product_attention)
+    q, k, v = (rand(1, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
+    for backend in ("sdpa", "auto"):
+        out = causal_attention(q, k, v, backend=backend)
+        torch.testing.assert_close(out, causal_attention_reference(q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, causal_attention_reference(q, k, v))
