@@ -86,7 +86,7 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=T
     hd = flash._head_dim(head_dim)
     # GROUP = 1 (one query head per key/value head) is a constant in real launches: Triton
     # specialises an integer argument equal to 1, so the grouped loops fold away.
-    constexprs = dict(GROUP=1, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
+    constexprs = dict(GROUP=1, WINDOW=False, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
                       FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
                       OFFS_64=False,
                       **config.kwargs)

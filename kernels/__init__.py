@@ -16,7 +16,8 @@ from . import auto, settings
 from .masking import bad_positions, guarded_causal, seen_so_far, zero_positions
 from .reference import causal_attention_reference, causal_mask, masked_scores
 from .settings import set_defaults
-from .validation import check_attention_args, check_backend, kv_heads_expanded, with_positive_scale
+from .validation import (check_attention_args, check_backend, check_window, kv_heads_expanded,
+                         with_positive_scale)
 
 try:
     from . import flash
@@ -70,17 +71,21 @@ def _overlaps(t):
     return False
 
 
-def _sdpa(q, k, v, scale, dropout_p, pinned=None):
-    """PyTorch's SDPA with our mask convention; pinned: the name of the one SDPBackend to use."""
+def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None):
+    """PyTorch's SDPA with our mask convention; pinned: the name of the one SDPBackend to use;
+    left: a sliding window's reach (passed as a boolean mask)."""
     if pinned is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([getattr(SDPBackend, pinned)]):
-            return _sdpa(q, k, v, scale, dropout_p)
+            return _sdpa(q, k, v, scale, dropout_p, left=left)
     Tq, Tk = q.shape[-2], k.shape[-2]
     q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
     # Grouped-query heads (k, v with fewer heads than q): SDPA's enable_gqa reads them in place.
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if left is not None:
+        return _torch_sdpa(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device, left),
+                           dropout_p=dropout_p, scale=scale, **gqa)
     if Tq == Tk:
         return _torch_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True,
                                               scale=scale, **gqa)
@@ -109,24 +114,26 @@ def _auto_backend(q, measure):
 _RESOLVED = {}
 
 
-def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision, return_lse):
-    """(backend to run, scale, whether the inputs are 3-D), or the error for bad arguments."""
+def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision, return_lse, window):
+    """(backend to run, scale, whether the inputs are 3-D, the window's left reach or None), or
+    the error for bad arguments."""
     check_backend(backend)
     settings.check(deterministic, fp32_precision)
     q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p)
+    left = check_window(window)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":  # picks "triton" only where it can run
         backend = _auto_backend(q4, deterministic is None and fp32_precision is None
-                                and not return_lse)
+                                and not return_lse and left is None)
     elif backend == "triton":
         why = _triton_unavailable(q4)
         if why is not None:
             raise ValueError(f"backend='triton' cannot run here: {why}")
-    return backend, scale, three_d
+    return backend, scale, three_d, left
 
 
 def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", deterministic=None,
-                     fp32_precision=None, layout="bhtd", return_lse=False):
+                     fp32_precision=None, layout="bhtd", return_lse=False, window=None):
     """Causal (masked) scaled-dot-product attention, all heads at once.
 
     Args:
@@ -152,6 +159,10 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             None: the process default, which follows torch.get_float32_matmul_precision()
             ("highest", PyTorch's default: "ieee"; "high"/"medium": "tf32"). The other
             backends' matmuls follow PyTorch's setting themselves.
+        window: None, or (left, 0): a sliding window (Mistral, Gemma): query i sees only the keys
+            from i + (Tk - Tq) - left to i + (Tk - Tq). The Triton kernel skips the key tiles
+            outside every row's window (auto keeps Triton, unmeasured, for such calls); the
+            PyTorch backends pass the window as a boolean mask.
         layout: "bhtd" (the default: q (B, H, Tq, D), ...) or "bthd": q (B, Tq, H, D), k and v
             (B, Tk, Hk, D), and the output (B, Tq, H, D), as flash-attn takes them and as a qkv
             projection gives them without a transpose. Any strides either way; 4-D only.
@@ -193,39 +204,39 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         got = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                scale=scale, dropout_p=dropout_p, backend=backend,
                                deterministic=deterministic, fp32_precision=fp32_precision,
-                               return_lse=return_lse)
+                               return_lse=return_lse, window=window)
         return (got[0].transpose(1, 2), got[1]) if return_lse else got.transpose(1, 2)
     resolved, signature = None, None
     if not torch.compiler.is_compiling():  # (torch.compile traces the checks instead)
         try:
             signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
                          v.device, type(scale), scale, type(dropout_p), dropout_p, backend,
-                         deterministic, fp32_precision, return_lse)
+                         deterministic, fp32_precision, return_lse, window)
             resolved = _RESOLVED.get(signature)
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             signature = None
     if resolved is None:
         resolved = _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
-                            return_lse)
+                            return_lse, window)
         if signature is not None:
             if len(_RESOLVED) >= 4096:  # e.g. a decode loop whose Tk grows: keep it bounded
                 _RESOLVED.clear()
             _RESOLVED[signature] = resolved
-    backend, scale, three_d = resolved
+    backend, scale, three_d, left = resolved
     q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
     if backend == "measure":
         backend = _measured_route(signature, q4, k4, v4, scale, dropout_p)
     if return_lse:
         if backend == "triton":
             out, lse = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic,
-                                             fp32_precision, return_lse=True)
+                                             fp32_precision, return_lse=True, window_left=left)
         else:  # the PyTorch paths: the reference's log-sum-exp beside their output
-            out = _run(backend, q4, k4, v4, scale, dropout_p)
+            out = _run(backend, q4, k4, v4, scale, dropout_p, left=left)
             dtype = torch.float64 if q4.dtype == torch.float64 else torch.float32
             lse = torch.logsumexp(masked_scores(
-                q4.to(dtype), kv_heads_expanded(k4, q4.shape[1]).to(dtype), scale), dim=-1)
+                q4.to(dtype), kv_heads_expanded(k4, q4.shape[1]).to(dtype), scale, left), dim=-1)
         return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
-    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision)
+    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left)
     return out.squeeze(1) if three_d else out
 
 
@@ -238,17 +249,20 @@ def _check_bthd(layout, q, k, v):
             raise ValueError(f"layout='bthd' needs 4-D (B, T, H, D) tensors; {name} is {shape}")
 
 
-def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None):
+def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None, left=None):
     """Attention of validated 4-D tensors by one route: "triton", "reference", "sdpa" or an
     SDPA pinned to one backend (auto.ROUTES). masking.py keeps masked positions out of the
     PyTorch paths' outputs; the kernel does it in its tiles."""
     if route == "triton":
-        return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision)
+        return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
+                                     window_left=left)
     if route == "reference":
+        window = None if left is None else (left, 0)
         return guarded_causal(lambda a, b, c: causal_attention_reference(
-            a, b, c, scale=scale, dropout_p=dropout_p), q, k, v)
+            a, b, c, scale=scale, dropout_p=dropout_p, window=window), q, k, v, left)
     pinned = auto.ROUTES[route]
-    return guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p, pinned), q, k, v)
+    return guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p, pinned, left), q, k, v,
+                          left)
 
 
 # (signature, whether the call needs gradients) -> the route auto measured for its class.

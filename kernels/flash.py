@@ -12,7 +12,9 @@ Every query sees key 0, so no row is ever fully masked and the softmax never div
 Forward (one program per BLOCK_M query rows of one head): stream K/V tiles past the Q tile,
 keep a running max m and running sum l in float32 (online softmax), in base 2 with log2(e)
 folded into the scale. Key tiles wholly below the diagonal run unmasked; only the tiles the
-diagonal crosses are masked; tiles above it are never loaded. Writes O and the row
+diagonal crosses are masked; tiles above it are never loaded. A sliding window (WINDOW, LEFT:
+query i sees keys i + offset - LEFT .. i + offset) adds a masked stage for the tiles its left
+edge crosses, and the tiles left of every row's window are never loaded either. Writes O and the row
 log-sum-exp for the backward (float32, in base 2: log2(e) times the natural one).
 
 Backward: one kernel that holds a Q tile and streams K/V (dQ; it also takes delta =
@@ -231,7 +233,7 @@ Slab = namedtuple("Slab", ["ptr", "stride_t", "stride_d", "T"])
 # (query i sees key j iff j <= i + offset), the scale in base 2, the dropout draw's seed, head
 # and probability, and HUGE_SCALE (a constexpr: the softmax guarded for scaled scores past 2**30).
 Head = namedtuple("Head", ["Tq", "Tk", "offset", "qk_scale", "seed", "bh", "dropout_p",
-                           "HUGE_SCALE"])
+                           "left", "HUGE_SCALE", "WINDOW"])
 
 
 @triton.jit
@@ -243,14 +245,15 @@ def _batch_and_head(H):
 
 
 @triton.jit
-def _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT: tl.constexpr, HUGE_SCALE: tl.constexpr):
+def _head(bh, Tq, Tk, scale, SEED, dropout_p, left, DROPOUT: tl.constexpr,
+          HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr):
     """The Head of program bh: what every attention kernel's tile loops share."""
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
     offset = Tk - Tq
     qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp; scale > 0
-    return Head(Tq, Tk, offset, qk_scale, seed, bh, dropout_p, HUGE_SCALE)
+    return Head(Tq, Tk, offset, qk_scale, seed, bh, dropout_p, left, HUGE_SCALE, WINDOW)
 
 
 @triton.jit
@@ -258,7 +261,7 @@ def _member(head, g):
     """The Head of query head g of a grouped-query group whose first query head is head's (the
     dropout draw is per query head; everything else the group shares)."""
     return Head(head.Tq, head.Tk, head.offset, head.qk_scale, head.seed, head.bh + g,
-                head.dropout_p, head.HUGE_SCALE)
+                head.dropout_p, head.left, head.HUGE_SCALE, head.WINDOW)
 
 
 @triton.jit
@@ -321,23 +324,54 @@ def _visible(offs_m, offs_n, head, TRANS: tl.constexpr = False):
     sees the key. (M, N), or with TRANS (N, M)."""
     if TRANS:
         seen = offs_n[:, None] <= offs_m[None, :] + head.offset
+        if head.WINDOW:
+            seen = seen & (offs_n[:, None] >= offs_m[None, :] + head.offset - head.left)
     else:
         seen = offs_n[None, :] <= offs_m[:, None] + head.offset
+        if head.WINDOW:
+            seen = seen & (offs_n[None, :] >= offs_m[:, None] + head.offset - head.left)
     return seen
 
 
 @triton.jit
 def _key_stages(start_m, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the query rows [start_m, start_m + BLOCK_M): key tiles in [0, full_end) are seen in
-    full by every row (stage 1, unmasked); those in [full_end, diag_end) are crossed by the
-    diagonal (stage 2, masked); keys from diag_end on are seen by none."""
+    """For the query rows [start_m, start_m + BLOCK_M): key tiles in [lo_full, full_end) are
+    seen in full by every row (unmasked); those in [full_end, diag_end) are crossed by the
+    diagonal (masked); keys from diag_end on are seen by none. Without a window lo = lo_full =
+    0; with one, rows see no key before lo, and the tiles in [lo, lo_full) are crossed by the
+    window's left edge (masked): the masked stages are [lo, min(lo_full, full_end)) and
+    [max(full_end, lo), diag_end)."""
     full_end = (start_m + head.offset + 1) // BLOCK_N * BLOCK_N
     diag_end = tl.minimum(head.Tk, start_m + BLOCK_M + head.offset)
-    return full_end, diag_end
+    lo = 0
+    lo_full = 0
+    if head.WINDOW:
+        lo = tl.maximum(start_m + head.offset - head.left, 0) // BLOCK_N * BLOCK_N
+        lo_full = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + head.offset - head.left, 0),
+                          BLOCK_N) * BLOCK_N
+    return lo, lo_full, full_end, diag_end
 
 
 @triton.jit
 def _query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first, full, tail_lo, tail_hi) for the keys [start_n, start_n + BLOCK_N): query tiles in
+    [first, full) are crossed by the diagonal (masked), those in [full, tail_lo) see every key
+    (unmasked), those in [tail_lo, tail_hi) are crossed by a window's left edge (masked; without
+    a window tail_lo = tail_hi = Tq), and rows from tail_hi on see none of these keys."""
+    first, full = _diagonal_query_stages(start_n, head, BLOCK_M, BLOCK_N)
+    tail_lo = head.Tq
+    tail_hi = head.Tq
+    if head.WINDOW:
+        # Row i sees key j iff i + offset - left <= j <= i + offset.
+        tail_hi = tl.minimum(head.Tq, tl.cdiv(tl.maximum(start_n + BLOCK_N - head.offset + head.left, 0),
+                                              BLOCK_M) * BLOCK_M)
+        tail_lo = tl.minimum(tl.maximum(tl.maximum(start_n - head.offset + head.left + 1, 0)
+                                        // BLOCK_M * BLOCK_M, full), tail_hi)
+    return first, full, tail_lo, tail_hi
+
+
+@triton.jit
+def _diagonal_query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the keys [start_n, start_n + BLOCK_N): rows i >= start_n - offset see some of them
     and rows i >= start_n + BLOCK_N - 1 - offset all of them. Query tiles in [first, full) are
     crossed by the diagonal (masked); those in [full, Tq) see every key (unmasked)."""
@@ -356,7 +390,7 @@ def _query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 # is the opposite: a model has one, and it is a constexpr, because a padded head dim (40 of 64)
 # masks the loads along D; only a known D lets those loads vectorise, and without vector
 # loads Triton cannot pipeline them (bench/compile_report.py showed D=40 unpipelined).
-_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
+_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "LEFT"]
 
 
 @triton.jit
@@ -380,6 +414,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         # scaled, and the scaling rides on the subtraction: one fused multiply-add per score,
         # rounded once near 0 rather than at the size of the score (the backward does the same).
         m_new = tl.maximum(m_i, _row_max(s, head))
+        if head.WINDOW and MASKED:
+            # A tile the window's left edge crosses can hold rows that see none of its keys
+            # before they have seen any (m still -inf): count them from 0, not -inf - -inf.
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = _exp2_weights(tl.fma(s, head.qk_scale, -m_new[:, None]), head)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
@@ -393,8 +431,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
             # row that can see one gets NaN instead (the contract of kernels/masking.py): row i
             # sees the tile's first bad key j iff j <= i + offset.
             finite = _finite(v_tile)
-            bad_keys = tl.where(tl.min(finite.to(tl.int32), 1) == 0, offs_n, head.Tk)  # (BLOCK_N,)
-            row_bad = tl.min(bad_keys, 0) <= offs_m + head.offset  # (BLOCK_M,)
+            key_ok = tl.min(finite.to(tl.int32), 1)  # (BLOCK_N,): 0 where the value is not finite
+            if head.WINDOW:  # a row sees a bad key iff one lies inside its band
+                row_bad = tl.sum(tl.where(_visible(offs_m, offs_n, head), 1 - key_ok[None, :], 0), 1) > 0
+            else:
+                bad_keys = tl.where(key_ok == 0, offs_n, head.Tk)  # (BLOCK_N,)
+                row_bad = tl.min(bad_keys, 0) <= offs_m + head.offset  # (BLOCK_M,)
             v_tile = tl.where(finite, v_tile, 0.0)
         acc = _dot(_tf32_rounded(_to(p, v_tile.dtype), FP32_PRECISION), v_tile,
                    acc * alpha[:, None], FP32_PRECISION)
@@ -406,10 +448,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
-              H, GROUP, Tq, Tk, scale, dropout_p,
+              H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-              HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+              HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
+              OFFS_64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
@@ -421,17 +464,22 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, 0, full_end, head, D=D,
+    lo, lo_full, full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    if WINDOW:  # the tiles the window's left edge crosses
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo,
+                                   tl.minimum(lo_full, full_end), head, D=D, BLOCK_M=BLOCK_M,
+                                   BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
+                                   FP32_PRECISION=FP32_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo_full, full_end, head, D=D,
                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
                                FP32_PRECISION=FP32_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, full_end, diag_end, head,
-                               D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, tl.maximum(full_end, lo),
+                               diag_end, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
                                DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION)
     acc = acc / l_i[:, None]
     # Kept in base 2, as the backward uses it: a trip through the natural log would round
@@ -537,7 +585,7 @@ def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_sla
         k = tl.where(_finite(k), k, 0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    first, full = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
+    first, full, tail_lo, tail_hi = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         member = _member(head, g)
         q_slab, do_slab = _slab(Q, stride_q, b, h0 + g, head.Tq), _slab(DO, stride_do, b, h0 + g, head.Tq)
@@ -548,9 +596,15 @@ def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_sla
                                  BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
                                  FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=DETERMINISTIC)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
-                                 offs_d, full, head.Tq, member, D=D, BLOCK_M=BLOCK_M,
+                                 offs_d, full, tail_lo, member, D=D, BLOCK_M=BLOCK_M,
                                  BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
                                  FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=DETERMINISTIC)
+        if head.WINDOW:  # the query tiles the window's left edge crosses
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n,
+                                     offs_n, offs_d, tail_lo, tail_hi, member, D=D,
+                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+                                     DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
+                                     DETERMINISTIC=DETERMINISTIC)
     dk = dk * scale
     _store_tile(dk_slab, offs_n, offs_d, D, dk)
     _store_tile(dv_slab, offs_n, offs_d, D, dv)
@@ -559,15 +613,16 @@ def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_sla
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
-                   H, GROUP, Tq, Tk, scale, dropout_p,
+                   H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
                    TQ_BUCKET, TK_BUCKET,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                   HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                   HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
+              OFFS_64: tl.constexpr,
                    DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per key tile of each key/value head (B * H // GROUP of them).
     b, hk, bhk = _batch_and_head(H // GROUP)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
-    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
     _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, hk * GROUP, GROUP,
                 _slab(K, stride_k, b, hk, Tk), _slab(V, stride_v, b, hk, Tk),
                 _slab(DK, stride_dk, b, hk, Tk), _slab(DV, stride_dv, b, hk, Tk),
@@ -620,12 +675,18 @@ def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, de
     lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d, 0, full_end, head,
-                       D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
+    lo, lo_full, full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    if head.WINDOW:  # the tiles the window's left edge crosses
+        dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d, lo,
+                           tl.minimum(lo_full, full_end), head, D=D, BLOCK_M=BLOCK_M,
+                           BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
+                           FP32_PRECISION=FP32_PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d, lo_full, full_end,
+                       head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, DROPOUT=DROPOUT,
                        FP32_PRECISION=FP32_PRECISION)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d, full_end, diag_end,
-                       head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_slab, v_slab, offs_m, offs_d,
+                       tl.maximum(full_end, lo), diag_end, head, D=D, BLOCK_M=BLOCK_M,
+                       BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
                        FP32_PRECISION=FP32_PRECISION)
     dq = dq * scale
     _store_tile(dq_slab, offs_m, offs_d, D, dq)
@@ -634,15 +695,16 @@ def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, de
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
                  stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq,
-                 H, GROUP, Tq, Tk, scale, dropout_p,
+                 H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                 HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                 HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
+              OFFS_64: tl.constexpr,
                  DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
     hk = h // GROUP
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
     _dq_block(start_m, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, hk, Tk),
               _slab(V, stride_v, b, hk, Tk), _slab(DO, stride_do, b, h, Tq),
               _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
@@ -654,17 +716,18 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
                     stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_dk,
-                    stride_dv, H, GROUP, Tq, Tk, scale, dropout_p,
+                    stride_dv, H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
                     TQ_BUCKET, TK_BUCKET,
                     D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                    HUGE_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+                    HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
+              OFFS_64: tl.constexpr,
                     DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The whole backward of one (batch, key/value head) in one program, for short sequences:
     the dQ pass over the query tiles of each query head of its group (which also stores delta),
     then the dK/dV pass over its key tiles. One launch instead of two; no atomics, each output
     written once: deterministic."""
     b, hk, bhk = _batch_and_head(H // GROUP)
-    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, DROPOUT, HUGE_SCALE)
+    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
     k, v = _slab(K, stride_k, b, hk, Tk), _slab(V, stride_v, b, hk, Tk)
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -875,11 +938,12 @@ def _bucket(T):
     return min(_next_pow2(T), 1 << 16)
 
 
-def _common(q, k, scale, dropout_p, fp32_precision):
+def _common(q, k, scale, dropout_p, fp32_precision, left=None):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     hd = _head_dim(D)
     return dict(H=H, GROUP=H // k.shape[1], Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
+                LEFT=0 if left is None else left, WINDOW=left is not None,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
                 HUGE_SCALE=abs(scale) > 1.0,  # see _exp2_weights
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
@@ -912,7 +976,7 @@ def _new_like_bthd(q):
 _SCRATCH_LSE = {}
 
 
-def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, keep_lse=True):
+def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=True):
     """(o, lse) of the forward kernel; with keep_lse=False, lse is a scratch buffer that the
     next inference call overwrites."""
     B, H, Tq, D = q.shape
@@ -928,11 +992,11 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, keep_lse=True):
             lse = _SCRATCH_LSE[(q.device, B * H * Tq)] = torch.empty(
                 B * H * Tq, device=q.device, dtype=torch.float32)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
-           dropout_p, fp32_precision, _aligned(q, k, v))
+           dropout_p, fp32_precision, _aligned(q, k, v), left)
     tensors = (q, k, v, o, lse, seed if seed is not None else lse)
 
     def first():
-        meta = _common(q, k, scale, dropout_p, fp32_precision)
+        meta = _common(q, k, scale, dropout_p, fp32_precision, None if left < 0 else left)
         meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
         return (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), o.stride()), meta
 
@@ -940,8 +1004,10 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, keep_lse=True):
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse=None):
-    """dq, dk, dv; dlse: the gradient of the forward's (base-2) lse where the caller used it."""
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse=None,
+              left=-1):
+    """dq, dk, dv; dlse: the gradient of the forward's (base-2) lse where the caller used it;
+    left: the window's reach to the left (-1: no window)."""
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]  # Hk < H: grouped-query heads
     dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
@@ -955,10 +1021,10 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     delta = torch.empty_like(lse) if not has_dlse else (dlse * -LOG2E).float().contiguous()
     seed = seed if seed is not None else lse
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), do.stride(), o.stride(), q.dtype,
-           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse)
+           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse, left)
 
     def meta():
-        m = _common(q, k, scale, dropout_p, fp32_precision)
+        m = _common(q, k, scale, dropout_p, fp32_precision, None if left < 0 else left)
         m["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv,
                                         *([] if deterministic else [dq_acc]))
         return m
@@ -993,13 +1059,13 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
 
 @torch.library.custom_op("lecture_flash::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool
+            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool, left: int
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision)
+    return _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic):
+def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left):
     B, H, Tq, D = q.shape
     return _new_like_bthd(q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
@@ -1008,22 +1074,22 @@ def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic):
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
             scale: float, dropout_p: float, fp32_precision: str, deterministic: bool,
-            dlse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dlse: Optional[torch.Tensor], left: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
-                     dlse)
+                     dlse, left)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse):
+def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse, left):
     return _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p, fp32_precision, deterministic = inputs
+    q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.fp32_precision, ctx.deterministic = fp32_precision, deterministic
+    ctx.fp32_precision, ctx.deterministic, ctx.left = fp32_precision, deterministic, left
 
 
 def _backward(ctx, do, dlse, bwd=None):
@@ -1033,8 +1099,8 @@ def _backward(ctx, do, dlse, bwd=None):
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p,
-                                  ctx.fp32_precision, ctx.deterministic, dlse)
-    return dq, dk, dv, None, None, None, None, None
+                                  ctx.fp32_precision, ctx.deterministic, dlse, ctx.left)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1052,9 +1118,9 @@ class _EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic):
-        o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision)
-        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic),
+    def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left):
+        o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left)
+        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left),
                        (o, lse))
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
         return o, lse
@@ -1090,22 +1156,24 @@ def draw_seed(device):
 
 
 def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None,
-                    return_lse=False):
+                    return_lse=False, window_left=None):
     """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels.
     deterministic, fp32_precision: None for the process default (kernels/settings.py).
     return_lse: also return each row's log-sum-exp of its scaled scores, (B, H, Tq) float32,
-    natural log, differentiable."""
+    natural log, differentiable. window_left: query i sees keys from i + Tk - Tq - window_left
+    on (None: every key up to its own position)."""
+    left = -1 if window_left is None else int(window_left)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     # The precision matters to float32 inputs only; 16-bit ones always take the one kernel.
     precision = settings.resolve_fp32_precision(fp32_precision) if q.dtype == torch.float32 else "ieee"
     if torch.compiler.is_compiling():
         o, lse = _fwd_op(q, k, v, seed, float(scale), float(dropout_p), precision,
-                         settings.resolve_deterministic(deterministic))
+                         settings.resolve_deterministic(deterministic), left)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _EagerAttention.apply(q, k, v, seed, float(scale), float(dropout_p), precision,
-                                       settings.resolve_deterministic(deterministic))
+                                       settings.resolve_deterministic(deterministic), left)
     else:  # inference (sampling): no autograd bookkeeping at all
-        o, lse = _fwd_impl(q, k, v, seed, float(scale), float(dropout_p), precision,
+        o, lse = _fwd_impl(q, k, v, seed, float(scale), float(dropout_p), precision, left,
                            keep_lse=return_lse)
     # The kernels keep lse in base 2 (log2(e) times the natural one).
     return (o, lse * LN2) if return_lse else o

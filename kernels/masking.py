@@ -40,8 +40,19 @@ def seen_so_far(bad):
     return bad.to(torch.uint8).cummax(-1).values.bool()
 
 
-def guarded_causal(attend, q, k, v):
-    """attend(q, k, v) (causal, bottom-right aligned) keeping the contract above."""
+def bad_in_window(bad, Tq, left):
+    """(..., Tq) bool: query i (the last Tq positions) sees a bad key within its window
+    [i + Tk - Tq - left, i + Tk - Tq], from bad (..., Tk)."""
+    Tk = bad.shape[-1]
+    counts = torch.nn.functional.pad(bad.to(torch.int32).cumsum(-1), (1, 0))  # bad keys before j
+    last = torch.arange(Tq, device=bad.device) + (Tk - Tq)
+    first = (last - left).clamp(min=0)
+    return counts[..., last + 1] > counts[..., first]
+
+
+def guarded_causal(attend, q, k, v, left=None):
+    """attend(q, k, v) (causal, bottom-right aligned; with `left`, a sliding window that reaches
+    that many keys back) keeping the contract above."""
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         # On a CPU a check costs no device sync: when the sum of all entries is finite (nearly
         # always), so is every entry, and attention runs as it is, with no copies. (A sum that
@@ -51,6 +62,7 @@ def guarded_causal(attend, q, k, v):
     Tq, Tk = q.shape[-2], k.shape[-2]
     bad = bad_positions(k, v)  # (B, Hk, Tk)
     # (B, H, Tq); with grouped-query heads each key/value head's flags serve its query heads.
-    poisoned = kv_heads_expanded(seen_so_far(bad)[..., Tk - Tq:], q.shape[1]) | bad_positions(q)
+    sees_bad = seen_so_far(bad)[..., Tk - Tq:] if left is None else bad_in_window(bad, Tq, left)
+    poisoned = kv_heads_expanded(sees_bad, q.shape[1]) | bad_positions(q)
     out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
     return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))

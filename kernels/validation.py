@@ -93,3 +93,18 @@ def kv_heads_expanded(x, H):
     the oracle; the Triton kernel reads each key/value head in place."""
     Hk = x.shape[1]
     return x if Hk == H else x.repeat_interleave(H // Hk, dim=1)
+
+
+def check_window(window):
+    """The window's reach to the left (query i sees keys i + offset - left .. i + offset), or
+    None for none; window is None or (left, 0) with an int left >= 0."""
+    if window is None:
+        return None
+    if not (isinstance(window, tuple) and len(window) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
+        raise TypeError(f"window must be None or a tuple (left, 0) of ints, got {window!r}")
+    left, right = window
+    if left < 0 or right != 0:
+        raise ValueError(f"window must be (left, 0) with left >= 0 (a causal window sees no key "
+                         f"to the right of its query), got {window!r}")
+    return left

@@ -39,12 +39,13 @@ class _TF32MatMul(torch.autograd.Function):
         return g @ b.transpose(-2, -1), a.transpose(-2, -1) @ g
 
 
-def tf32_naive_attention(q, k, v, scale, dropout_p=0.0, keep=None):
+def tf32_naive_attention(q, k, v, scale, dropout_p=0.0, keep=None, window=None):
     """PyTorch's math attention as TF32 matmuls compute it: each matmul operand rounded to tf32."""
     mm = _TF32MatMul.apply
     k, v = kv_heads_expanded(k, q.shape[1]), kv_heads_expanded(v, q.shape[1])
     s = mm(q, k.transpose(-2, -1)) * scale
-    s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device,
+                                   None if window is None else window[0]), float("-inf"))
     p = torch.softmax(s, dim=-1)
     if keep is not None:
         p = p * keep.to(p.dtype) / (1 - dropout_p)
@@ -62,7 +63,7 @@ def uses_tf32(q, backend, fp32_precision=None):
 
 
 def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None, run=None,
-                         tf32=None, **options):
+                         tf32=None, window=None, **options):
     """Run `backend` (or `run(q, k, v)`) on q, k, v and hold output and grads to the rule.
     options (deterministic, fp32_precision) go to causal_attention.
 
@@ -75,14 +76,15 @@ def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None,
     if run is None:
         def run(q_, k_, v_):
             return causal_attention(q_, k_, v_, scale=scale, dropout_p=dropout_p, backend=backend,
-                                    **options)
+                                    window=window, **options)
     got = _grads(run, (q, k, v), do)
     ref64 = _grads(lambda a, b, c: causal_attention_reference(
-        a, b, c, scale=scale, dropout_p=dropout_p, dropout_mask=keep), [x.double() for x in (q, k, v)], do.double())
+        a, b, c, scale=scale, dropout_p=dropout_p, dropout_mask=keep, window=window),
+        [x.double() for x in (q, k, v)], do.double())
     if tf32 is None:
         tf32 = uses_tf32(q, backend, options.get("fp32_precision"))
     baseline = tf32_naive_attention if tf32 else naive_causal_attention
-    low = _grads(lambda a, b, c: baseline(a, b, c, scale, dropout_p, keep), (q, k, v), do)
+    low = _grads(lambda a, b, c: baseline(a, b, c, scale, dropout_p, keep, window), (q, k, v), do)
     assert got[0].shape == q.shape and got[0].dtype == q.dtype
     assert_by_rule(got, ref64, low)
     return got

@@ -178,6 +178,36 @@ def test_lse_merges_attention_over_two_halves_of_the_keys(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("Tq, Tk, left", [(37, 37, 5), (20, 45, 0), (33, 33, 100)])
+def test_sliding_window(backend, Tq, Tk, left, device):
+    """window=(left, 0): query i sees keys i + Tk - Tq - left .. i + Tk - Tq, on every backend,
+    with the log-sum-exp over the same keys."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(Tq + left)
+    q = rand(1, 4, Tq, 16, dtype=torch.float32, device=device)
+    k, v = (rand(1, 2, Tk, 16, dtype=torch.float32, device=device) for _ in range(2))
+    options = {"fp32_precision": "ieee"} if backend == "triton" else {}
+    check_against_oracle(q, k, v, backend, window=(left, 0), **options)
+    _, lse = causal_attention(q, k, v, backend=backend, window=(left, 0), return_lse=True, **options)
+    _, ref = causal_attention_reference(q.double(), k.double(), v.double(), window=(left, 0),
+                                        return_lse=True)
+    torch.testing.assert_close(lse.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_sliding_window_keeps_out_what_lies_behind_it(backend, device):
+    """A NaN key/value that a query's causal past holds but its window has left behind does not
+    reach it; queries whose window holds it get NaN."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(7)
+    q, k, v = (rand(1, 1, 40, 16, dtype=torch.float32, device=device) for _ in range(3))
+    v[0, 0, 3, 1] = float("nan")
+    out = causal_attention(q, k, v, backend=backend, window=(6, 0))  # rows 3..9 see key 3
+    assert torch.isnan(out[0, 0, 3:10]).any(-1).all()
+    assert torch.isfinite(out[0, 0, :3]).all() and torch.isfinite(out[0, 0, 10:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 def test_bthd_layout(backend, device):
     """layout="bthd": (B, T, H, D) in and out (grouped heads and Tq < Tk here), the same numbers
     as the default layout on the transposed tensors, gradients included."""

@@ -159,6 +159,31 @@ def test_grouped_query_heads(monkeypatch, variant, device):
             check_against_oracle(*inputs(B, H, Tq, Tk, D, torch.bfloat16, device, Hk=Hk), "triton")
 
 
+# (B, H, Hk, Tq, Tk, D, left): a window narrower than a tile and one about a tile, Tq < Tk,
+# grouped heads (tests/test_backends.py adds one wider than the sequence).
+WINDOW_SHAPES = [(1, 2, 2, 70, 70, 16, 5), (1, 2, 1, 20, 45, 24, 17)]
+
+
+@pytest.mark.parametrize("variant", ["fused", "two-launch", "atomic-dq", "dropout", "tiles"])
+def test_sliding_window(monkeypatch, variant, device):
+    """window=(left, 0) through every backward path: query i sees keys i + offset - left ..
+    i + offset; the kernels skip the key (and query) tiles outside every row's window and mask
+    the ones the window's left edge crosses."""
+    if variant == "two-launch":
+        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+    if variant == "dropout":
+        _dropout_matches_oracle((1, 2, 37, 45, 24), torch.bfloat16, device, window=(9, 0))
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(set_defaults(deterministic=variant != "atomic-dq"))
+        if variant == "tiles":
+            stack.enter_context(tiles(monkeypatch, 32, 16))
+        for B, H, Hk, Tq, Tk, D, left in WINDOW_SHAPES:
+            torch.manual_seed(Tq + left)
+            check_against_oracle(*inputs(B, H, Tq, Tk, D, torch.bfloat16, device, Hk=Hk), "triton",
+                                 window=(left, 0))
+
+
 def test_grouped_query_heads_are_read_in_place_and_deterministic(monkeypatch, device):
     """No copy of k or v per query head (repeat_interleave would be one), and the group's dK/dV
     sums come out bitwise the same on every run."""
@@ -349,22 +374,22 @@ def test_dropout_matches_oracle_given_the_same_mask(shape, dtype, atomic_dq, dev
         _dropout_matches_oracle(shape, dtype, device)
 
 
-def _dropout_matches_oracle(shape, dtype, device, Hk=None):
+def _dropout_matches_oracle(shape, dtype, device, Hk=None, window=None):
     B, H, Tq, Tk, _ = shape
     p = 0.3
     torch.manual_seed(9)
     q, k, v = inputs(*shape, dtype, device, Hk=Hk)
     torch.manual_seed(123)
-    out = causal_attention(q, k, v, dropout_p=p, backend="triton")
+    out = causal_attention(q, k, v, dropout_p=p, backend="triton", window=window)
     torch.manual_seed(123)  # the kernel drew its seed first: draw it again
     keep = flash.dropout_keep_mask(flash.draw_seed(device), B, H, Tq, Tk, p)
 
     def run(a, b, c):
         torch.manual_seed(123)
-        return causal_attention(a, b, c, dropout_p=p, backend="triton")
+        return causal_attention(a, b, c, dropout_p=p, backend="triton", window=window)
 
     with set_defaults(fp32_precision="ieee"):
-        got = check_against_oracle(q, k, v, "triton", dropout_p=p, keep=keep, run=run)
+        got = check_against_oracle(q, k, v, "triton", dropout_p=p, keep=keep, run=run, window=window)
     if dtype == torch.bfloat16:  # the same seed gives the same mask, hence the same output
         assert torch.equal(got[0], out)
 
@@ -446,7 +471,7 @@ def test_lse_is_the_row_logsumexp(device):
     torch.manual_seed(11)
     q, k, v = inputs(1, 2, 40, 52, 16, torch.float32, device)
     with set_defaults(fp32_precision="ieee"):
-        _, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)
+        _, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     s = s.masked_fill(~causal_mask(40, 52, q.device), float("-inf"))
     assert lse.dtype == torch.float32  # in base 2, as the kernels use it: log2(e) x the natural one
@@ -456,17 +481,17 @@ def test_lse_is_the_row_logsumexp(device):
 def test_opcheck(device):
     torch.manual_seed(12)
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 19, 24, 16, torch.float32, device))
-    torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, "ieee", True))
+    torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, "ieee", True, -1))
     seed = flash.draw_seed(device)
-    torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, "ieee", True))
+    torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, "ieee", True, 7))
     # The backward op has no derivative of its own (no double backward): check it without grads.
     q, k, v = (t.detach() for t in (q, k, v))
-    o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)
+    o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1)
     do = torch.randn_like(o)
     for det in (True, False):
-        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", det, None))
+        torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", det, None, -1))
     torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", True,
-                                          torch.randn_like(lse)))  # lse used by the caller
+                                          torch.randn_like(lse), -1))  # lse used by the caller
 
 
 def test_compiles_without_graph_breaks(device):
@@ -535,7 +560,7 @@ def test_double_backward_is_an_error_not_zeros(device):
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 8, 8, 16, torch.float32, device))
     do = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
     for attend in (lambda: causal_attention(q, k, v, backend="triton"),
-                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True)[0]):
+                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1)[0]):
         dq, = torch.autograd.grad(attend(), q, do, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
             torch.autograd.grad(dq.sum(), (q, do), allow_unused=True)
