@@ -414,12 +414,14 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         # scaled, and the scaling rides on the subtraction: one fused multiply-add per score,
         # rounded once near 0 rather than at the size of the score (the backward does the same).
         m_new = tl.maximum(m_i, _row_max(s, head))
+        m_use = m_new
         if head.WINDOW and MASKED:
             # A tile the window's left edge crosses can hold rows that see none of its keys
-            # before they have seen any (m still -inf): count them from 0, not -inf - -inf.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp2_weights(tl.fma(s, head.qk_scale, -m_new[:, None]), head)
-        alpha = tl.math.exp2(m_i - m_new)
+            # before they have seen any (m still -inf): their weights are exp2(-inf - 0) = 0,
+            # not exp2(-inf + inf). m itself stays -inf, so the next tile takes the true max.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp2_weights(tl.fma(s, head.qk_scale, -m_use[:, None]), head)
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
             keep = _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p, BLOCK_M, BLOCK_N)

@@ -195,6 +195,20 @@ def test_sliding_window(backend, Tq, Tk, left, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_sliding_window_with_very_negative_scores(backend, device):
+    """Every score about -1600: each row's softmax is still uniform over its window (a running
+    max taken from 0 instead of the row's own would make every weight underflow)."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(8)
+    u = rand(1, 1, 1, 16, dtype=torch.float32, device=device).abs() + 1
+    q, k = (-u).expand(1, 1, 40, 16), u.expand(1, 1, 40, 16)
+    v = rand(1, 1, 40, 16, dtype=torch.float32, device=device)
+    out = causal_attention(q, k, v, backend=backend, window=(5, 0), scale=100.0)
+    want = torch.stack([v[0, 0, max(0, i - 5):i + 1].mean(0) for i in range(40)])
+    torch.testing.assert_close(out[0, 0], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 def test_sliding_window_keeps_out_what_lies_behind_it(backend, device):
     """A NaN key/value that a query's causal past holds but its window has left behind does not
     reach it; queries whose window holds it get NaN."""
