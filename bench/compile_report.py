@@ -81,12 +81,12 @@ def signature(fn, dtype, constexprs):
 
 
 def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=True,
-                   fp32_precision="ieee", huge_scale=False):
+                   fp32_precision="ieee", huge_scale=False, window=False):
     fn = flash._JIT[kind]
     hd = flash._head_dim(head_dim)
     # GROUP = 1 (one query head per key/value head) is a constant in real launches: Triton
     # specialises an integer argument equal to 1, so the grouped loops fold away.
-    constexprs = dict(GROUP=1, WINDOW=False, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
+    constexprs = dict(GROUP=1, WINDOW=window, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
                       FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
                       OFFS_64=False,
                       **config.kwargs)
@@ -141,6 +141,8 @@ def parse_args(argv):
     p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
     p.add_argument("--nondeterministic", action="store_true",
                    help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
+    p.add_argument("--window", action="store_true",
+                   help="the kernels a sliding window (causal_attention(window=...)) gets")
     p.add_argument("--huge-scale", action="store_true",
                    help="the kernels |scale| > 1 gets (softmax guarded for huge scaled scores)")
     p.add_argument("--fp32-precision", choices=settings.FP32_PRECISIONS,
@@ -185,7 +187,7 @@ def main(argv=None):
                     try:
                         f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch,
                                                    not args.nondeterministic, args.fp32_precision,
-                                                   args.huge_scale))
+                                                   args.huge_scale, args.window))
                     except Exception as e:  # report every variant, then fail at the end
                         failures += 1
                         print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")

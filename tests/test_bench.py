@@ -126,12 +126,13 @@ def _can_compile_for_cuda():
 # their checks to the end, so that they compile on the second core while the other tests run.
 COMPILES = {
     # (flags, untuned choices: 3 kernels per head dim, and the fused backward for 16-bit D <= 64).
-    # Every kernel at D = 40 (padded), 64 and 128 in bf16; float32 and the dropout/atomic-dQ
-    # variants at the lecture's D = 64 (python bench/compile_report.py covers every D and config).
+    # Every kernel at D = 40 (padded), 64 and 128 in bf16; float32, the dropout/atomic-dQ and the
+    # sliding-window variants at the lecture's D = 64 (bench/compile_report.py covers the rest).
     "bf16": (["--head-dim", "40,64,128", "--dtype", "bfloat16"], 3 * 3 + 2),
     "fp32-tf32": (["--head-dim", "64", "--dtype", "float32", "--fp32-precision", "tf32"], 3),
     "fp16-dropout-nondeterministic": (["--head-dim", "64", "--dtype", "float16", "--dropout",
                                        "--nondeterministic"], 3 + 1),
+    "bf16-window": (["--head-dim", "64", "--dtype", "bfloat16", "--window"], 3 + 1),
 }
 
 
