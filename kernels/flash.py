@@ -454,8 +454,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
               HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-              OFFS_64: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -619,7 +618,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
                    TQ_BUCKET, TK_BUCKET,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                    HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-              OFFS_64: tl.constexpr,
+                   OFFS_64: tl.constexpr,
                    DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per key tile of each key/value head (B * H // GROUP of them).
     b, hk, bhk = _batch_and_head(H // GROUP)
@@ -701,7 +700,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                  HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-              OFFS_64: tl.constexpr,
+                 OFFS_64: tl.constexpr,
                  DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
@@ -722,7 +721,7 @@ def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
                     TQ_BUCKET, TK_BUCKET,
                     D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                     HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-              OFFS_64: tl.constexpr,
+                    OFFS_64: tl.constexpr,
                     DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The whole backward of one (batch, key/value head) in one program, for short sequences:
     the dQ pass over the query tiles of each query head of its group (which also stores delta),
