@@ -83,17 +83,13 @@ def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None):
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
     # Grouped-query heads (k, v with fewer heads than q): SDPA's enable_gqa reads them in place.
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-    if left is not None:
-        return _torch_sdpa(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device, left),
-                           dropout_p=dropout_p, scale=scale, **gqa)
-    if Tq == Tk:
-        return _torch_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                              scale=scale, **gqa)
-    if Tq == 1:  # one new query sees every key: no mask at all
+    if left is None and Tq == Tk:
+        return _torch_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa)
+    if left is None and Tq == 1:  # one new query sees every key: no mask at all
         return _torch_sdpa(q, k, v, dropout_p=dropout_p, scale=scale, **gqa)
-    # SDPA's is_causal aligns top-left when Tq != Tk; ours is bottom-right, so pass the mask.
-    return _torch_sdpa(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device),
-                                          dropout_p=dropout_p, scale=scale, **gqa)
+    # SDPA's is_causal aligns top-left when Tq != Tk, ours bottom-right; and it has no windows.
+    return _torch_sdpa(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device, left),
+                       dropout_p=dropout_p, scale=scale, **gqa)
 
 
 def _auto_backend(q, measure):
@@ -344,7 +340,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     seen = kv_heads_expanded(seen, q.shape[1])  # (B, H, Tq): grouped-query heads share their flags
     gqa = {"enable_gqa": True} if k_cache.shape[1] != q.shape[1] else {}
     out = _torch_sdpa(q, zero_positions(k_cache, bad), zero_positions(v_cache, bad),
-                                         attn_mask=visible.unsqueeze(1), scale=scale, **gqa)
+                      attn_mask=visible.unsqueeze(1), scale=scale, **gqa)
     out = out.masked_fill((seen & (last >= 0).view(B, 1, Tq)).unsqueeze(-1), float("nan"))
     return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)
 

@@ -939,12 +939,13 @@ def _bucket(T):
     return min(_next_pow2(T), 1 << 16)
 
 
-def _common(q, k, scale, dropout_p, fp32_precision, left=None):
+def _common(q, k, scale, dropout_p, fp32_precision, left):
+    """The meta-arguments every kernel takes; left: a sliding window's reach, -1 for none."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     hd = _head_dim(D)
     return dict(H=H, GROUP=H // k.shape[1], Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
-                LEFT=0 if left is None else left, WINDOW=left is not None,
+                LEFT=max(left, 0), WINDOW=left >= 0,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
                 HUGE_SCALE=abs(scale) > 1.0,  # see _exp2_weights
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
@@ -997,7 +998,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse
     tensors = (q, k, v, o, lse, seed if seed is not None else lse)
 
     def first():
-        meta = _common(q, k, scale, dropout_p, fp32_precision, None if left < 0 else left)
+        meta = _common(q, k, scale, dropout_p, fp32_precision, left)
         meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
         return (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), o.stride()), meta
 
@@ -1024,21 +1025,21 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), do.stride(), o.stride(), q.dtype,
            q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse, left)
 
-    def meta():
-        m = _common(q, k, scale, dropout_p, fp32_precision, None if left < 0 else left)
+    def meta(**kernel_flags):
+        m = _common(q, k, scale, dropout_p, fp32_precision, left)
         m["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv,
                                         *([] if deterministic else [dq_acc]))
-        return m
+        return {**m, **kernel_flags}
 
     if deterministic and _fused_backward(Tk, head_dim, q.dtype):  # one launch
         _launch_planned("fused", key, (q, k, v, do, o, dq, dk, dv, lse, delta, seed), lambda: (
             (1, None, B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-                               dq.stride(), dk.stride(), dv.stride()), {**meta(), "DELTA_OFFSET": has_dlse}))
+                               dq.stride(), dk.stride(), dv.stride()), meta(DELTA_OFFSET=has_dlse)))
         return dq, dk, dv
     if deterministic:  # two launches: dQ (which stores delta), then dK/dV
         _launch_planned("dq", key, (q, k, v, do, o, dq, lse, delta, seed), lambda: (
             (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-                                     dq.stride()), {**meta(), "DELTA_OFFSET": has_dlse}))
+                                     dq.stride()), meta(DELTA_OFFSET=has_dlse)))
     else:
         pre_block = 64 if not INTERPRET else 16
         _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
@@ -1047,7 +1048,7 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
     _launch_planned("dkdv", key + (deterministic,), (q, k, v, do, dk, dv, lse, delta, seed,
                     lse if deterministic else dq_acc), lambda: (
         (Tk, "BLOCK_N", B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(),
-                                 dv.stride()), {**meta(), "DETERMINISTIC": deterministic}),
+                                 dv.stride()), meta(DETERMINISTIC=deterministic)),
         reset=None if deterministic else dq_acc.zero_)
     if not deterministic:
         torch.mul(dq_acc[..., :D], scale, out=dq)
