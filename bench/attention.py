@@ -4,7 +4,6 @@ IMPLS is the registry: name -> factory(device, quick) that returns attend(q, k, 
 (B, H, T, D) in and out), or a string saying why it cannot run here. Adding an implementation
 is one entry. Each is checked against the oracle (kernels/testing.py's rule) before it is timed.
 """
-import itertools
 import math
 
 import torch
@@ -14,8 +13,8 @@ from gpt.lecture import per_head_attention
 from kernels import available_backends, causal_attention
 from kernels.reference import naive_causal_attention
 
-from bench.harness import (check_forward, fmt, log, measure, never_ran, peak_memory_mb,
-                           print_never_ran, progress, skipped_reason)
+from bench.harness import (check_forward, fmt, never_ran, print_never_ran, progress, time_pass,
+                           time_point)
 
 LECTURE_SHAPE = dict(B=64, H=6, T=256, D=64)
 SLOW_COMPILE = "compiling takes longer than --quick allows on a CPU"
@@ -49,25 +48,37 @@ def _lecture(device, quick):
     return attend
 
 
-def _flex(device, quick):
+def flex(device, quick):
+    """run(q, k, v, key, mask_mod): FlexAttention compiled once for every length, with the block
+    mask of mask_mod() built once per key; or why it cannot run here."""
     if quick and device.type == "cpu":
         return SLOW_COMPILE
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
         return f"FlexAttention is not in this torch ({e})"
-    compiled = torch.compile(flex_attention, dynamic=True)  # one compile for every length
+    compiled = torch.compile(flex_attention, dynamic=True)
     masks = {}
 
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    def attend(q, k, v):
-        key = (q.shape[-2], k.shape[-2], q.device)
+    def run(q, k, v, key, mask_mod):
         if key not in masks:
-            masks[key] = create_block_mask(causal, None, None, key[0], key[1], device=q.device)
+            if len(masks) >= 16:
+                masks.clear()
+            masks[key] = create_block_mask(mask_mod(), None, None, q.shape[-2], k.shape[-2],
+                                           device=q.device)
         return compiled(q, k, v, block_mask=masks[key], **_gqa(q, k))
-    return attend
+    return run
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _flex(device, quick):
+    run = flex(device, quick)
+    if isinstance(run, str):
+        return run
+    return lambda q, k, v: run(q, k, v, (q.shape[-2], k.shape[-2], q.device), lambda: _causal)
 
 
 def _compiled_naive(device, quick):
@@ -119,22 +130,6 @@ def grid(device, dtypes, quick):
     return points
 
 
-def _time_pass(impl, p, plain, sets, do, device):
-    """(ms, p20, p80, peak MB) of one pass, inputs rotating between two copies."""
-    cycle = itertools.cycle(plain if p == "fwd" else sets)
-    if p == "fwd":
-        def fn():
-            with torch.no_grad():
-                impl(*next(cycle))
-    else:
-        def fn():
-            qkv = next(cycle)
-            impl(*qkv).backward(do)
-            for t in qkv:
-                t.grad = None
-    return (*measure(fn, device), peak_memory_mb(fn, device))
-
-
 def run(opts, rows, save):
     """Time every implementation over the grid, appending to `rows`; save() after each grid
     point, so that a run cut short keeps what it measured."""
@@ -151,35 +146,11 @@ def run(opts, rows, save):
         flops = 4 * B * H * T * T * D / 2  # causal: half of the two (T x T x D) matmuls
         base = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, D=D,
                     **({"Hk": Hk} if Hk != H else {}))
-        for name, impl in impls.items():
-            why = impl if isinstance(impl, str) else None
-            if why is None:
-                try:
-                    why = check_forward(impl, *plain[0])
-                except Exception as e:  # cannot run here (no kernel for this dtype/device, OOM...)
-                    why = f"skipped: {skipped_reason(e)}"
-            for p in ("fwd", "fwd+bwd"):
-                row = dict(impl=name, **{"pass": p}, **base)
-                rows.append(row)
-                if why:
-                    row["skipped"] = why
-                    continue
-                try:
-                    ms, p20, p80, mem = _time_pass(impl, p, plain, sets, do, device)
-                except Exception as e:
-                    row["skipped"] = skipped_reason(e)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                fl = flops * (2.5 if p == "fwd+bwd" else 1.0)
-                row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=fl / ms / 1e9, peak_mem_mb=mem)
-            if not isinstance(impl, str):
-                log(f"  attention {base['dtype']} B={B} H={H}{f'/{Hk}' if Hk != H else ''} T={T} "
-                    f"D={D} {name}: " + ", ".join(
-                    f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
-                    for r in rows[-2:]))
-            bar.update(1)
-        del sets, plain, do
+        time_point(impls, base, lambda impl: check_forward(impl, *plain[0]),
+                   lambda impl, p: time_pass(impl, p, plain, sets, do, device), flops, rows,
+                   f"attention {base['dtype']} B={B} H={H}{f'/{Hk}' if Hk != H else ''} T={T} "
+                   f"D={D}", bar, device)
+        sets = plain = do = None  # freed before the next point's inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()

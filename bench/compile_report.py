@@ -44,6 +44,8 @@ DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # in the input dtype
 FLOAT32 = {"LSE", "DELTA", "DQ_ACC"}
+ROWS = {"dense": flash.DENSE, "lengths": flash.KEY_LENGTHS, "cache": flash.CACHE_LENGTHS,
+        "packed": flash.PACKED}
 # Plain integer arguments that launches leave unspecialised (see flash._NO_SPECIALIZE).
 UNSPECIALISED = set(flash._NO_SPECIALIZE)
 
@@ -54,6 +56,9 @@ def signature(fn, dtype, constexprs):
     the last, the head-dim stride, which equals 1 (contiguous rows) and so is a constant."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
+        if name == "stride_stats":  # (batch, head) strides of the row statistics: any values
+            sig[name] = ("i32", "i32")
+            continue
         if name.startswith("stride_"):
             sig[name] = ("i32", "i32", "i32", "constexpr")
             constexprs[(i, 3)] = 1
@@ -69,6 +74,8 @@ def signature(fn, dtype, constexprs):
             sig[name] = "*fp32"
         elif name == "SEED":
             sig[name] = "*i64"
+        elif name in ("SEQ_Q", "SEQ_K"):  # per-row lengths or cumulative lengths
+            sig[name] = "*i32"
         elif name in ("scale", "dropout_p"):
             sig[name] = "fp32"
         else:
@@ -81,15 +88,17 @@ def signature(fn, dtype, constexprs):
 
 
 def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=True,
-                   fp32_precision="ieee", huge_scale=False, window=False):
+                   fp32_precision="ieee", huge_scale=False, window=False, rows=flash.DENSE):
     fn = flash._JIT[kind]
     hd = flash._head_dim(head_dim)
     # GROUP = 1 (one query head per key/value head) is a constant in real launches: Triton
     # specialises an integer argument equal to 1, so the grouped loops fold away.
     constexprs = dict(GROUP=1, WINDOW=window, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
                       FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
-                      OFFS_64=False,
+                      OFFS_64=False, ROWS=rows,
                       **config.kwargs)
+    if "SPLIT" in fn.arg_names:  # flash-decoding's split keys: the decode step only
+        constexprs["SPLIT"] = False
     if "DETERMINISTIC" in fn.arg_names:
         constexprs["DETERMINISTIC"] = deterministic
     if "DELTA_OFFSET" in fn.arg_names:  # the lse's own gradient: only where a caller uses lse
@@ -143,6 +152,9 @@ def parse_args(argv):
                    help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
     p.add_argument("--window", action="store_true",
                    help="the kernels a sliding window (causal_attention(window=...)) gets")
+    p.add_argument("--rows", choices=["dense", "lengths", "cache", "packed"], default="dense",
+                   help="how rows are found: dense (default), per-row key lengths (seqlens_k), "
+                        "a decode cache's lengths, or packed sequences (cu_seqlens)")
     p.add_argument("--huge-scale", action="store_true",
                    help="the kernels |scale| > 1 gets (softmax guarded for huge scaled scores)")
     p.add_argument("--fp32-precision", choices=settings.FP32_PRECISIONS,
@@ -187,7 +199,8 @@ def main(argv=None):
                     try:
                         f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch,
                                                    not args.nondeterministic, args.fp32_precision,
-                                                   args.huge_scale, args.window))
+                                                   args.huge_scale, args.window,
+                                                   ROWS[args.rows]))
                     except Exception as e:  # report every variant, then fail at the end
                         failures += 1
                         print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")

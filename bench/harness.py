@@ -6,6 +6,7 @@ is one dict (device, versions, date, settings, a list of rows per section), writ
 as long-format CSV (one row per measurement, as Liger-Kernel's benchmarks write them).
 """
 import csv
+import itertools
 import json
 import os
 import platform
@@ -218,3 +219,53 @@ def write_report(report, sections, paths):
                         continue
                     w.writerow([section, r["impl"], key, metric, value, report["device"],
                                 report["versions"]["torch"], report["date"]])
+
+
+def time_point(impls, base, check, time_pass, flops, rows, label, bar, device):
+    """Check then time each implementation at one grid point, forward and forward+backward,
+    appending a row per pass to `rows` (base: the point's fields; check(impl) -> None or why it
+    is skipped; time_pass(impl, p) -> (ms, p20, p80, peak MB); flops: of the forward)."""
+    for name, impl in impls.items():
+        why = impl if isinstance(impl, str) else None
+        if why is None:
+            try:
+                why = check(impl)
+            except Exception as e:  # cannot run here (no kernel for this dtype/device, OOM...)
+                why = f"skipped: {skipped_reason(e)}"
+        for p in ("fwd", "fwd+bwd"):
+            row = dict(impl=name, **{"pass": p}, **base)
+            rows.append(row)
+            if why:
+                row["skipped"] = why
+                continue
+            try:
+                ms, p20, p80, mem = time_pass(impl, p)
+            except Exception as e:
+                row["skipped"] = skipped_reason(e)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            fl = flops * (2.5 if p == "fwd+bwd" else 1.0)
+            row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=fl / ms / 1e9, peak_mem_mb=mem)
+        if not isinstance(impl, str):
+            log(f"  {label} {name}: " + ", ".join(
+                f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
+                for r in rows[-2:]))
+        bar.update(1)
+
+
+def time_pass(impl, p, plain, sets, do, device, *extra):
+    """(ms, p20, p80, peak MB) of one pass of impl(q, k, v, *extra), the inputs rotating
+    between two copies (plain: detached, for the forward; sets: requiring grads)."""
+    cycle = itertools.cycle(plain if p == "fwd" else sets)
+    if p == "fwd":
+        def fn():
+            with torch.no_grad():
+                impl(*next(cycle), *extra)
+    else:
+        def fn():
+            qkv = next(cycle)
+            impl(*qkv, *extra).backward(do)
+            for t in qkv:
+                t.grad = None
+    return (*measure(fn, device), peak_memory_mb(fn, device))

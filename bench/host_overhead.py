@@ -80,7 +80,7 @@ def ours(scale):
     return {
         "causal_attention": lambda a, b, c: causal_attention(a, b, c, backend="triton"),
         "eager path": lambda a, b, c: flash.flash_attention(a, b, c, scale),
-        "custom op": lambda a, b, c: flash._fwd_op(a, b, c, None, scale, 0.0, "ieee", True, -1)[0],
+        "custom op": lambda a, b, c: flash._fwd_op(a, b, c, None, scale, 0.0, "ieee", True, -1, *flash.DENSE_OP_ROWS)[0],
     }
 
 

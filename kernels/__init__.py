@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from . import auto, settings
-from .masking import bad_positions, guarded_causal, seen_so_far, zero_positions
-from .reference import causal_attention_reference, causal_mask, masked_scores
+from .masking import guarded_causal, guarded_masked
+from .packing import pad, unpad, unpad_rows
+from .reference import (attention_with_mask, causal_attention_reference, causal_mask,
+                        key_length_mask, masked_scores, packed_mask, softmax_and_lse)
 from .settings import set_defaults
-from .validation import (check_attention_args, check_backend, check_window, kv_heads_expanded,
-                         with_positive_scale)
+from .validation import (check_attention_args, check_backend, check_packed_args, check_seqlens_k,
+                         check_window, kv_heads_expanded, with_positive_scale)
 
 try:
     from . import flash
@@ -110,26 +112,35 @@ def _auto_backend(q, measure):
 _RESOLVED = {}
 
 
-def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision, return_lse, window):
+def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision, return_lse, window,
+             lengths=False):
     """(backend to run, scale, whether the inputs are 3-D, the window's left reach or None), or
-    the error for bad arguments."""
+    the error for bad arguments. lengths: whether the call gives per-row key lengths."""
     check_backend(backend)
     settings.check(deterministic, fp32_precision)
     q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p)
     left = check_window(window)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":  # picks "triton" only where it can run
-        backend = _auto_backend(q4, deterministic is None and fp32_precision is None
-                                and not return_lse and left is None)
-    elif backend == "triton":
-        why = _triton_unavailable(q4)
+    return _backend_for(q4, backend, deterministic is None and fp32_precision is None
+                        and not return_lse and left is None and not lengths), scale, three_d, left
+
+
+def _backend_for(q, backend, measure):
+    """The backend a call runs: "auto" picks "triton" only where it can run (measure: the call
+    leaves every option to the defaults, see _auto_backend); "triton" is checked."""
+    if backend == "auto":
+        return _auto_backend(q, measure)
+    if backend == "triton":
+        why = _triton_unavailable(q)
         if why is not None:
             raise ValueError(f"backend='triton' cannot run here: {why}")
-    return backend, scale, three_d, left
+    return backend
 
 
 def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", deterministic=None,
-                     fp32_precision=None, layout="bhtd", return_lse=False, window=None):
+                     fp32_precision=None, layout="bhtd", return_lse=False, window=None,
+                     seqlens_k=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                     max_seqlen_k=None):
     """Causal (masked) scaled-dot-product attention, all heads at once.
 
     Args:
@@ -167,7 +178,20 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             attention over parts of the keys needs (out = sum of each part's out weighted by
             exp(lse_part - lse)). Differentiable. The Triton kernel keeps it from the forward
             (auto keeps Triton, unmeasured, for such calls); the PyTorch backends compute it as
-            the reference does, with the whole (Tq, Tk) score matrix.
+            the reference does, with the whole (Tq, Tk) score matrix. A row that sees no key has lse -inf.
+        seqlens_k: None, or a (B,) integer tensor on q's device: batch row b's keys from
+            seqlens_k[b] on are never seen (right-padded keys; the causal mask is otherwise
+            unchanged). A row that sees no key (seqlens_k[b] = 0) gives zeros, never NaN. Values
+            must lie in [0, Tk] (checked on CPU; clamped on a GPU, where a check would sync).
+            The Triton kernel skips the key tiles past each row's length.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed sequences, flash-attn's
+            varlen convention: q (total_q, H, D), k and v (total_k, Hk, D), B sequences one after
+            another; cu_seqlens_* (B + 1,) integer tensors on q's device, the cumulative lengths
+            (sequence b holds rows cu[b] .. cu[b + 1] - 1, from 0 to total); max_seqlen_* the
+            longest lengths (None: read from cu_seqlens, one device sync). The causal mask is
+            bottom-right within each sequence (its query i sees its keys j <= i + Lk - Lq), no
+            query sees another sequence, and no FLOP is spent on padding. The output is
+            (total_q, H, D); with return_lse, lse is (H, total_q). layout stays "bhtd".
 
     The mask is bottom-right aligned: query i sees keys j <= i + (Tk - Tq), which is what a
     KV cache needs (the new queries are the last Tq positions). For Tq = 2, Tk = 5:
@@ -195,45 +219,96 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, Tq > Tk,
         dropout_p outside [0, 1), an unknown backend or layout, or "triton" where it cannot run.
     """
+    packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if any(x is not None for x in packed):
+        if seqlens_k is not None:
+            raise ValueError("seqlens_k and cu_seqlens_* describe the rows two ways; pass one")
+        if layout != "bhtd":
+            raise ValueError("packed sequences (cu_seqlens_*) have one layout, (total, H, D); "
+                             f"leave layout at 'bhtd', got {layout!r}")
+        return _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
+                                 return_lse, window, *packed)
     if layout != "bhtd":  # (B, T, H, D): the same attention on transposed views, no copies
         _check_bthd(layout, q, k, v)
         got = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                scale=scale, dropout_p=dropout_p, backend=backend,
                                deterministic=deterministic, fp32_precision=fp32_precision,
-                               return_lse=return_lse, window=window)
+                               return_lse=return_lse, window=window, seqlens_k=seqlens_k)
         return (got[0].transpose(1, 2), got[1]) if return_lse else got.transpose(1, 2)
     resolved, signature = None, None
     if not torch.compiler.is_compiling():  # (torch.compile traces the checks instead)
         try:
             signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
                          v.device, type(scale), scale, type(dropout_p), dropout_p, backend,
-                         deterministic, fp32_precision, return_lse, window)
+                         deterministic, fp32_precision, return_lse, window, seqlens_k is None)
             resolved = _RESOLVED.get(signature)
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             signature = None
     if resolved is None:
         resolved = _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
-                            return_lse, window)
+                            return_lse, window, lengths=seqlens_k is not None)
         if signature is not None:
             if len(_RESOLVED) >= 4096:  # e.g. a decode loop whose Tk grows: keep it bounded
                 _RESOLVED.clear()
             _RESOLVED[signature] = resolved
     backend, scale, three_d, left = resolved
     q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
+    # Each call's lengths are its own (their values are checked on CPU, where that is free).
+    lengths = None if seqlens_k is None else check_seqlens_k(seqlens_k, q4, k4)
     if backend == "measure":
         backend = _measured_route(signature, q4, k4, v4, scale, dropout_p)
     if return_lse:
         if backend == "triton":
             out, lse = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic,
-                                             fp32_precision, return_lse=True, window_left=left)
+                                             fp32_precision, return_lse=True, window_left=left,
+                                             rows=_key_rows(lengths))
         else:  # the PyTorch paths: the reference's log-sum-exp beside their output
-            out = _run(backend, q4, k4, v4, scale, dropout_p, left=left)
-            dtype = torch.float64 if q4.dtype == torch.float64 else torch.float32
-            lse = torch.logsumexp(masked_scores(
-                q4.to(dtype), kv_heads_expanded(k4, q4.shape[1]).to(dtype), scale, left), dim=-1)
+            out = _run(backend, q4, k4, v4, scale, dropout_p, left=left, lengths=lengths)
+            mask = None if lengths is None else key_length_mask(q4, k4, lengths, left)
+            lse = _masked_lse(q4, k4, scale, left, mask)
         return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
-    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left)
+    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left, lengths)
     return out.squeeze(1) if three_d else out
+
+
+def _key_rows(lengths):
+    """The kernels' Rows for per-row key lengths (None: dense)."""
+    if lengths is None:
+        return flash.DENSE_ROWS
+    return flash.Rows(flash.KEY_LENGTHS, None, lengths, 0, 0)
+
+
+def _masked_lse(q, k, scale, left=None, mask=None):
+    """The reference's log-sum-exp of each row's scaled, masked scores (the causal mask, or
+    `mask`), for the PyTorch paths: float32 (float64 for float64 inputs); -inf for a row that
+    sees no key."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = masked_scores(q.to(dtype), kv_heads_expanded(k, q.shape[1]).to(dtype), scale, left, mask)
+    if mask is None:
+        return torch.logsumexp(scores, dim=-1)
+    return softmax_and_lse(scores, mask)[1]
+
+
+def _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
+                      return_lse, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """causal_attention of packed sequences (its docstring says what each argument means)."""
+    check_backend(backend)
+    settings.check(deterministic, fp32_precision)
+    cu_q, cu_k, Tq, Tk = check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k,
+                                           max_seqlen_q, max_seqlen_k)
+    left = check_window(window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = _backend_for(q, backend, measure=False)
+    if backend == "triton":  # the kernels read the packed rows in place
+        return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
+                                     return_lse, left, flash.Rows(flash.PACKED, cu_q, cu_k, Tq, Tk))
+    # The PyTorch paths: padded into a batch, attended under the packed mask, packed again.
+    mask = packed_mask(cu_q, cu_k, Tq, Tk, left)
+    qp, kp, vp = pad(q, cu_q, Tq), pad(k, cu_k, Tk), pad(v, cu_k, Tk)
+    out = unpad(_run_masked(backend, qp, kp, vp, scale, dropout_p, mask), cu_q, q.shape[0])
+    if return_lse:
+        return out, unpad_rows(_masked_lse(qp, kp, scale, mask=mask), cu_q, q.shape[0])
+    return out
 
 
 def _check_bthd(layout, q, k, v):
@@ -245,13 +320,17 @@ def _check_bthd(layout, q, k, v):
             raise ValueError(f"layout='bthd' needs 4-D (B, T, H, D) tensors; {name} is {shape}")
 
 
-def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None, left=None):
+def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None, left=None,
+         lengths=None):
     """Attention of validated 4-D tensors by one route: "triton", "reference", "sdpa" or an
-    SDPA pinned to one backend (auto.ROUTES). masking.py keeps masked positions out of the
-    PyTorch paths' outputs; the kernel does it in its tiles."""
+    SDPA pinned to one backend (auto.ROUTES); lengths: per-row key lengths (int32) or None.
+    masking.py keeps masked positions out of the PyTorch paths' outputs; the kernel does it in
+    its tiles."""
     if route == "triton":
         return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
-                                     window_left=left)
+                                     window_left=left, rows=_key_rows(lengths))
+    if lengths is not None:
+        return _run_masked(route, q, k, v, scale, dropout_p, key_length_mask(q, k, lengths, left))
     if route == "reference":
         window = None if left is None else (left, 0)
         return guarded_causal(lambda a, b, c: causal_attention_reference(
@@ -259,6 +338,23 @@ def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=No
     pinned = auto.ROUTES[route]
     return guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p, pinned, left), q, k, v,
                           left)
+
+
+def _run_masked(route, q, k, v, scale, dropout_p, mask):
+    """Attention of 4-D tensors under a bool mask (B, 1, Tq, Tk), True where a query sees a key,
+    by a PyTorch route: the reference's arithmetic, or SDPA with the mask. A row that sees no key
+    gives zeros (SDPA sees every key there, and the row is zeroed: no NaN in any gradient)."""
+    if route == "reference":
+        def attend(a, b, c):
+            return attention_with_mask(a, b, c, mask, scale, dropout_p)[0]
+    else:  # SDPA's backends that take a mask are PyTorch's own choice (no pinning)
+        def attend(a, b, c):
+            empty = ~mask.any(-1, keepdim=True)
+            a, s = with_positive_scale(a, scale)
+            gqa = {"enable_gqa": True} if b.shape[1] != a.shape[1] else {}
+            out = _torch_sdpa(a, b, c, attn_mask=mask | empty, dropout_p=dropout_p, scale=s, **gqa)
+            return out.masked_fill(empty, 0.0)
+    return guarded_masked(attend, q, k, v, mask)
 
 
 # (signature, whether the call needs gradients) -> the route auto measured for its class.
@@ -296,7 +392,7 @@ def auto_report():
     return auto.report()
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend="auto"):
     """Attention of new queries to a KV cache of fixed size, with each row's length a device
     tensor: every shape is fixed and nothing is read back to the host, so a CUDA graph can
     capture a decode step once and replay it as the cache fills.
@@ -305,22 +401,24 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
         q: (B, H, Tq, D) the newest Tq positions' queries (Tq = 1 for one token per step).
         k_cache, v_cache: (B, Hk, S, D), S >= Tq slots (Hk dividing H: grouped-query heads),
             of which row b's first cache_seqlens[b] hold keys and values (the new ones
-            included); the rest are masked out (for now they must hold finite values, as a
-            zero-initialised cache does).
-        cache_seqlens: (B,) integer tensor on q's device.
+            included); the rest are never seen (they may hold anything, NaN included).
+        cache_seqlens: (B,) integer tensor on q's device, values in [0, S] (clamped).
         scale: multiplier of q @ k^T; default D ** -0.5.
+        backend: "auto" (the Triton kernel on CUDA, else PyTorch's SDPA), "triton", "sdpa" or
+            "reference".
 
     The queries are the last Tq positions of each row: query i of row b sees keys
     j <= cache_seqlens[b] - Tq + i (causal, bottom-right within the row's length). A query that
-    sees no key gets zeros.
+    sees no key gets zeros. The Triton kernel skips the key tiles past each row's length and,
+    where B * H programs would leave the GPU idle, splits the keys into ranges that run side by
+    side and are merged after (flash-decoding).
 
     Returns:
-        (B, H, Tq, D) in q's dtype. (For now PyTorch's SDPA computes it, with a mask built from
-        cache_seqlens on the device.)
+        (B, H, Tq, D) in q's dtype.
     """
+    check_backend(backend)
     q, k_cache, v_cache, _ = check_attention_args(q, k_cache, v_cache, scale, 0.0)
     B, _, Tq, D = q.shape
-    S = k_cache.shape[2]
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
     if (cache_seqlens.shape != (B,) or cache_seqlens.is_floating_point()
@@ -330,19 +428,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
     scale = D ** -0.5 if scale is None else float(scale)
-    q, scale = with_positive_scale(q, scale)
-    last = cache_seqlens.view(B, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, Tq, 1)
-    visible = torch.arange(S, device=q.device).view(1, 1, S) <= last  # (B, Tq, S)
-    # Masked slots never reach the output (kernels/masking.py): non-finite ones are zeroed, and a
-    # query that sees one gets NaN.
-    bad = bad_positions(k_cache, v_cache)  # (B, Hk, S)
-    seen = seen_so_far(bad).gather(-1, last.clamp(min=0).view(B, 1, Tq).expand(-1, bad.shape[1], -1))
-    seen = kv_heads_expanded(seen, q.shape[1])  # (B, H, Tq): grouped-query heads share their flags
-    gqa = {"enable_gqa": True} if k_cache.shape[1] != q.shape[1] else {}
-    out = _torch_sdpa(q, zero_positions(k_cache, bad), zero_positions(v_cache, bad),
-                      attn_mask=visible.unsqueeze(1), scale=scale, **gqa)
-    out = out.masked_fill((seen & (last >= 0).view(B, 1, Tq)).unsqueeze(-1), float("nan"))
-    return out.masked_fill((last < 0).view(B, 1, Tq, 1), 0.0)
+    lengths = cache_seqlens.to(torch.int32)
+    backend = _backend_for(q, backend, measure=False)
+    if backend == "triton":
+        return flash.decode_attention(q, k_cache, v_cache, lengths, scale)
+    mask = key_length_mask(q, k_cache, lengths, cache=True)
+    return _run_masked(backend, q, k_cache, v_cache, scale, 0.0, mask)
 
 
 _SAID = set()  # the reasons scaled_dot_product_attention handed a call to PyTorch, warned once
@@ -360,15 +451,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Causal calls without a mask run causal_attention (backend "auto"): with as many queries as
     keys; with fewer queries than keys too, keeping PyTorch's top-left alignment (query i sees
     keys j <= i, the opposite of causal_attention's bottom-right), which never reaches keys past
-    the query count; with grouped key/value heads where enable_gqa=True. Everything else (an
-    attn_mask, non-causal attention, more queries than keys, inputs not 3- or 4-D, a value head
-    dim other than the key's) goes to PyTorch's own SDPA, with a warning saying why, once per
-    process and reason.
+    the query count; with grouped key/value heads where enable_gqa=True. So does a boolean
+    attn_mask (is_causal=False) that is a causal mask of a right-padded batch, (B or 1, 1, T, T)
+    with row b seeing keys j <= i and j < length_b (`torch.tril(ones) & (arange(T) <
+    lengths[:, None])`, the padded rows seeing every real key up to theirs): it runs
+    causal_attention with seqlens_k. Telling that mask apart costs one read of the device per
+    call (so under torch.compile or CUDA-graph capture, where that cannot happen, such masks go
+    to PyTorch). Everything else (other masks, non-causal attention, more queries than keys,
+    inputs not 3- or 4-D, a value head dim other than the key's) goes to PyTorch's own SDPA, with
+    a warning saying why, once per process and reason.
     """
-    why = None
-    if attn_mask is not None:
-        why = "an attn_mask (padding masks are not supported yet)"
-    elif not is_causal:
+    why, lengths = None, None
+    if attn_mask is None and not is_causal:
         why = "non-causal attention"
     elif not all(isinstance(t, torch.Tensor) and t.dim() in (3, 4) and t.dim() == query.dim()
                  for t in (query, key, value)):
@@ -383,6 +477,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         why = "inputs of mixed dtypes or devices"
     elif key.shape[-3] != query.shape[-3] and (query.dim() == 3 or not enable_gqa):
         why = "fewer key/value heads than query heads in 3-D inputs or without enable_gqa=True"
+    elif attn_mask is not None:
+        why, lengths = _padding_mask_lengths(query, key, attn_mask, is_causal)
     if why is not None:
         if why not in _SAID:
             _SAID.add(why)
@@ -393,7 +489,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Tq = query.shape[-2]
     if key.shape[-2] > Tq:  # top-left: keys past the last query are seen by none
         key, value = key[..., :Tq, :], value[..., :Tq, :]
-    return causal_attention(query, key, value, scale=scale, dropout_p=dropout_p)
+    return causal_attention(query, key, value, scale=scale, dropout_p=dropout_p, seqlens_k=lengths)
+
+
+def _padding_mask_lengths(q, k, mask, is_causal):
+    """(why not, None), or (None, lengths (B,)) where mask is the causal mask of a right-padded
+    batch (scaled_dot_product_attention's docstring): one read of the device."""
+    if is_causal:
+        return "an attn_mask with is_causal=True", None  # PyTorch's SDPA refuses it: it says why
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return "an attn_mask that is not boolean", None
+    if q.dim() != 4 or k.dim() != 4 or mask.dim() != 4:
+        return "an attn_mask with inputs or a mask that are not 4-D", None
+    B, T = q.shape[0], q.shape[2]
+    if k.shape[2] != T or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or mask.shape[2:] != (T, T):
+        return "an attn_mask other than (B or 1, 1, T, T) over as many queries as keys", None
+    if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return "an attn_mask under torch.compile or CUDA-graph capture", None
+    lengths = mask[:, 0, -1].sum(-1)  # the last row sees every real key
+    if not torch.equal(mask[:, 0], key_length_mask(q[:mask.shape[0]], k[:mask.shape[0]], lengths)[:, 0]):
+        return "an attn_mask that is not the causal mask of a right-padded batch", None
+    return None, lengths.expand(B)
 
 
 # The batched module runs causal_attention above (and a lecture script named gpt.py can import it

@@ -52,9 +52,10 @@ and masked stages. Compile-time flags go by keyword (MASKED=True). So a new per-
 is one field of Head, a new layout or head mapping one line of _slab, a new mask _visible and
 the stage bounds.
 """
+import math
 import os
 from collections import namedtuple
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -78,6 +79,7 @@ TOO_OLD = TRITON_VERSION < (3, 3)
 # - tl.dot on bfloat16 operands returns garbage (float16 is right). Dots take float32 operands
 #   instead; a product of two bf16/fp16 values is exact in fp32, so no result changes.
 # - float32 -> bfloat16 casts truncate, where GPUs round to nearest even; _to rounds by hand.
+# - bfloat16 arithmetic gives inf - inf = 0 (and NaN - NaN = 0); _finite works in float32.
 _INTERPRETER_FIXES = tl.constexpr(INTERPRET)
 
 
@@ -216,6 +218,8 @@ def _row_max(s, head):
 @triton.jit
 def _finite(x):
     """True where x is neither NaN nor +-inf (x - x is 0 exactly there)."""
+    if _INTERPRETER_FIXES:
+        x = x.to(tl.float32)
     return (x - x) == 0
 
 
@@ -229,11 +233,19 @@ def _finite(x):
 # finding a head (another head for k/v, an offset into packed sequences) changes _slab alone.
 Slab = namedtuple("Slab", ["ptr", "stride_t", "stride_d", "T"])
 
-# What every tile of one head needs beside its slabs: the lengths, the causal offset Tk - Tq
-# (query i sees key j iff j <= i + offset), the scale in base 2, the dropout draw's seed, head
-# and probability, and HUGE_SCALE (a constexpr: the softmax guarded for scaled scores past 2**30).
-Head = namedtuple("Head", ["Tq", "Tk", "offset", "qk_scale", "seed", "bh", "dropout_p",
-                           "left", "HUGE_SCALE", "WINDOW"])
+# What every tile of one head needs beside its slabs: the lengths (Tq query rows; Tk keys a row
+# may see, Tk_slab keys stored), the causal offset (query i sees key j iff j <= i + offset),
+# where this head's rows start in packed sequences (q_start, k_start) and in the row statistics
+# (stats; stats_h between query heads), the scale in base 2, the dropout draw's seed, head and
+# probability, the window's reach, and the constexpr flags: HUGE_SCALE (the softmax guarded for
+# scaled scores past 2**30), WINDOW, LENGTHS (per-row key lengths or packed sequences: keys past
+# Tk hidden, and a row may see no key at all).
+Head = namedtuple("Head", ["Tq", "Tk", "Tk_slab", "offset", "q_start", "k_start", "stats",
+                           "stats_h", "qk_scale", "seed", "bh", "dropout_p", "left",
+                           "HUGE_SCALE", "WINDOW", "LENGTHS"])
+
+# How the rows of a batch entry are found (the kernels' ROWS constexpr; see Rows below):
+DENSE, KEY_LENGTHS, CACHE_LENGTHS, PACKED = 0, 1, 2, 3
 
 
 @triton.jit
@@ -245,29 +257,63 @@ def _batch_and_head(H):
 
 
 @triton.jit
-def _head(bh, Tq, Tk, scale, SEED, dropout_p, left, DROPOUT: tl.constexpr,
-          HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr):
-    """The Head of program bh: what every attention kernel's tile loops share."""
+def _rows(SEQ_Q, SEQ_K, b, Tq, Tk, ROWS: tl.constexpr):
+    """(q_start, Tq, k_start, Tk, Tk_slab, offset) of batch entry b. DENSE: every row as the
+    tensors hold it, offset Tk - Tq. KEY_LENGTHS: SEQ_K[b] keys (clamped to [0, Tk]), the
+    mask otherwise as dense. CACHE_LENGTHS: the same keys, with the queries the last Tq
+    positions of them (offset SEQ_K[b] - Tq). PACKED: sequence b's rows start at SEQ_Q[b] and
+    SEQ_K[b] (cumulative lengths, flash-attn's cu_seqlens), the mask bottom-right within it."""
+    if ROWS == 3:
+        q_start = tl.load(SEQ_Q + b)
+        k_start = tl.load(SEQ_K + b)
+        Tq = tl.load(SEQ_Q + b + 1) - q_start
+        Tk = tl.load(SEQ_K + b + 1) - k_start
+        return q_start.to(tl.int64), Tq, k_start.to(tl.int64), Tk, Tk, Tk - Tq
+    elif ROWS != 0:
+        n = tl.minimum(tl.maximum(tl.load(SEQ_K + b).to(tl.int32), 0), Tk)
+        if ROWS == 1:
+            offset = Tk - Tq
+        else:
+            offset = n - Tq
+        return 0, Tq, 0, n, Tk, offset
+    else:
+        return 0, Tq, 0, Tk, Tk, Tk - Tq
+
+
+@triton.jit
+def _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, left,
+          DROPOUT: tl.constexpr, HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr,
+          ROWS: tl.constexpr):
+    """The Head of query head h of batch entry b (b, h int64; H heads): what every attention kernel's
+    tile loops share. The row statistics (LSE, delta) of a head start at b * stride_stats[0] +
+    h * stride_stats[1] + q_start."""
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    offset = Tk - Tq
+    q_start, Tq, k_start, Tk, Tk_slab, offset = _rows(SEQ_Q, SEQ_K, b, Tq, Tk, ROWS)
+    stats = b * stride_stats[0] + h * stride_stats[1] + q_start
+    bh = (b * H + h).to(tl.int32)  # the dropout draw's head
     qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp; scale > 0
-    return Head(Tq, Tk, offset, qk_scale, seed, bh, dropout_p, left, HUGE_SCALE, WINDOW)
+    return Head(Tq, Tk, Tk_slab, offset, q_start, k_start, stats, stride_stats[1], qk_scale,
+                seed, bh, dropout_p, left, HUGE_SCALE, WINDOW, ROWS != 0)
 
 
 @triton.jit
 def _member(head, g):
     """The Head of query head g of a grouped-query group whose first query head is head's (the
-    dropout draw is per query head; everything else the group shares)."""
-    return Head(head.Tq, head.Tk, head.offset, head.qk_scale, head.seed, head.bh + g,
-                head.dropout_p, head.left, head.HUGE_SCALE, head.WINDOW)
+    dropout draw and the row statistics are per query head; everything else the group
+    shares)."""
+    return Head(head.Tq, head.Tk, head.Tk_slab, head.offset, head.q_start, head.k_start,
+                head.stats + g * head.stats_h, head.stats_h, head.qk_scale, head.seed,
+                head.bh + g, head.dropout_p, head.left, head.HUGE_SCALE, head.WINDOW,
+                head.LENGTHS)
 
 
 @triton.jit
-def _slab(X, strides, b, h, T):
-    """Head h of batch row b of X, a (B, H, T, D) tensor with these (4) strides."""
-    return Slab(X + b * strides[0] + h * strides[1], strides[2], strides[3], T)
+def _slab(X, strides, b, h, row0, T):
+    """Head h of batch entry b of X, a (B, H, T, D) tensor with these (4) strides, from row
+    row0 on (packed sequences; their batch stride is 0), T rows."""
+    return Slab(X + b * strides[0] + h * strides[1] + row0 * strides[2], strides[2], strides[3], T)
 
 
 @triton.jit
@@ -313,9 +359,19 @@ def _store_tile(x, rows, cols, D, value):
 
 
 @triton.jit
-def _row_stats(X, bh, Tq):
-    """Where head bh's float32 row statistics (LSE, delta: (B * H, Tq), contiguous) start."""
-    return X + bh.to(tl.int64) * Tq
+def _stats_offset(head):
+    """Where head's float32 row statistics (LSE, delta) start, in elements: (B, H, Tq)
+    contiguous, or for packed sequences (H, total query rows). (Dense rows take the shorter
+    formula: with head.stats, the dK/dV kernel at D = 128 spilled 32 bytes on sm_90.)"""
+    if not head.LENGTHS:
+        return head.bh.to(tl.int64) * head.Tq
+    return head.stats
+
+
+@triton.jit
+def _row_stats(X, head):
+    """Pointer to head's row statistics in X (_stats_offset)."""
+    return X + _stats_offset(head)
 
 
 @triton.jit
@@ -326,10 +382,14 @@ def _visible(offs_m, offs_n, head, TRANS: tl.constexpr = False):
         seen = offs_n[:, None] <= offs_m[None, :] + head.offset
         if head.WINDOW:
             seen = seen & (offs_n[:, None] >= offs_m[None, :] + head.offset - head.left)
+        if head.LENGTHS:
+            seen = seen & (offs_n[:, None] < head.Tk)
     else:
         seen = offs_n[None, :] <= offs_m[:, None] + head.offset
         if head.WINDOW:
             seen = seen & (offs_n[None, :] >= offs_m[:, None] + head.offset - head.left)
+        if head.LENGTHS:
+            seen = seen & (offs_n[None, :] < head.Tk)
     return seen
 
 
@@ -340,8 +400,10 @@ def _key_stages(start_m, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     diagonal (masked); keys from diag_end on are seen by none. Without a window lo = lo_full =
     0; with one, rows see no key before lo, and the tiles in [lo, lo_full) are crossed by the
     window's left edge (masked): the masked stages are [lo, min(lo_full, full_end)) and
-    [max(full_end, lo), diag_end)."""
+    [max(full_end, lo), diag_end). With LENGTHS, a tile holding the key length is masked too."""
     full_end = (start_m + head.offset + 1) // BLOCK_N * BLOCK_N
+    if head.LENGTHS:
+        full_end = tl.minimum(full_end, head.Tk // BLOCK_N * BLOCK_N)
     diag_end = tl.minimum(head.Tk, start_m + BLOCK_M + head.offset)
     lo = 0
     lo_full = 0
@@ -357,8 +419,13 @@ def _query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(first, full, tail_lo, tail_hi) for the keys [start_n, start_n + BLOCK_N): query tiles in
     [first, full) are crossed by the diagonal (masked), those in [full, tail_lo) see every key
     (unmasked), those in [tail_lo, tail_hi) are crossed by a window's left edge (masked; without
-    a window tail_lo = tail_hi = Tq), and rows from tail_hi on see none of these keys."""
+    a window tail_lo = tail_hi = Tq), and rows from tail_hi on see none of these keys. With
+    LENGTHS, every row of a key tile that holds the key length is masked, and a tile past it
+    is seen by none."""
     first, full = _diagonal_query_stages(start_n, head, BLOCK_M, BLOCK_N)
+    if head.LENGTHS:
+        full = tl.where(start_n + BLOCK_N > head.Tk, head.Tq, full)
+        first = tl.where(start_n >= head.Tk, head.Tq, first)
     tail_lo = head.Tq
     tail_hi = head.Tq
     if head.WINDOW:
@@ -390,7 +457,7 @@ def _diagonal_query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 # is the opposite: a model has one, and it is a constexpr, because a padded head dim (40 of 64)
 # masks the loads along D; only a known D lets those loads vectorise, and without vector
 # loads Triton cannot pipeline them (bench/compile_report.py showed D=40 unpipelined).
-_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "LEFT"]
+_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "LEFT", "SPLIT_N"]
 
 
 @triton.jit
@@ -415,10 +482,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         # rounded once near 0 rather than at the size of the score (the backward does the same).
         m_new = tl.maximum(m_i, _row_max(s, head))
         m_use = m_new
-        if head.WINDOW and MASKED:
-            # A tile the window's left edge crosses can hold rows that see none of its keys
-            # before they have seen any (m still -inf): their weights are exp2(-inf - 0) = 0,
-            # not exp2(-inf + inf). m itself stays -inf, so the next tile takes the true max.
+        if (head.WINDOW or head.LENGTHS) and MASKED:
+            # A tile the window's left edge crosses (or, with LENGTHS, any masked tile) can hold
+            # rows that see none of its keys before they have seen any (m still -inf): their
+            # weights are exp2(-inf - 0) = 0, not exp2(-inf + inf). m itself stays -inf, so the
+            # next tile takes the true max, and a row that never sees a key ends with l = 0.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = _exp2_weights(tl.fma(s, head.qk_scale, -m_use[:, None]), head)
         alpha = tl.math.exp2(m_i - m_use)
@@ -434,7 +502,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
             # sees the tile's first bad key j iff j <= i + offset.
             finite = _finite(v_tile)
             key_ok = tl.min(finite.to(tl.int32), 1)  # (BLOCK_N,): 0 where the value is not finite
-            if head.WINDOW:  # a row sees a bad key iff one lies inside its band
+            if head.WINDOW or head.LENGTHS:  # a row sees a bad key iff it sees one
                 row_bad = tl.sum(tl.where(_visible(offs_m, offs_n, head), 1 - key_ok[None, :], 0), 1) > 0
             else:
                 bad_keys = tl.where(key_ok == 0, offs_n, head.Tk)  # (BLOCK_N,)
@@ -449,28 +517,48 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
-              H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
+def _attn_fwd(Q, K, V, O, LSE, SEED, SEQ_Q, SEQ_K, stride_q, stride_k, stride_v, stride_o,
+              stride_stats, H, GROUP, Tq, Tk, scale, dropout_p, LEFT, SPLIT_N,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-              HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-              OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
+              SPLIT: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # With SPLIT (flash-decoding), the grid's third axis splits the keys into ranges of SPLIT_N
+    # (a multiple of BLOCK_N): each program writes its range's normalised output and lse to
+    # float32 rows of its own (O and LSE hold num_programs(2) times B batch entries), and
+    # _combine_splits merges them.
     # Row blocks near the bottom of the triangle have the most key tiles: launch them first so
     # the short ones fill the tail of the grid instead of leaving SMs idle at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b, h, bh = _batch_and_head(H)
+    head = _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, LEFT,
+                 DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+    if start_m >= head.Tq:  # packed sequences: the grid covers the longest one
+        return
     hk = h // GROUP  # the key/value head of query head h
-    q_slab, k, v, o = (_slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, hk, Tk),
-                       _slab(V, stride_v, b, hk, Tk), _slab(O, stride_o, b, h, Tq))
+    out_b = b  # the batch entry of O and LSE this program writes
+    if SPLIT:
+        out_b = tl.program_id(2) * (tl.num_programs(1) // H) + b
+    q_slab, o = (_slab(Q, stride_q, b, h, head.q_start, head.Tq),
+                 _slab(O, stride_o, out_b, h, head.q_start, head.Tq))
+    k, v = (_slab(K, stride_k, b, hk, head.k_start, head.Tk_slab),
+            _slab(V, stride_v, b, hk, head.k_start, head.Tk_slab))
     offs_m = _offsets(start_m, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
     q = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION)
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, lo_full, full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    if SPLIT:  # this program's key range only: each stage clipped to it
+        k0 = tl.program_id(2) * SPLIT_N
+        k1 = k0 + SPLIT_N
+        lo = tl.minimum(tl.maximum(lo, k0), k1)
+        lo_full = tl.minimum(tl.maximum(lo_full, k0), k1)
+        full_end = tl.minimum(tl.maximum(full_end, k0), k1)
+        diag_end = tl.minimum(tl.maximum(diag_end, k0), k1)
     if WINDOW:  # the tiles the window's left edge crosses
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo,
                                    tl.minimum(lo_full, full_end), head, D=D, BLOCK_M=BLOCK_M,
@@ -482,11 +570,39 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, stride_q, stride_k, stride_v, stride_o,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, tl.maximum(full_end, lo),
                                diag_end, head, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
                                DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION)
-    acc = acc / l_i[:, None]
     # Kept in base 2, as the backward uses it: a trip through the natural log would round
-    # twice more, at the size of the largest scaled score.
-    tl.store(_row_stats(LSE, bh, Tq) + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
-    _store_tile(o, offs_m, offs_d, D, acc)
+    # twice more, at the size of the largest scaled score. A row that saw no key: -inf.
+    if ROWS != 0:  # a row that saw no key gives zeros (its acc is 0) and lse -inf (its m)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    stats = _row_stats(LSE, head) + (out_b - b) * stride_stats[0]
+    tl.store(stats + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < head.Tq)
+    _store_tile(o, offs_m, offs_d, D, acc / l_i[:, None])
+
+
+@triton.jit
+def _combine_splits(O_PART, LSE_PART, O, LSE, stride_o, H, Tq, ROWS_TOTAL, S, D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the S key ranges' outputs of one query row (program r of B * H * Tq): O_PART (S, B,
+    H, Tq, D) float32 normalised outputs and LSE_PART (S, B, H, Tq) their base-2 log-sum-exps
+    (-inf for a range the row saw nothing of), into O (B, H, Tq, D, strides stride_o) and LSE
+    (B, H, Tq): weights 2^(lse_s - lse). A row that saw no key gets zeros and lse -inf; a NaN
+    in any range stays NaN."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(LSE_PART + offs_s * ROWS_TOTAL + r, mask=offs_s < S, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # (SPLITS,), 0 for ranges without keys
+    total = tl.sum(w, 0)
+    o = tl.load(O_PART + (offs_s[:, None] * ROWS_TOTAL + r) * D + offs_d[None, :],
+                mask=(offs_s[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+    o = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(LSE + r, m + tl.math.log2(total))
+    bh = r // Tq
+    i = r % Tq
+    ptrs = O + (bh // H) * stride_o[0] + (bh % H) * stride_o[1] + i * stride_o[2] + offs_d * stride_o[3]
+    tl.store(ptrs, o.to(O.dtype.element_ty), mask=offs_d < D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,17 +622,30 @@ def _delta(o, do, delta_row, offs_m, row_ok, DELTA_OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, stride_o, stride_do, H, Tq, D: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr, DELTA_OFFSET: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+def _bwd_preprocess(O, DO, DELTA, SEQ_Q, SEQ_K, stride_o, stride_do, stride_stats, H, Tq, Tk,
+                    D: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                    OFFS_64: tl.constexpr, DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO[i, d] * O[i, d], the row term of the softmax gradient (with
     DELTA_OFFSET, plus what DELTA holds already: see _delta)."""
     b, h, bh = _batch_and_head(H)
+    head = _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, 1.0, DELTA, 0.0, 0, False,
+                 False, False, ROWS)
     offs_m = _offsets(tl.program_id(0) * BLOCK_M, BLOCK_M, OFFS_64)
     offs_d = _offsets(0, HEAD_DIM, OFFS_64)
-    o = _load_tile(_slab(O, stride_o, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
-    do = _load_tile(_slab(DO, stride_do, b, h, Tq), offs_m, offs_d, D, CHECK_ROWS=True)
-    _delta(o, do, _row_stats(DELTA, bh, Tq), offs_m, offs_m < Tq, DELTA_OFFSET)
+    o = _load_tile(_slab(O, stride_o, b, h, head.q_start, head.Tq), offs_m, offs_d, D, CHECK_ROWS=True)
+    do = _load_tile(_slab(DO, stride_do, b, h, head.q_start, head.Tq), offs_m, offs_d, D,
+                    CHECK_ROWS=True)
+    _delta(o, do, _row_stats(DELTA, head), offs_m, offs_m < head.Tq, DELTA_OFFSET)
+
+
+@triton.jit
+def _lse_rows(lse, offs_m, row_ok, head):
+    """The forward's (base-2) log-sum-exp of these rows, +inf past the last row and, with
+    LENGTHS, for rows that saw no key (-inf in the forward): their weights come out exactly 0."""
+    lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
+    if head.LENGTHS:
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2
 
 
 @triton.jit
@@ -537,7 +666,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
         offs_m = start_m + offs_m0
         row_ok = offs_m < head.Tq
         qT = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION, TRANS=True)
-        lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
+        lse2 = _lse_rows(lse, offs_m, row_ok, head)
         pT = _exp2_weights(tl.fma(_dot(k, qT, None, FP32_PRECISION), head.qk_scale,
                                   -lse2[None, :]), head)
         if MASKED:
@@ -589,9 +718,10 @@ def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_sla
     first, full, tail_lo, tail_hi = _query_stages(start_n, head, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         member = _member(head, g)
-        q_slab, do_slab = _slab(Q, stride_q, b, h0 + g, head.Tq), _slab(DO, stride_do, b, h0 + g, head.Tq)
-        lse, delta = _row_stats(LSE, member.bh, head.Tq), _row_stats(DELTA, member.bh, head.Tq)
-        dq_acc = DQ_ACC + member.bh.to(tl.int64) * head.Tq * HEAD_DIM  # (Tq, HEAD_DIM) float32
+        q_slab = _slab(Q, stride_q, b, h0 + g, head.q_start, head.Tq)
+        do_slab = _slab(DO, stride_do, b, h0 + g, head.q_start, head.Tq)
+        lse, delta = _row_stats(LSE, member), _row_stats(DELTA, member)
+        dq_acc = DQ_ACC + _stats_offset(member) * HEAD_DIM  # (Tq, HEAD_DIM) float32
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, offs_n,
                                  offs_d, first, full, member, D=D, BLOCK_M=BLOCK_M,
                                  BLOCK_N=BLOCK_N, MASKED=True, DROPOUT=DROPOUT,
@@ -612,21 +742,26 @@ def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_sla
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC,
-                   stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC, SEQ_Q, SEQ_K,
+                   stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv, stride_stats,
                    H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
                    TQ_BUCKET, TK_BUCKET,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                   HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                   OFFS_64: tl.constexpr,
+                   HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
+                   FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                    DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per key tile of each key/value head (B * H // GROUP of them).
     b, hk, bhk = _batch_and_head(H // GROUP)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
-    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
+    head = _head(b, hk * GROUP, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p,
+                 LEFT, DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+    if start_n >= head.Tk_slab:  # packed sequences: the grid covers the longest one
+        return
     _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, hk * GROUP, GROUP,
-                _slab(K, stride_k, b, hk, Tk), _slab(V, stride_v, b, hk, Tk),
-                _slab(DK, stride_dk, b, hk, Tk), _slab(DV, stride_dv, b, hk, Tk),
+                _slab(K, stride_k, b, hk, head.k_start, head.Tk_slab),
+                _slab(V, stride_v, b, hk, head.k_start, head.Tk_slab),
+                _slab(DK, stride_dk, b, hk, head.k_start, head.Tk_slab),
+                _slab(DV, stride_dv, b, hk, head.k_start, head.Tk_slab),
                 LSE, DELTA, DQ_ACC, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
                 DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=DETERMINISTIC,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -659,7 +794,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D:
 
 
 @triton.jit
-def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, delta_out, head, scale,
+def _dq_block(start_m, q_slab, do_slab, o_slab, dq_slab, k_slab, v_slab, lse, delta_out, head, scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr, OFFS_64: tl.constexpr,
               DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr, DELTA_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -673,7 +808,7 @@ def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, de
     do = _load_tile(do_slab, offs_m, offs_d, D, CHECK_ROWS=True)
     o = _load_tile(o_slab, offs_m, offs_d, D, CHECK_ROWS=True)
     delta = _delta(o, do, delta_out, offs_m, row_ok, DELTA_OFFSET)
-    lse2 = tl.load(lse + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = _lse_rows(lse, offs_m, row_ok, head)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, lo_full, full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
@@ -694,58 +829,73 @@ def _dq_block(start_m, q_slab, k_slab, v_slab, do_slab, o_slab, dq_slab, lse, de
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED,
-                 stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq,
+def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED, SEQ_Q, SEQ_K,
+                 stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_stats,
                  H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                 HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                 OFFS_64: tl.constexpr,
+                 HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
+                 FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                  DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
+    head = _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, LEFT,
+                 DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+    if start_m >= head.Tq:  # packed sequences: the grid covers the longest one
+        return
     hk = h // GROUP
-    head = _head(bh, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
-    _dq_block(start_m, _slab(Q, stride_q, b, h, Tq), _slab(K, stride_k, b, hk, Tk),
-              _slab(V, stride_v, b, hk, Tk), _slab(DO, stride_do, b, h, Tq),
-              _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq),
-              _row_stats(LSE, bh, Tq), _row_stats(DELTA, bh, Tq), head, scale, D=D,
+    _dq_block(start_m, *_query_slabs(Q, stride_q, DO, stride_do, O, stride_o, DQ, stride_dq, b, h,
+                                     head),
+              _slab(K, stride_k, b, hk, head.k_start, head.Tk_slab),
+              _slab(V, stride_v, b, hk, head.k_start, head.Tk_slab),
+              _row_stats(LSE, head), _row_stats(DELTA, head), head, scale, D=D,
               HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION,
               DELTA_OFFSET=DELTA_OFFSET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
+@triton.jit
+def _query_slabs(Q, stride_q, DO, stride_do, O, stride_o, DQ, stride_dq, b, h, head):
+    """The slabs of query head h that the dQ pass reads and writes: q, do, o, dq."""
+    return (_slab(Q, stride_q, b, h, head.q_start, head.Tq),
+            _slab(DO, stride_do, b, h, head.q_start, head.Tq),
+            _slab(O, stride_o, b, h, head.q_start, head.Tq),
+            _slab(DQ, stride_dq, b, h, head.q_start, head.Tq))
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED,
+def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED, SEQ_Q, SEQ_K,
                     stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_dk,
-                    stride_dv, H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
+                    stride_dv, stride_stats, H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
                     TQ_BUCKET, TK_BUCKET,
                     D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                    HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                    OFFS_64: tl.constexpr,
+                    HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
+                    FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
                     DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The whole backward of one (batch, key/value head) in one program, for short sequences:
     the dQ pass over the query tiles of each query head of its group (which also stores delta),
     then the dK/dV pass over its key tiles. One launch instead of two; no atomics, each output
     written once: deterministic."""
     b, hk, bhk = _batch_and_head(H // GROUP)
-    head = _head(bhk * GROUP, Tq, Tk, scale, SEED, dropout_p, LEFT, DROPOUT, HUGE_SCALE, WINDOW)
-    k, v = _slab(K, stride_k, b, hk, Tk), _slab(V, stride_v, b, hk, Tk)
+    head = _head(b, hk * GROUP, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p,
+                 LEFT, DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+    k = _slab(K, stride_k, b, hk, head.k_start, head.Tk_slab)
+    v = _slab(V, stride_v, b, hk, head.k_start, head.Tk_slab)
     for g in range(GROUP):
-        h = hk * GROUP + g
         member = _member(head, g)
-        q, do = _slab(Q, stride_q, b, h, Tq), _slab(DO, stride_do, b, h, Tq)
-        o, dq = _slab(O, stride_o, b, h, Tq), _slab(DQ, stride_dq, b, h, Tq)
-        lse, delta = _row_stats(LSE, member.bh, Tq), _row_stats(DELTA, member.bh, Tq)
-        for start_m in range(0, Tq, BLOCK_M):
-            _dq_block(start_m, q, k, v, do, o, dq, lse, delta, member, scale, D=D,
+        q, do, o, dq = _query_slabs(Q, stride_q, DO, stride_do, O, stride_o, DQ, stride_dq, b,
+                                    hk * GROUP + g, head)
+        lse, delta = _row_stats(LSE, member), _row_stats(DELTA, member)
+        for start_m in range(0, head.Tq, BLOCK_M):
+            _dq_block(start_m, q, do, o, dq, k, v, lse, delta, member, scale, D=D,
                       HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64, DROPOUT=DROPOUT,
                       FP32_PRECISION=FP32_PRECISION, DELTA_OFFSET=DELTA_OFFSET,
                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     # The dK/dV pass reads the delta the other threads of this program just stored.
     tl.debug_barrier()
-    for start_n in range(0, Tk, BLOCK_N):
+    for start_n in range(0, head.Tk_slab, BLOCK_N):
         _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, hk * GROUP, GROUP, k, v,
-                    _slab(DK, stride_dk, b, hk, Tk), _slab(DV, stride_dv, b, hk, Tk),
+                    _slab(DK, stride_dk, b, hk, head.k_start, head.Tk_slab),
+                    _slab(DV, stride_dv, b, hk, head.k_start, head.Tk_slab),
                     LSE, DELTA, DELTA, head, scale, D=D, HEAD_DIM=HEAD_DIM, OFFS_64=OFFS_64,
                     DROPOUT=DROPOUT, FP32_PRECISION=FP32_PRECISION, DETERMINISTIC=True,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -777,7 +927,8 @@ def _next_pow2(n):
 
 
 # What a launch's config depends on, beside the kernel, dtype and device.
-_TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "FP32_PRECISION", "DETERMINISTIC")
+_TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "FP32_PRECISION", "DETERMINISTIC",
+             "SPLIT")
 
 
 def _fits(conf, args):
@@ -841,17 +992,18 @@ _TUNER = autotune.ConfigCache(("kernel", "dtype", "device") + _TUNE_KEY, autotun
 
 
 def _launch(name, tiles_along, args, meta, reset=None):
-    """Run kernel `name`; the grid's first axis is tiles_along // BLOCK_<M or N> (1 where the
-    block is None: one program per head), the second B*H. reset(), if given, runs before every
+    """Run kernel `name`; tiles_along = (n, block, bh[, splits]): the grid's first axis is
+    n // BLOCK_<M or N> (1 where the block is None: one program per head), the second bh, the
+    third splits (1 unless given). reset(), if given, runs before every
     launch (a kernel that accumulates into its output needs it zeroed each time the autotuner
     reruns it)."""
-    n, block, bh = tiles_along
+    n, block, bh, *splits = tiles_along
     last = []  # (config, grid, what the JIT returned: the compiled kernel) of the latest launch
 
     def run(conf):
         if reset is not None:
             reset()
-        grid = (1 if block is None else _cdiv(n, conf.kwargs[block]), bh, 1)
+        grid = (1 if block is None else _cdiv(n, conf.kwargs[block]), bh, *(splits or [1]))
         kernel = _JIT[name][grid](
             *args, **meta, **conf.kwargs, num_warps=conf.num_warps, num_stages=conf.num_stages)
         last[:] = [conf, grid, kernel]
@@ -939,13 +1091,14 @@ def _bucket(T):
     return min(_next_pow2(T), 1 << 16)
 
 
-def _common(q, k, scale, dropout_p, fp32_precision, left):
-    """The meta-arguments every kernel takes; left: a sliding window's reach, -1 for none."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+def _common(q, k, scale, dropout_p, fp32_precision, left, rows):
+    """The meta-arguments every kernel takes, for the (B, H, T, D) views q, k (_as_bhtd);
+    left: a sliding window's reach, -1 for none."""
+    B, H, _, D = q.shape
+    Tq, Tk = _lengths(q, k, rows)
     hd = _head_dim(D)
     return dict(H=H, GROUP=H // k.shape[1], Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
-                LEFT=max(left, 0), WINDOW=left >= 0,
+                LEFT=max(left, 0), WINDOW=left >= 0, ROWS=rows.mode,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
                 HUGE_SCALE=abs(scale) > 1.0,  # see _exp2_weights
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
@@ -967,10 +1120,56 @@ def _offsets_need_64(*tensors):
     return False
 
 
-def _new_like_bthd(q):
-    """An empty (B, H, T, D) tensor stored as (B, T, H, D): the layout the model wants back."""
-    B, H, T, D = q.shape
-    return q.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))
+# How the kernels find each batch entry's rows (their ROWS constexpr, see _rows): mode, and for
+# KEY_LENGTHS / CACHE_LENGTHS seq_k (B,) int32 key lengths, for PACKED seq_q, seq_k (B + 1,)
+# int32 cumulative lengths and max_q, max_k the longest sequence's (the grid covers it).
+Rows = namedtuple("Rows", ["mode", "seq_q", "seq_k", "max_q", "max_k"])
+DENSE_ROWS = Rows(DENSE, None, None, 0, 0)
+DENSE_OP_ROWS = (None, None, [DENSE, 0, 0])  # the same, as the custom ops take it
+
+
+def _as_bhtd(x, rows):
+    """The (B, H, T, D) view the kernels index: x itself, or for packed sequences (x of
+    (total, H, D)) B batch entries of stride 0, each finding its own first row."""
+    if rows.mode != PACKED:
+        return x
+    return x.transpose(0, 1).unsqueeze(0).expand(rows.seq_q.shape[0] - 1, -1, -1, -1)
+
+
+def _lengths(q, k, rows):
+    """The (Tq, Tk) the grids cover: the tensors' own, or the longest packed sequence's."""
+    return (rows.max_q, rows.max_k) if rows.mode == PACKED else (q.shape[2], k.shape[2])
+
+
+def _new_output(x, rows):
+    """An empty tensor shaped as x: (B, H, T, D) stored as (B, T, H, D), the layout the model
+    wants back; packed (total, H, D) contiguous."""
+    if rows.mode == PACKED:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    B, H, T, D = x.shape
+    return x.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))
+
+
+def _stats_shape(q, rows):
+    """The shape of q's row statistics (LSE, delta): (B, H, Tq), or packed (H, total)."""
+    return (q.shape[1], q.shape[0]) if rows.mode == PACKED else tuple(q.shape[:3])
+
+
+def _new_stats(q, rows):
+    """Empty float32 row statistics for q (_stats_shape)."""
+    return q.new_empty(_stats_shape(q, rows), dtype=torch.float32)
+
+
+def _stats_strides(stats, rows):
+    """(batch, head) strides of the row statistics: packed rows start at their sequence's."""
+    return (0, stats.shape[1]) if rows.mode == PACKED else stats.stride()[:2]
+
+
+def _rows_key(rows):
+    """What a plan depends on in rows: the mode, the number of sequences, the longest ones."""
+    if rows.mode == DENSE:
+        return DENSE
+    return (rows.mode, rows.seq_k.shape[0], rows.max_q, rows.max_k)
 
 
 # An inference forward's log-sum-exp rows, which nothing reads: one buffer per (device, size),
@@ -978,80 +1177,148 @@ def _new_like_bthd(q):
 _SCRATCH_LSE = {}
 
 
-def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=True):
-    """(o, lse) of the forward kernel; with keep_lse=False, lse is a scratch buffer that the
-    next inference call overwrites."""
-    B, H, Tq, D = q.shape
+def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=True,
+              rows=DENSE_ROWS, splits=1):
+    """(o, lse) of the forward kernel, for (B, H, T, D) tensors or, with rows packed, (total,
+    H, D) ones; lse (B, H, Tq) or packed (H, total), base 2. With keep_lse=False, lse is a
+    scratch buffer that the next inference call overwrites. splits > 1: flash-decoding
+    (_fwd_split)."""
     q, scale = with_positive_scale(q, scale)  # the forward kernel needs scale > 0
-    o = _new_like_bthd(q)
+    if splits > 1:
+        return _fwd_split(q, k, v, scale, fp32_precision, left, rows, splits)
+    o = _new_output(q, rows)
     if keep_lse:
-        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base 2
+        lse = _new_stats(q, rows)
     else:
-        lse = _SCRATCH_LSE.get((q.device, B * H * Tq))
+        n = math.prod(_stats_shape(q, rows))
+        lse = _SCRATCH_LSE.get((q.device, n))
         if lse is None:
             if len(_SCRATCH_LSE) >= 64:  # e.g. a prefill per prompt length: keep it bounded
                 _SCRATCH_LSE.clear()
-            lse = _SCRATCH_LSE[(q.device, B * H * Tq)] = torch.empty(
-                B * H * Tq, device=q.device, dtype=torch.float32)
+            lse = _SCRATCH_LSE[(q.device, n)] = torch.empty(n, device=q.device, dtype=torch.float32)
+        lse = lse.view(_stats_shape(q, rows))
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
-           dropout_p, fp32_precision, _aligned(q, k, v), left)
-    tensors = (q, k, v, o, lse, seed if seed is not None else lse)
+           dropout_p, fp32_precision, _aligned(q, k, v), left, _rows_key(rows))
+    qv, kv, vv, ov = (_as_bhtd(t, rows) for t in (q, k, v, o))
+    tensors = (qv, kv, vv, ov, lse, seed if seed is not None else lse,
+               _or(rows.seq_q, lse), _or(rows.seq_k, lse))
 
     def first():
-        meta = _common(q, k, scale, dropout_p, fp32_precision, left)
-        meta["OFFS_64"] = _offsets_need_64(q, k, v, o)
-        return (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), o.stride()), meta
+        meta = _common(qv, kv, scale, dropout_p, fp32_precision, left, rows)
+        meta.update(OFFS_64=_offsets_need_64(qv, kv, vv, ov), SPLIT=False, SPLIT_N=0)
+        return ((meta["Tq"], "BLOCK_M", qv.shape[0] * qv.shape[1]),
+                (qv.stride(), kv.stride(), vv.stride(), ov.stride(), _stats_strides(lse, rows)), meta)
 
     _launch_planned("fwd", key, tensors, first)
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse=None,
-              left=-1):
-    """dq, dk, dv; dlse: the gradient of the forward's (base-2) lse where the caller used it;
-    left: the window's reach to the left (-1: no window)."""
+# Flash-decoding's key ranges are multiples of this many keys, so that every forward config's
+# BLOCK_N divides them (under the interpreter, every tile the tests use).
+_SPLIT_ALIGN = 64 if INTERPRET else 128
+_SM_COUNT = {}
+
+
+def decode_splits(B, H, Tq, Tk, device):
+    """How many key ranges flash-decoding splits a step into: enough programs to fill the GPU
+    twice over (B * H query tiles alone leave most SMs idle at batch 1), each range at least
+    _SPLIT_ALIGN keys. 1: no split."""
+    if device.type == "cuda":
+        if device not in _SM_COUNT:
+            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _SM_COUNT[device]
+    else:
+        target = 4  # the interpreter: a few, so that the CPU tests cross range edges
+    return max(1, min(_cdiv(Tk, _SPLIT_ALIGN), target // (B * H * _cdiv(Tq, 64)), 128))
+
+
+def _fwd_split(q, k, v, scale, fp32_precision, left, rows, splits):
+    """(o, lse) of the forward with the keys split into ranges (flash-decoding): one program per
+    (query tile, head, range) writes the range's normalised output and lse in float32, then
+    _combine_splits merges each row's ranges. Dense 4-D tensors, no dropout, scale > 0."""
     B, H, Tq, D = q.shape
-    Hk, Tk = k.shape[1], k.shape[2]  # Hk < H: grouped-query heads
-    dq, dk, dv = _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+    Tk = k.shape[2]
+    split_n = _cdiv(_cdiv(Tk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = _cdiv(Tk, split_n)
+    o_part = q.new_empty(splits * B, H, Tq, D, dtype=torch.float32)
+    lse_part = q.new_empty(splits * B, H, Tq, dtype=torch.float32)
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
+           fp32_precision, _aligned(q, k, v), left, _rows_key(rows), "split", splits)
+
+    def first():
+        meta = _common(q, k, scale, 0.0, fp32_precision, left, rows)
+        meta.update(OFFS_64=_offsets_need_64(q, k, v, o_part), SPLIT=True, SPLIT_N=split_n)
+        return ((Tq, "BLOCK_M", B * H, splits),
+                (q.stride(), k.stride(), v.stride(), o_part.stride(), lse_part.stride()[:2]), meta)
+
+    _launch_planned("fwd", key, (q, k, v, o_part, lse_part, lse_part, _or(rows.seq_q, lse_part),
+                                 _or(rows.seq_k, lse_part)), first)
+    o, lse = _new_output(q, rows), q.new_empty(B, H, Tq, dtype=torch.float32)
+    _combine_splits[(B * H * Tq,)](o_part, lse_part, o, lse, o.stride(), H, Tq, B * H * Tq, splits,
+                                   D, HEAD_DIM=_next_pow2(D), SPLITS=_next_pow2(splits))
+    return o, lse
+
+
+def _or(t, other):
+    """t, or other where t is None (an unused pointer argument still needs a tensor)."""
+    return other if t is None else t
+
+
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse=None,
+              left=-1, rows=DENSE_ROWS):
+    """dq, dk, dv; dlse: the gradient of the forward's (base-2) lse where the caller used it;
+    left: the window's reach to the left (-1: no window); rows as the forward's."""
+    dq, dk, dv = _new_output(q, rows), _new_output(k, rows), _new_output(v, rows)
+    qv, kv, vv, dov, ov, dqv, dkv, dvv = (_as_bhtd(t, rows) for t in (q, k, v, do, o, dq, dk, dv))
+    B, H, _, D = qv.shape
+    Hk = kv.shape[1]  # Hk < H: grouped-query heads
+    Tq, Tk = _lengths(qv, kv, rows)
     head_dim = _head_dim(D)
-    # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows,
-    # which the reset zeroes before every launch of it; no dQ kernel runs.
-    dq_acc = None if deterministic else q.new_empty(B, H, Tq, head_dim, dtype=torch.float32)
+    # Not deterministic: the dK/dV kernel adds each key tile's share of dQ into float32 rows
+    # laid out as the statistics (times the padded head dim), which the reset zeroes before
+    # every launch of it; no dQ kernel runs.
+    dq_acc = None if deterministic else q.new_empty(*lse.shape, head_dim, dtype=torch.float32)
     # The kernels store delta = rowsum(dO * O) per row; a gradient g of lse (base 2) enters as
     # delta - g / ln(2) (see _delta), so the rows start at -g / ln(2).
     has_dlse = dlse is not None
     delta = torch.empty_like(lse) if not has_dlse else (dlse * -LOG2E).float().contiguous()
     seed = seed if seed is not None else lse
+    seqs = (_or(rows.seq_q, lse), _or(rows.seq_k, lse))
+    stats = _stats_strides(lse, rows)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), do.stride(), o.stride(), q.dtype,
-           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse, left)
+           q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse, left,
+           _rows_key(rows))
 
     def meta(**kernel_flags):
-        m = _common(q, k, scale, dropout_p, fp32_precision, left)
-        m["OFFS_64"] = _offsets_need_64(q, k, v, o, do, dq, dk, dv,
-                                        *([] if deterministic else [dq_acc]))
+        m = _common(qv, kv, scale, dropout_p, fp32_precision, left, rows)
+        m["OFFS_64"] = _offsets_need_64(qv, kv, vv, ov, dov, dqv, dkv, dvv)
         return {**m, **kernel_flags}
 
     if deterministic and _fused_backward(Tk, head_dim, q.dtype):  # one launch
-        _launch_planned("fused", key, (q, k, v, do, o, dq, dk, dv, lse, delta, seed), lambda: (
-            (1, None, B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-                               dq.stride(), dk.stride(), dv.stride()), meta(DELTA_OFFSET=has_dlse)))
+        _launch_planned("fused", key, (qv, kv, vv, dov, ov, dqv, dkv, dvv, lse, delta, seed, *seqs),
+                        lambda: ((1, None, B * Hk),
+                                 (qv.stride(), kv.stride(), vv.stride(), dov.stride(), ov.stride(),
+                                  dqv.stride(), dkv.stride(), dvv.stride(), stats),
+                                 meta(DELTA_OFFSET=has_dlse)))
         return dq, dk, dv
     if deterministic:  # two launches: dQ (which stores delta), then dK/dV
-        _launch_planned("dq", key, (q, k, v, do, o, dq, lse, delta, seed), lambda: (
-            (Tq, "BLOCK_M", B * H), (q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
-                                     dq.stride()), meta(DELTA_OFFSET=has_dlse)))
+        _launch_planned("dq", key, (qv, kv, vv, dov, ov, dqv, lse, delta, seed, *seqs), lambda: (
+            (Tq, "BLOCK_M", B * H), (qv.stride(), kv.stride(), vv.stride(), dov.stride(),
+                                     ov.stride(), dqv.stride(), stats), meta(DELTA_OFFSET=has_dlse)))
     else:
         pre_block = 64 if not INTERPRET else 16
         _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
-            o, do, delta, o.stride(), do.stride(), H, Tq, D, HEAD_DIM=head_dim,
-            OFFS_64=_offsets_need_64(o, do), DELTA_OFFSET=has_dlse, BLOCK_M=pre_block)
-    _launch_planned("dkdv", key + (deterministic,), (q, k, v, do, dk, dv, lse, delta, seed,
-                    lse if deterministic else dq_acc), lambda: (
-        (Tk, "BLOCK_N", B * Hk), (q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(),
-                                 dv.stride()), meta(DETERMINISTIC=deterministic)),
+            ov, dov, delta, *seqs, ov.stride(), dov.stride(), stats, H, Tq, Tk, D,
+            HEAD_DIM=head_dim, ROWS=rows.mode, OFFS_64=_offsets_need_64(ov, dov),
+            DELTA_OFFSET=has_dlse, BLOCK_M=pre_block)
+    _launch_planned("dkdv", key + (deterministic,), (qv, kv, vv, dov, dkv, dvv, lse, delta, seed,
+                    lse if deterministic else dq_acc, *seqs), lambda: (
+        (Tk, "BLOCK_N", B * Hk), (qv.stride(), kv.stride(), vv.stride(), dov.stride(),
+                                 dkv.stride(), dvv.stride(), stats), meta(DETERMINISTIC=deterministic)),
         reset=None if deterministic else dq_acc.zero_)
     if not deterministic:
-        torch.mul(dq_acc[..., :D], scale, out=dq)
+        acc = dq_acc[..., :D]
+        torch.mul(acc.transpose(0, 1) if rows.mode == PACKED else acc, scale, out=dq)
     return dq, dk, dv
 
 
@@ -1059,50 +1326,70 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
 # Registration as torch custom ops (so torch.compile(fullgraph=True) traces through them)
 # ----------------------------------------------------------------------------------------------
 
+# The ops take a Rows as its tensors (seq_q, seq_k; None where unused) and [mode, max_q, max_k].
+def _rows_of(seq_q, seq_k, shape):
+    mode, max_q, max_k = shape
+    return DENSE_ROWS if mode == DENSE else Rows(mode, seq_q, seq_k, max_q, max_k)
+
+
+def _fake_output(x, rows_shape):
+    return torch.empty_like(x) if rows_shape[0] == PACKED else _new_output(x, DENSE_ROWS)
+
+
 @torch.library.custom_op("lecture_flash::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
-            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool, left: int
+            scale: float, dropout_p: float, fp32_precision: str, deterministic: bool, left: int,
+            seq_q: Optional[torch.Tensor], seq_k: Optional[torch.Tensor], rows: List[int]
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left)
+    return _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left,
+                     rows=_rows_of(seq_q, seq_k, rows))
 
 
 @_fwd_op.register_fake
-def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left):
-    B, H, Tq, D = q.shape
-    return _new_like_bthd(q), q.new_empty(B, H, Tq, dtype=torch.float32)
+def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows):
+    shape = (q.shape[1], q.shape[0]) if rows[0] == PACKED else q.shape[:3]
+    return _fake_output(q, rows), q.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("lecture_flash::bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
             scale: float, dropout_p: float, fp32_precision: str, deterministic: bool,
-            dlse: Optional[torch.Tensor], left: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dlse: Optional[torch.Tensor], left: int, seq_q: Optional[torch.Tensor],
+            seq_k: Optional[torch.Tensor], rows: List[int]
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
-                     dlse, left)
+                     dlse, left, _rows_of(seq_q, seq_k, rows))
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse, left):
-    return _new_like_bthd(q), _new_like_bthd(k), _new_like_bthd(v)
+def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse, left,
+      seq_q, seq_k, rows):
+    return _fake_output(q, rows), _fake_output(k, rows), _fake_output(v, rows)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left = inputs
+    q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, seq_q, seq_k)
     ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.fp32_precision, ctx.deterministic, ctx.left = fp32_precision, deterministic, left
+    ctx.fp32_precision, ctx.deterministic, ctx.left, ctx.rows = (fp32_precision, deterministic,
+                                                                 left, rows)
 
 
 def _backward(ctx, do, dlse, bwd=None):
     """Gradients of the forward's inputs, through the custom op (or `bwd`, same arguments).
     do or dlse is None where that output was not used (the other one was)."""
-    q, k, v, o, lse, seed = ctx.saved_tensors
+    q, k, v, o, lse, seed, seq_q, seq_k = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
+    if bwd is _bwd_impl:
+        rows = (_rows_of(seq_q, seq_k, ctx.rows),)
+    else:
+        rows = (seq_q, seq_k, ctx.rows)
     dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p,
-                                  ctx.fp32_precision, ctx.deterministic, dlse, ctx.left)
-    return dq, dk, dv, None, None, None, None, None, None
+                                  ctx.fp32_precision, ctx.deterministic, dlse, ctx.left, *rows)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1120,10 +1407,12 @@ class _EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left):
-        o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left)
-        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left),
-                       (o, lse))
+    def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left,
+                seq_q, seq_k, rows):
+        o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left,
+                           rows=_rows_of(seq_q, seq_k, rows))
+        _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left,
+                             seq_q, seq_k, rows), (o, lse))
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
         return o, lse
 
@@ -1158,27 +1447,43 @@ def draw_seed(device):
 
 
 def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None,
-                    return_lse=False, window_left=None):
-    """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels.
+                    return_lse=False, window_left=None, rows=DENSE_ROWS):
+    """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels (or
+    with rows packed, (total, H, D) ones: see Rows).
     deterministic, fp32_precision: None for the process default (kernels/settings.py).
-    return_lse: also return each row's log-sum-exp of its scaled scores, (B, H, Tq) float32,
-    natural log, differentiable. window_left: query i sees keys from i + Tk - Tq - window_left
-    on (None: every key up to its own position)."""
+    return_lse: also return each row's log-sum-exp of its scaled scores, (B, H, Tq) float32
+    ((H, total) packed), natural log, differentiable; -inf for a row that sees no key.
+    window_left: query i sees keys from i + offset - window_left on (None: every key up to its
+    own position)."""
     left = -1 if window_left is None else int(window_left)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     # The precision matters to float32 inputs only; 16-bit ones always take the one kernel.
     precision = settings.resolve_fp32_precision(fp32_precision) if q.dtype == torch.float32 else "ieee"
-    if torch.compiler.is_compiling():
-        o, lse = _fwd_op(q, k, v, seed, float(scale), float(dropout_p), precision,
-                         settings.resolve_deterministic(deterministic), left)
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _EagerAttention.apply(q, k, v, seed, float(scale), float(dropout_p), precision,
-                                       settings.resolve_deterministic(deterministic), left)
+    args = (seed, float(scale), float(dropout_p), precision)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)):
+        op = _fwd_op if torch.compiler.is_compiling() else _EagerAttention.apply
+        o, lse = op(q, k, v, *args, settings.resolve_deterministic(deterministic), left,
+                    rows.seq_q, rows.seq_k, [rows.mode, rows.max_q, rows.max_k])
     else:  # inference (sampling): no autograd bookkeeping at all
-        o, lse = _fwd_impl(q, k, v, seed, float(scale), float(dropout_p), precision, left,
-                           keep_lse=return_lse)
+        o, lse = _fwd_impl(q, k, v, *args, left, keep_lse=return_lse, rows=rows)
     # The kernels keep lse in base 2 (log2(e) times the natural one).
     return (o, lse * LN2) if return_lse else o
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale, splits=None):
+    """Attention of the newest Tq queries of each row to a cache (validated 4-D tensors, scale
+    a float) whose row b holds lengths[b] (int32, on the device) valid keys, the queries the
+    last Tq of them: the forward kernel with CACHE_LENGTHS rows, its keys split into ranges
+    (flash-decoding, splits: decode_splits unless given) where B * H alone would leave the GPU
+    idle. Fixed shapes, no host read: a CUDA graph can capture it."""
+    B, H, Tq, _ = q.shape
+    if splits is None:
+        splits = decode_splits(B, H, Tq, k_cache.shape[2], q.device)
+    precision = settings.resolve_fp32_precision(None) if q.dtype == torch.float32 else "ieee"
+    o, _ = _fwd_impl(q, k_cache, v_cache, None, float(scale), 0.0, precision, keep_lse=False,
+                     rows=Rows(CACHE_LENGTHS, None, lengths, 0, 0), splits=splits)
+    return o
 
 
 def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):

@@ -66,3 +66,16 @@ def guarded_causal(attend, q, k, v, left=None):
     poisoned = kv_heads_expanded(sees_bad, q.shape[1]) | bad_positions(q)
     out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
     return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))
+
+
+def guarded_masked(attend, q, k, v, mask):
+    """guarded_causal for any mask: attend(q, k, v) with the bool `mask` (broadcastable to
+    (B, H, Tq, Tk), True where a query sees a key), keeping the contract above."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(torch.isfinite(q.sum() + k.sum() + v.sum())):  # as in guarded_causal
+            return attend(q, k, v)
+    bad = bad_positions(k, v)  # (B, Hk, Tk)
+    sees_bad = (mask & kv_heads_expanded(bad, q.shape[1]).unsqueeze(-2)).any(-1)  # (B, H, Tq)
+    poisoned = sees_bad | bad_positions(q)
+    out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
+    return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))

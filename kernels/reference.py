@@ -5,7 +5,9 @@ materialises the whole (Tq, Tk) score matrix.
 """
 import torch
 
-from .validation import check_attention_args, check_window, kv_heads_expanded
+from .packing import pad, row_mask, seq_lengths, unpad, unpad_rows
+from .validation import (check_attention_args, check_packed_args, check_seqlens_k, check_window,
+                         kv_heads_expanded)
 
 
 def causal_mask(Tq, Tk, device=None, left=None):
@@ -22,56 +24,116 @@ def causal_mask(Tq, Tk, device=None, left=None):
     return seen
 
 
-def masked_scores(q, k, scale, left=None):
-    """(..., Tq, Tk) scaled scores q k^T, -inf where the causal mask hides a key (a NaN there
-    included), in q's dtype; q and k with their heads already matched."""
+def masked_scores(q, k, scale, left=None, mask=None):
+    """(..., Tq, Tk) scaled scores q k^T, -inf where the causal mask (or `mask`, True where a
+    query sees a key) hides a key (a NaN there included), in q's dtype; q and k with their
+    heads already matched."""
     s = (q @ k.transpose(-2, -1)) * scale
-    return s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device, left), float("-inf"))
+    if mask is None:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device, left)
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def key_length_mask(q, k, seqlens_k, left=None, cache=False):
+    """The (B, 1, Tq, Tk) mask of q, k (4-D) with per-row key lengths seqlens_k (clamped to
+    [0, Tk]): the causal mask as without them (cache: with the queries the last Tq positions
+    of each row's keys instead), keys past a row's length hidden."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    lengths = seqlens_k.clamp(0, Tk)
+    return row_mask(Tq, Tk, lengths, (lengths if cache else torch.full_like(lengths, Tk)) - Tq, left)
+
+
+def packed_mask(cu_seqlens_q, cu_seqlens_k, Tq, Tk, left=None):
+    """The (B, 1, Tq, Tk) mask of packed sequences padded to Tq, Tk rows: bottom-right within
+    each sequence, keys past its length hidden."""
+    Lq, Lk = seq_lengths(cu_seqlens_q), seq_lengths(cu_seqlens_k)
+    return row_mask(Tq, Tk, Lk, Lk - Lq, left)
 
 
 def causal_attention_reference(q, k, v, *, scale=None, dropout_p=0.0, dropout_mask=None,
-                               return_lse=False, window=None):
+                               return_lse=False, window=None, seqlens_k=None, cu_seqlens_q=None,
+                               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Causal attention computed the plain way, as the lecture does, for all heads at once.
 
     q: (B, H, Tq, D) or (N, Tq, D); k, v: (B, Hk, Tk, D) or (N, Tk, D), Tq <= Tk, Hk dividing H
     (grouped-query attention: query head h sees key/value head h // (H // Hk)).
     window: None, or (left, 0): query i also sees no key before i + (Tk - Tq) - left.
-    dropout_mask: optional bool tensor broadcastable to (B, H, Tq, Tk), True = keep. When given,
-    it replaces a random draw, so a test can feed the oracle the very mask a kernel used.
+    seqlens_k: (B,) integers: row b's keys from seqlens_k[b] on are hidden (the mask otherwise
+    unchanged). cu_seqlens_q, cu_seqlens_k (B + 1,), max_seqlen_q, max_seqlen_k: packed
+    sequences instead (q (total_q, H, D), k and v (total_k, Hk, D)), causal bottom-right within
+    each. A query that sees no key gives zeros (and a log-sum-exp of -inf).
+    dropout_mask: optional bool tensor broadcastable to (B, H, Tq, Tk) (packed: the padded
+    (B, H, max_seqlen_q, max_seqlen_k)), True = keep. When given, it replaces a random draw, so
+    a test can feed the oracle the very mask a kernel used.
     Returns a tensor of q's shape and dtype; with return_lse, also each row's log-sum-exp of
-    its scaled, masked scores ((B, H, Tq) or (N, Tq), natural log, float32; float64 for float64
-    inputs).
+    its scaled, masked scores ((B, H, Tq), (N, Tq) or packed (H, total_q), natural log,
+    float32; float64 for float64 inputs).
     """
-    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
     left = check_window(window)
-    k4, v4 = kv_heads_expanded(k4, q4.shape[1]), kv_heads_expanded(v4, q4.shape[1])
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        cu_q, cu_k, Tq, Tk = check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q,
+                                               cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        mask = packed_mask(cu_q, cu_k, Tq, Tk, left)
+        out, lse = attention_with_mask(pad(q, cu_q, Tq), pad(k, cu_k, Tk), pad(v, cu_k, Tk), mask,
+                                       scale, dropout_p, dropout_mask)
+        out, lse = unpad(out, cu_q, q.shape[0]), unpad_rows(lse, cu_q, q.shape[0])
+        return (out, lse) if return_lse else out
+    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p)
+    mask = None
+    if seqlens_k is not None:
+        mask = key_length_mask(q4, k4, check_seqlens_k(seqlens_k, q4, k4), left)
+    else:
+        mask = causal_mask(q4.shape[2], k4.shape[2], q4.device, left)
+    out, lse = attention_with_mask(q4, k4, v4, mask, scale, dropout_p, dropout_mask)
+    if three_d:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_mask(q, k, v, mask, scale=None, dropout_p=0.0, dropout_mask=None):
+    """(out, lse) of 4-D q, k, v (grouped-query heads allowed) under a bool mask broadcastable
+    to (B, H, Tq, Tk), True where a query sees a key, computed in float32 (float64 for float64
+    inputs): the oracle's arithmetic. A row that sees no key gives zeros and lse -inf."""
+    k, v = kv_heads_expanded(k, q.shape[1]), kv_heads_expanded(v, q.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = q4.shape[-1] ** -0.5 if scale is None else scale
-    scores = masked_scores(q4.to(compute), k4.to(compute), scale, left)  # (B, H, Tq, Tk)
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq)
-    probs = torch.softmax(scores, dim=-1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = masked_scores(q.to(compute), k.to(compute), scale, mask=mask)  # (B, H, Tq, Tk)
+    probs, lse = softmax_and_lse(scores, mask)
     if dropout_mask is not None:
         if dropout_p == 0.0:
             raise ValueError("dropout_mask was given but dropout_p is 0; pass the p it was drawn with")
         probs = probs * dropout_mask.to(compute) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
-    out = (probs @ v4.to(compute)).to(q.dtype)  # (B, H, Tq, D)
-    if three_d:
-        out, lse = out.squeeze(1), lse.squeeze(1)
-    return (out, lse) if return_lse else out
+    return (probs @ v.to(compute)).to(q.dtype), lse
 
 
-def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None, window=None):
+def softmax_and_lse(scores, mask):
+    """softmax(scores) and logsumexp(scores) along the keys, where a row that sees no key under
+    `mask` gets weights 0 and lse -inf, and no NaN in any gradient (its scores are replaced by
+    zeros before either is taken)."""
+    empty = ~mask.any(-1, keepdim=True)
+    safe = scores.masked_fill(empty, 0.0)
+    probs = torch.softmax(safe, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(safe, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
+    return probs, lse
+
+
+def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None, window=None,
+                           mask=None):
     """Batched explicit masked softmax with every op in the inputs' own dtype, no validation.
 
     This is what a user writes by hand (and PyTorch's math path computes): the low-precision
-    baseline of the tolerance rule, and "naive-batched" in the benchmark.
+    baseline of the tolerance rule, and "naive-batched" in the benchmark. mask: a bool mask
+    (True where a query sees a key) in place of the causal one; rows that see no key give 0.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.dim() == 4:  # grouped-query: each key/value head serves H // Hk query heads
         k, v = kv_heads_expanded(k, q.shape[1]), kv_heads_expanded(v, q.shape[1])
-    p = torch.softmax(masked_scores(q, k, scale, None if window is None else window[0]), dim=-1)
+    if mask is None:
+        p = torch.softmax(masked_scores(q, k, scale, None if window is None else window[0]), dim=-1)
+    else:
+        p = softmax_and_lse(masked_scores(q, k, scale, mask=mask), mask)[0]
     if dropout_mask is not None:
         p = p * dropout_mask.to(p.dtype) / (1 - dropout_p)
     return p @ v

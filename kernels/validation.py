@@ -108,3 +108,76 @@ def check_window(window):
         raise ValueError(f"window must be (left, 0) with left >= 0 (a causal window sees no key "
                          f"to the right of its query), got {window!r}")
     return left
+
+
+def _check_index_tensor(name, t, shape, device):
+    """t must be an integer tensor of this shape on this device; returned as int32."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+    return t.to(torch.int32)
+
+
+def check_seqlens_k(seqlens_k, q4, k4):
+    """seqlens_k as int32 (B,), for 4-D q4, k4: keys past a row's length are unseen. Values
+    outside [0, Tk] are clamped (checked here only where that needs no device sync: on CPU)."""
+    B, Tk = q4.shape[0], k4.shape[2]
+    lengths = _check_index_tensor("seqlens_k", seqlens_k, (B,), q4.device)
+    if lengths.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > Tk:
+            raise ValueError(f"seqlens_k must lie in [0, Tk={Tk}], got values from {lo} to {hi}")
+    return lengths
+
+
+def check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k):
+    """Packed sequences, flash-attn's varlen convention: q (total_q, H, D), k and v (total_k,
+    Hk, D), cu_seqlens_* (B + 1,) cumulative lengths from 0 to total. Returns (cu_q, cu_k as
+    int32, max_seqlen_q, max_seqlen_k); a max length left None is read from cu_seqlens (one
+    device sync), and then the offsets are checked too."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"with cu_seqlens, {name} must be 3-D (total, heads, D) (packed "
+                             f"sequences), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} holds no packed rows (shape {tuple(t.shape)})")
+    # The dense checks (dtypes, devices, heads, head dims, scale, p) on one row of each, seen
+    # as (1, heads, 1, D).
+    check_attention_args(*(t[:1].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), scale,
+                         dropout_p)
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
+        shape = tuple(cu_seqlens_q.shape) if isinstance(cu_seqlens_q, torch.Tensor) else type(cu_seqlens_q).__name__
+        raise ValueError(f"cu_seqlens_q must be a (B + 1,) tensor with B >= 1, got {shape}")
+    n = cu_seqlens_q.shape[0]
+    cu_q = _check_index_tensor("cu_seqlens_q", cu_seqlens_q, (n,), q.device)
+    cu_k = _check_index_tensor("cu_seqlens_k", cu_seqlens_k, (n,), q.device)
+    lengths = []
+    for name, cu, total, given in (("q", cu_q, q.shape[0], max_seqlen_q),
+                                   ("k", cu_k, k.shape[0], max_seqlen_k)):
+        if given is not None:
+            if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+                raise TypeError(f"max_seqlen_{name} must be a non-negative int or None, got {given!r}")
+        if given is None or (cu.device.type == "cpu" and not torch.compiler.is_compiling()):
+            steps = cu[1:] - cu[:-1]
+            first, last, shortest = int(cu[0]), int(cu[-1]), int(steps.min())
+            longest = int(steps.max())
+            if first != 0 or last != total or shortest < 0:
+                raise ValueError(f"cu_seqlens_{name} must rise from 0 to the number of packed "
+                                 f"rows ({total}), got {first} .. {last} (smallest step "
+                                 f"{shortest})")
+            if given is not None and given < longest:
+                raise ValueError(f"max_seqlen_{name}={given} is less than the longest sequence "
+                                 f"({longest})")
+            given = longest if given is None else given
+        lengths.append(given)
+    return cu_q, cu_k, lengths[0], lengths[1]

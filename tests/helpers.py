@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from kernels import causal_attention, settings
-from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
+from kernels.packing import pad, seq_lengths, unpad
+from kernels.reference import (causal_attention_reference, causal_mask, key_length_mask,
+                               naive_causal_attention, packed_mask)
 from kernels.testing import assert_by_rule
 from kernels.validation import kv_heads_expanded
 
@@ -63,9 +65,11 @@ def uses_tf32(q, backend, fp32_precision=None):
 
 
 def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None, run=None,
-                         tf32=None, window=None, **options):
+                         tf32=None, window=None, rows=None, **options):
     """Run `backend` (or `run(q, k, v)`) on q, k, v and hold output and grads to the rule.
-    options (deterministic, fp32_precision) go to causal_attention.
+    options (deterministic, fp32_precision) go to causal_attention. rows: seqlens_k, or
+    cu_seqlens_q and cu_seqlens_k (packed q, k, v) and the max lengths, as causal_attention
+    takes them; PyTorch's math baseline then runs under the same mask.
 
     For float32 in tf32 mode the baseline is PyTorch's math with TF32 matmuls, as the rule says:
     PyTorch's own error at the same precision. tf32=True/False picks the baseline instead of
@@ -73,21 +77,41 @@ def check_against_oracle(q, k, v, backend, scale=None, dropout_p=0.0, keep=None,
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     do = torch.randn(q.shape, device=q.device, dtype=q.dtype)
+    rows = rows or {}
     if run is None:
         def run(q_, k_, v_):
             return causal_attention(q_, k_, v_, scale=scale, dropout_p=dropout_p, backend=backend,
-                                    window=window, **options)
+                                    window=window, **rows, **options)
     got = _grads(run, (q, k, v), do)
     ref64 = _grads(lambda a, b, c: causal_attention_reference(
-        a, b, c, scale=scale, dropout_p=dropout_p, dropout_mask=keep, window=window),
+        a, b, c, scale=scale, dropout_p=dropout_p, dropout_mask=keep, window=window, **rows),
         [x.double() for x in (q, k, v)], do.double())
     if tf32 is None:
         tf32 = uses_tf32(q, backend, options.get("fp32_precision"))
-    baseline = tf32_naive_attention if tf32 else naive_causal_attention
-    low = _grads(lambda a, b, c: baseline(a, b, c, scale, dropout_p, keep, window), (q, k, v), do)
+    if rows:
+        assert not tf32, "the tf32 baseline has no per-row masks"
+        low = _grads(lambda a, b, c: naive_with_rows(a, b, c, scale, dropout_p, keep, window, rows),
+                     (q, k, v), do)
+    else:
+        baseline = tf32_naive_attention if tf32 else naive_causal_attention
+        low = _grads(lambda a, b, c: baseline(a, b, c, scale, dropout_p, keep, window), (q, k, v), do)
     assert got[0].shape == q.shape and got[0].dtype == q.dtype
     assert_by_rule(got, ref64, low)
     return got
+
+
+def naive_with_rows(q, k, v, scale, dropout_p, keep, window, rows):
+    """PyTorch's math attention in the inputs' dtype under per-row key lengths or packed
+    sequences (rows as check_against_oracle takes it): the baseline of the rule for them."""
+    left = None if window is None else window[0]
+    if "seqlens_k" in rows:
+        mask = key_length_mask(q, k, rows["seqlens_k"], left)
+        return naive_causal_attention(q, k, v, scale, dropout_p, keep, mask=mask)
+    cu_q, cu_k = rows["cu_seqlens_q"], rows["cu_seqlens_k"]
+    Tq, Tk = (int(seq_lengths(cu).max()) for cu in (cu_q, cu_k))
+    out = naive_causal_attention(pad(q, cu_q, Tq), pad(k, cu_k, Tk), pad(v, cu_k, Tk), scale,
+                                 dropout_p, keep, mask=packed_mask(cu_q, cu_k, Tq, Tk, left))
+    return unpad(out, cu_q, q.shape[0])
 
 
 def cli_error(main, *argv):

@@ -385,12 +385,38 @@ def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, devic
             got = scaled_dot_product_attention(q, k, v, **options)
             torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, **options))
     assert [str(w.message) for w in record] == [
-        "kernels.scaled_dot_product_attention: an attn_mask (padding masks are not supported yet) goes to PyTorch's SDPA",
+        "kernels.scaled_dot_product_attention: an attn_mask other than (B or 1, 1, T, T) over as "
+        "many queries as keys goes to PyTorch's SDPA",
         "kernels.scaled_dot_product_attention: non-causal attention goes to PyTorch's SDPA"]
     with pytest.warns(UserWarning, match="without enable_gqa=True goes to PyTorch"):
         got = scaled_dot_product_attention(q, k[:, :1], v[:, :1], is_causal=True)  # it broadcasts
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(
         q, k[:, :1], v[:, :1], is_causal=True))
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_sdpa_entry_runs_ours_for_a_right_padded_causal_mask(monkeypatch, batch, device):
+    """The causal mask of a right-padded batch (tril & key < length) runs causal_attention with
+    seqlens_k, with PyTorch's meaning on every real row; a left-padded one goes to PyTorch."""
+    monkeypatch.setattr(kernels, "_SAID", set())
+    torch.manual_seed(11)
+    q, k, v = (rand(2, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
+    lengths = torch.tensor([6, 9][2 - batch:], device=device)
+    tril = torch.ones(9, 9, dtype=torch.bool, device=device).tril()
+    mask = (tril & (torch.arange(9, device=device) < lengths[:, None, None]))[:, None]
+    seen = []
+    real = kernels.causal_attention
+    monkeypatch.setattr(kernels, "causal_attention",
+                        lambda *a, **kw: (seen.append(kw["seqlens_k"]), real(*a, **kw))[1])
+    got = _lse_free_grads(scaled_dot_product_attention, q, k, v, dict(attn_mask=mask))
+    want = _lse_free_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+                           dict(attn_mask=mask))
+    assert seen and seen[0].tolist() == lengths.expand(2).tolist()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    left_padded = mask.flip(-1).flip(-2)
+    with pytest.warns(UserWarning, match="not the causal mask of a right-padded batch"):
+        scaled_dot_product_attention(q, k, v, attn_mask=left_padded)
 
 
 def test_sdpa_entry_can_replace_pytorchs(monkeypatch, device):
@@ -403,3 +429,111 @@ def test_sdpa_entry_can_replace_pytorchs(monkeypatch, device):
         torch.testing.assert_close(out, causal_attention_reference(q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, causal_attention_reference(q, k, v))
+
+
+# Per-row key lengths (seqlens_k) and packed sequences (cu_seqlens_*): the PyTorch paths pad and
+# mask; tests/test_flash.py runs the kernel through every backward path.
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_right_padded_batch_rows_match_each_sequence_alone(backend, dtype, device):
+    """The user's story for seqlens_k: sequences of lengths 5 and 9 right-padded to 9 (garbage,
+    even NaN, in the padding); each real row equals causal attention over its own sequence."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(30)
+    q, k, v = (rand(2, 2, 9, 16, dtype=dtype, device=device) for _ in range(3))
+    k[0, :, 5:], v[0, :, 5:] = float("nan"), float("inf")
+    out = causal_attention(q, k, v, backend=backend, seqlens_k=torch.tensor([5, 9], device=device))
+    alone = causal_attention(q[:1, :, :5], k[:1, :, :5], v[:1, :, :5], backend=backend)
+    torch.testing.assert_close(out[:1, :, :5], alone)
+    torch.testing.assert_close(out[1:], causal_attention(q[1:], k[1:], v[1:], backend=backend))
+    assert torch.isfinite(out).all()  # padding rows see only real keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_packed_sequences_match_each_sequence_alone(backend, device):
+    """Packed documents (lengths 4, 11, 1) give what each gives alone, including Lq < Lk."""
+    skip_if_unavailable(backend, device)
+    torch.manual_seed(31)
+    lq, lk = [4, 11, 1], [6, 11, 3]
+    q = rand(sum(lq), 4, 24, dtype=torch.float32, device=device)
+    k, v = (rand(sum(lk), 2, 24, dtype=torch.float32, device=device) for _ in range(2))
+    cu = [torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), device=device, dtype=torch.int32)
+          for n in (lq, lk)]
+    out = causal_attention(q, k, v, backend=backend, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1],
+                           max_seqlen_q=11, max_seqlen_k=11)
+    assert out.shape == q.shape
+    for b in range(3):
+        rq, rk = slice(int(cu[0][b]), int(cu[0][b + 1])), slice(int(cu[1][b]), int(cu[1][b + 1]))
+        alone = causal_attention(*(x[r].transpose(0, 1).unsqueeze(0) for x, r in
+                                   ((q, rq), (k, rk), (v, rk))), backend=backend)
+        torch.testing.assert_close(out[rq], alone[0].transpose(0, 1), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["lengths", "packed", "packed-window"])
+def test_key_lengths_and_packed_sequences(request, backend, dtype, kind, device):
+    """Forward and gradients held to the rule, rows that see no key included (zeros)."""
+    known_sdpa_cpu_bf16(request, backend, dtype, device)
+    torch.manual_seed(32)
+    if kind == "lengths":
+        q = rand(3, 2, 20, 16, dtype=dtype, device=device)
+        k, v = (rand(3, 1, 26, 16, dtype=dtype, device=device) for _ in range(2))
+        rows = dict(seqlens_k=torch.tensor([26, 7, 0], device=device))
+    else:
+        q = rand(30, 2, 16, dtype=dtype, device=device)
+        k, v = (rand(25, 1, 16, dtype=dtype, device=device) for _ in range(2))
+        rows = dict(cu_seqlens_q=torch.tensor([0, 3, 21, 30], device=device),
+                    cu_seqlens_k=torch.tensor([0, 8, 18, 25], device=device))
+    got = check_against_oracle(q, k, v, backend, rows=rows,
+                               window=(4, 0) if kind == "packed-window" else None)
+    empty = got[0][2] if kind == "lengths" else got[0][21:23]  # no key: 7 keys for 9 queries
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+ROWS_ERRORS = [
+    (dict(seqlens_k=[3, 3]), TypeError, "seqlens_k must be a torch.Tensor"),
+    (dict(seqlens_k=torch.tensor([3.0, 3.0])), TypeError, "seqlens_k must be an integer tensor"),
+    (dict(seqlens_k=torch.tensor([3])), ValueError, r"seqlens_k must have shape \(2,\)"),
+    (dict(seqlens_k=torch.tensor([3, 6])), ValueError, r"seqlens_k must lie in \[0, Tk=5\]"),
+    (dict(seqlens_k=torch.tensor([3, 3]), cu_seqlens_q=torch.tensor([0, 1])), ValueError,
+     "seqlens_k and cu_seqlens"),
+    (dict(cu_seqlens_q=torch.tensor([0, 1])), ValueError, "need both cu_seqlens_q and cu_seqlens_k"),
+]
+
+
+@pytest.mark.parametrize("options, error, words", ROWS_ERRORS)
+def test_bad_key_lengths_are_named(options, error, words):
+    q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 5, 8)
+    with pytest.raises(error, match=words):
+        causal_attention(q, k, k, **options)
+
+
+PACKED_ERRORS = [
+    ((6, 6), dict(cu_seqlens_q=torch.tensor([0, 2, 6]), cu_seqlens_k=torch.tensor([0, 6])),
+     ValueError, r"cu_seqlens_k must have shape \(3,\)"),
+    ((6, 6), dict(cu_seqlens_q=torch.tensor([0, 2, 5]), cu_seqlens_k=torch.tensor([0, 2, 6])),
+     ValueError, r"cu_seqlens_q must rise from 0 to the number of packed rows \(6\)"),
+    ((6, 6), dict(cu_seqlens_q=torch.tensor([0, 4, 2]), cu_seqlens_k=torch.tensor([0, 2, 6])),
+     ValueError, r"cu_seqlens_q must rise .*smallest step -2"),
+    ((6, 6), dict(cu_seqlens_q=torch.tensor([0, 2, 6]), cu_seqlens_k=torch.tensor([0, 2, 6]),
+                  max_seqlen_q=3), ValueError, r"max_seqlen_q=3 is less than the longest sequence \(4\)"),
+    ((6, 6), dict(cu_seqlens_q=torch.tensor([0, 2, 6]), cu_seqlens_k=torch.tensor([0, 2, 6]),
+                  layout="bthd"), ValueError, "leave layout at 'bhtd'"),
+    ((6, 6), dict(cu_seqlens_q=torch.tensor([0, 2, 6]), cu_seqlens_k=torch.tensor([0, 2, 6]),
+                  max_seqlen_k=2.5), TypeError, "max_seqlen_k must be a non-negative int"),
+]
+
+
+@pytest.mark.parametrize("totals, options, error, words", PACKED_ERRORS)
+def test_bad_packed_sequences_are_named(totals, options, error, words):
+    q, k = torch.randn(totals[0], 2, 8), torch.randn(totals[1], 1, 8)
+    with pytest.raises(error, match=words):
+        causal_attention(q, k, k, **options)
+
+
+def test_packed_sequences_need_three_dimensional_inputs():
+    q = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match=r"with cu_seqlens, q must be 3-D \(total, heads, D\)"):
+        causal_attention(q, q, q, cu_seqlens_q=torch.tensor([0, 6]), cu_seqlens_k=torch.tensor([0, 6]))

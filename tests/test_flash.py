@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from helpers import check_against_oracle
-from kernels import available_backends, causal_attention, set_defaults
+from kernels import available_backends, causal_attention, decode_attention, set_defaults
 from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
 from kernels.testing import assert_by_rule
 
@@ -27,7 +27,8 @@ SHAPES = [
     (1, 2, 1, 1, 8),
     (2, 1, 7, 7, 24),
     (1, 2, 100, 100, 64),
-    (1, 1, 257, 257, 80),
+    # 257 = 16 tiles and one row on a GPU; 209 (13 and one) under the interpreter, for time.
+    (1, 1, 257, 257, 80) if torch.cuda.is_available() else (1, 1, 209, 209, 80),
     (1, 1, 1, 239, 40),
     (1, 1, 113, 203, 96),
     (1, 1, 37, 50, 112),
@@ -102,7 +103,9 @@ def test_atomic_dq_backward(shape, dtype, device):
 # each kernel's stage boundaries (full_end, first, full) depend on both sizes. The interpreter
 # runs one 16x16 tile unless a test swaps it: these run unequal ones, in both directions, on
 # the shapes that cross tails and Tq < Tk, with the atomic-dQ and dropout variants as well.
-UNEQUAL_TILES = [(32, 16), (16, 32), (64, 32)]
+# (64, 32), the GPU forward's shape halved, adds nothing (32, 16) does not cover but the
+# interpreter's time: it runs on a GPU only.
+UNEQUAL_TILES = [(32, 16), (16, 32)] + ([(64, 32)] if torch.cuda.is_available() else [])
 
 
 @contextlib.contextmanager
@@ -184,6 +187,121 @@ def test_sliding_window(monkeypatch, variant, device):
                                  window=(left, 0))
 
 
+# Per-row key lengths: a full row, a length inside a tile, one on a tile edge, and 0 (a row that
+# sees no key). Packed sequences: query lengths 5, 0, 33, 17 against key lengths 9, 3, 33, 10
+# (Lq < Lk, an empty sequence, Lq = Lk across tiles, and Lq > Lk, whose first 7 rows see no key).
+SEQLENS_K = [41, 19, 16, 0]
+PACKED_CU = ([0, 5, 5, 38, 55], [0, 9, 12, 45, 55])
+
+
+def _rows_inputs(kind, device, dtype=torch.bfloat16):
+    """q, k, v and the rows arguments of per-row key lengths ("lengths": (4, 2, 30, D) queries,
+    41 keys) or packed sequences ("packed"), grouped heads (2 query heads to 1 key/value head)."""
+    if kind == "lengths":
+        q, k, v = inputs(4, 2, 30, 41, 16, dtype, device, Hk=1)
+        return q, k, v, dict(seqlens_k=torch.tensor(SEQLENS_K, device=device))
+    q, k, v = (torch.randn(55, h, 16, dtype=dtype, device=device) for h in (2, 1, 1))
+    return q, k, v, dict(cu_seqlens_q=torch.tensor(PACKED_CU[0], device=device, dtype=torch.int32),
+                         cu_seqlens_k=torch.tensor(PACKED_CU[1], device=device, dtype=torch.int32))
+
+
+def _rows_case(kind, device, dtype=torch.bfloat16, **options):
+    """check_against_oracle on _rows_inputs."""
+    torch.manual_seed(21)
+    q, k, v, rows = _rows_inputs(kind, device, dtype)
+    return check_against_oracle(q, k, v, "triton", rows=rows, **options)
+
+
+# Each backward path with each kind of rows, on the GPU; under the interpreter, each path with
+# one kind (the suite's time): both take the same stage bounds.
+ROWS_VARIANTS = [(kind, variant) for kind in ("lengths", "packed")
+                 for variant in ("fused", "two-launch", "atomic-dq", "window", "tiles")
+                 if torch.cuda.is_available()
+                 or (kind == "lengths") == (variant in ("fused", "atomic-dq", "window"))]
+
+
+@pytest.mark.parametrize("kind, variant", ROWS_VARIANTS, ids=[f"{k}-{v}" for k, v in ROWS_VARIANTS])
+def test_key_lengths_and_packed_sequences(monkeypatch, kind, variant, device):
+    """seqlens_k and cu_seqlens through every backward path, held to the rule; a row that sees
+    no key gives zeros (and zero gradients), never NaN."""
+    if variant == "two-launch":
+        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(set_defaults(deterministic=variant != "atomic-dq"))
+        if variant == "tiles":
+            stack.enter_context(tiles(monkeypatch, 32, 16))
+        got = _rows_case(kind, device, window=(6, 0) if variant == "window" else None)
+    out, dq = got[0], got[1]
+    if kind == "lengths":
+        empty = out[3], dq[3]
+    else:
+        empty = out[38:45], dq[38:45]  # the last sequence's rows that see no key
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in empty)
+
+
+@pytest.mark.parametrize("kind", ["lengths", "packed"] if torch.cuda.is_available() else ["packed"])
+def test_key_lengths_and_packed_sequences_with_dropout(kind, device):
+    """The keep-mask of packed sequences is drawn per (sequence, head, row, key), as if each
+    sequence were a batch row of its own padded to the longest: the oracle gets it that way."""
+    torch.manual_seed(5)
+    q, k, v, rows = _rows_inputs(kind, device)
+    B, Tq, Tk = (4, 30, 41) if kind == "lengths" else (len(PACKED_CU[0]) - 1, 33, 33)
+    p = 0.3
+
+    def run(a, b, c):
+        torch.manual_seed(123)
+        return causal_attention(a, b, c, dropout_p=p, backend="triton", **rows)
+
+    torch.manual_seed(123)
+    keep = flash.dropout_keep_mask(flash.draw_seed(device), B, 2, Tq, Tk, p)
+    check_against_oracle(q, k, v, "triton", dropout_p=p, keep=keep, run=run, rows=rows)
+
+
+@pytest.mark.parametrize("kind", ["lengths", "packed"])
+def test_key_lengths_and_packed_lse(kind, device):
+    """return_lse under lengths and packing: the oracle's (B, H, Tq) or (H, total), -inf where a
+    row sees no key; the padding past a row's length may hold NaN without reaching anything."""
+    torch.manual_seed(8)
+    q, k, v, rows = _rows_inputs(kind, device, torch.float32)
+    want, want_lse = causal_attention_reference(q.double(), k.double(), v.double(),
+                                                return_lse=True, **rows)
+    if kind == "lengths":
+        k[1, :, 19:], v[1, :, 19:] = float("nan"), float("inf")  # past row 1's 19 keys
+    out, lse = causal_attention(q, k, v, backend="triton", return_lse=True,
+                                fp32_precision="ieee", **rows)
+    assert lse.shape == want_lse.shape and torch.equal(lse.isinf(), want_lse.isinf())
+    seen = want_lse.isfinite()
+    torch.testing.assert_close(lse[seen].double(), want_lse[seen], rtol=0, atol=1e-5)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits, dtype", [(1, torch.float32), (3, torch.bfloat16)], ids=str)
+def test_decode_attention_kernel(monkeypatch, splits, dtype, device):
+    """decode_attention through the kernel (CACHE_LENGTHS rows), whole or with its keys split
+    into ranges merged after (flash-decoding): each row held to the rule against the oracle on
+    its own valid keys; a row that sees no key gets zeros; NaN past a row's length unseen."""
+    monkeypatch.setattr(flash, "decode_splits", lambda *a: splits)
+    torch.manual_seed(40 + splits)
+    B, H, Hk, Tq, S, D = 4, 4, 2, 2, 150, 24
+    q = torch.randn(B, H, Tq, D, dtype=dtype, device=device)
+    k, v = (torch.randn(B, Hk, S, D, dtype=dtype, device=device) for _ in range(2))
+    lengths = [S, 70, 1, 0]  # full; inside the second range; one key for two queries; empty
+    k[1, :, 70:], v[1, :, 70:] = float("nan"), float("inf")
+    with set_defaults(fp32_precision="ieee"):
+        out = decode_attention(q, k, v, torch.tensor(lengths, device=device), backend="triton")
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, n in enumerate(lengths):
+        if n < Tq:  # query i sees keys j <= n - Tq + i: none for i < Tq - n
+            assert torch.equal(out[b, :, :Tq - n], torch.zeros_like(out[b, :, :Tq - n]))
+        if n == 0:
+            continue
+        qb, kb, vb = q[b:b + 1, :, Tq - min(n, Tq):], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+        ref = causal_attention_reference(qb.double(), kb.double(), vb.double())
+        low = naive_causal_attention(qb, kb, vb)
+        assert_by_rule([out[b:b + 1, :, Tq - min(n, Tq):]], [ref], [low], names=(f"row {b}",))
+
+
 def test_grouped_query_heads_are_read_in_place_and_deterministic(monkeypatch, device):
     """No copy of k or v per query head (repeat_interleave would be one), and the group's dK/dV
     sums come out bitwise the same on every run."""
@@ -210,6 +328,40 @@ def test_grouped_query_heads_large(deterministic, device):
     with set_defaults(deterministic=deterministic):
         check_against_oracle(*inputs(2, 32, 1024, 1024, 128, torch.bfloat16, device, Hk=8), "triton")
         check_against_oracle(*inputs(8, 12, 256, 256, 64, torch.bfloat16, device, Hk=4), "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_packed_sequences_large(deterministic, device):
+    """Packed documents of 1000, 2048, 17 and 1500 rows (8 query heads to 2 key/value heads,
+    D = 128) and per-row key lengths at T = 2048, on the GPU's own tiles."""
+    torch.manual_seed(16)
+    lengths = [1000, 2048, 17, 1500]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
+    q = torch.randn(sum(lengths), 8, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lengths), 2, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    with set_defaults(deterministic=deterministic):
+        check_against_oracle(q, k, v, "triton", rows=dict(cu_seqlens_q=cu, cu_seqlens_k=cu))
+        q, k, v = inputs(3, 8, 2048, 2048, 64, torch.bfloat16, device, Hk=2)
+        check_against_oracle(q, k, v, "triton",
+                             rows=dict(seqlens_k=torch.tensor([2048, 1300, 0], device=device)))
+
+
+@pytest.mark.gpu
+def test_decode_attention_kernel_large(device):
+    """Batch-1 decoding of a long cache: flash-decoding splits it (decode_splits > 1 here), and
+    each row's output obeys the rule against the oracle over its valid keys."""
+    torch.manual_seed(17)
+    B, H, Hk, S, D = 2, 32, 8, 8192, 128
+    assert flash.decode_splits(B, H, 1, S, q_device := torch.device(device)) > 1
+    q = torch.randn(B, H, 1, D, device=q_device, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hk, S, D, device=q_device, dtype=torch.bfloat16) for _ in range(2))
+    lengths = [5000, 8192]
+    out = decode_attention(q, k, v, torch.tensor(lengths, device=q_device))
+    for b, n in enumerate(lengths):
+        qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+        assert_by_rule([out[b:b + 1]], [causal_attention_reference(qb.double(), kb.double(), vb.double())],
+                       [naive_causal_attention(qb, kb, vb)], names=(f"row {b}",))
 
 
 @pytest.mark.gpu
@@ -370,6 +522,8 @@ def test_large_negative_scale(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 2, 37, 37, 24), (1, 2, 20, 45, 64)], ids=str)
 def test_dropout_matches_oracle_given_the_same_mask(shape, dtype, atomic_dq, device):
+    if atomic_dq and dtype == torch.float32 and device.type == "cpu":
+        pytest.skip("under the interpreter, bfloat16 alone takes the atomic-dQ dropout path (time)")
     with set_defaults(deterministic=not atomic_dq):
         _dropout_matches_oracle(shape, dtype, device)
 
@@ -471,7 +625,7 @@ def test_lse_is_the_row_logsumexp(device):
     torch.manual_seed(11)
     q, k, v = inputs(1, 2, 40, 52, 16, torch.float32, device)
     with set_defaults(fp32_precision="ieee"):
-        _, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1)
+        _, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1, *flash.DENSE_OP_ROWS)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     s = s.masked_fill(~causal_mask(40, 52, q.device), float("-inf"))
     assert lse.dtype == torch.float32  # in base 2, as the kernels use it: log2(e) x the natural one
@@ -481,17 +635,18 @@ def test_lse_is_the_row_logsumexp(device):
 def test_opcheck(device):
     torch.manual_seed(12)
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 19, 24, 16, torch.float32, device))
-    torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, "ieee", True, -1))
+    torch.library.opcheck(flash._fwd_op, (q, k, v, None, 0.25, 0.0, "ieee", True, -1, *flash.DENSE_OP_ROWS))
     seed = flash.draw_seed(device)
-    torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, "ieee", True, 7))
+    torch.library.opcheck(flash._fwd_op, (q, k, v, seed, 0.25, 0.1, "ieee", True, 7, *flash.DENSE_OP_ROWS))
     # The backward op has no derivative of its own (no double backward): check it without grads.
     q, k, v = (t.detach() for t in (q, k, v))
-    o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1)
+    o, lse = flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1, *flash.DENSE_OP_ROWS)
     do = torch.randn_like(o)
     # (The op's registration is the same for deterministic=False; its kernels are tested apart.)
-    torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", True, None, -1))
     torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", True,
-                                          torch.randn_like(lse), -1))  # lse used by the caller
+                                          None, -1, *flash.DENSE_OP_ROWS))
+    torch.library.opcheck(flash._bwd_op, (do, q, k, v, o, lse, None, 0.25, 0.0, "ieee", True,
+                                          torch.randn_like(lse), -1, *flash.DENSE_OP_ROWS))  # lse used
 
 
 def test_compiles_without_graph_breaks(device):
@@ -530,6 +685,24 @@ def test_lse_compiles_and_differentiates(device):
         torch.testing.assert_close(a, b)
 
 
+def test_packed_sequences_compile(device):
+    """cu_seqlens (with max_seqlen_* given: nothing read back) under torch.compile(fullgraph=
+    True), gradients and lse as in eager. (seqlens_k takes the same custom op.)"""
+    torch.manual_seed(18)
+    q, k, v, rows = _rows_inputs("packed", device)
+    rows.update(max_seqlen_q=33, max_seqlen_k=33)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        out, lse = causal_attention(q, k, v, backend="triton", return_lse=True, **rows)
+        return out.float().square().sum() + lse.clamp(min=-30).sin().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    for a, b in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
+                    torch.autograd.grad(f(q, k, v), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_eager_calls_skip_the_custom_op_and_compiled_graphs_keep_it(device):
     """Eager: a plain autograd.Function (and no autograd under no_grad), for less host time per
     call; torch.compile: the custom op, which it can trace. Same numbers either way
@@ -560,7 +733,7 @@ def test_double_backward_is_an_error_not_zeros(device):
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 8, 8, 16, torch.float32, device))
     do = torch.randn(1, 1, 8, 16, device=device, requires_grad=True)
     for attend in (lambda: causal_attention(q, k, v, backend="triton"),
-                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1)[0]):
+                   lambda: flash._fwd_op(q, k, v, None, 0.25, 0.0, "ieee", True, -1, *flash.DENSE_OP_ROWS)[0]):
         dq, = torch.autograd.grad(attend(), q, do, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
             torch.autograd.grad(dq.sum(), (q, do), allow_unused=True)

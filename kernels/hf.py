@@ -1,0 +1,156 @@
+"""Our causal attention inside Hugging Face transformers models (optional: transformers is not a
+requirement of this package; this module imports it when register() runs).
+
+    import kernels.hf
+    name = kernels.hf.register()                       # "lecture_causal"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)
+
+register() puts two functions in transformers' registries under one name: the attention function
+(AttentionInterface) and the mask function (AttentionMaskInterface) that decides what the
+attention function is handed. The name must not contain "flash": transformers takes such names
+for kernels to fetch from its hub.
+
+What each call gets, and what runs:
+- No padding, every cache slot up to the last query filled (training, a dynamic cache): no mask,
+  and causal_attention runs on the heads as they come (grouped key/value heads read in place).
+- A static cache (a fixed number of slots, the last ones still empty): the mask function
+  passes the (B, used slots) key mask, and the empty slots are cut off (the queries are the
+  last positions of the used ones, bottom-right as causal_attention aligns them).
+- Padding (a 2-D attention_mask with zeros, left or right or anywhere): the same key mask;
+  the real positions are packed into sequences (cu_seqlens) and the padded query rows get
+  zeros, as flash-attn's integration in transformers does. Finding them reads the mask on the
+  host (a device sync per layer), so this path cannot be captured in a CUDA graph.
+- Any mask transformers builds from something else (a custom mask_function: packed sequences
+  found from position_ids, prefix-LM overlays, chunked attention): the dense mask, handed to
+  transformers' own SDPA function, with a warning once per process.
+- Sliding-window layers (Mistral, Gemma) pass sliding_window: window=(sliding_window - 1, 0).
+- Dropout (module.training with attention dropout), `scaling`, output_attentions (no weights
+  are returned, as with "sdpa").
+"""
+import warnings
+
+import torch
+
+from . import causal_attention
+
+NAME = "lecture_causal"
+_WARNED = set()
+
+
+def register(name=NAME, backend="auto"):
+    """Register the attention and mask functions under `name` and return it, to pass as
+    `attn_implementation` (from_pretrained, or model.set_attn_implementation). backend: what
+    causal_attention runs ("auto": the Triton kernel on CUDA)."""
+    if "flash" in name:
+        raise ValueError(f"name must not contain 'flash' (transformers fetches such names from "
+                         f"its hub as kernels), got {name!r}")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError("kernels.hf needs transformers with its attention interface "
+                          f"(pip install 'transformers>=4.53'): {e}") from None
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, scaling, dropout,
+                                 backend=backend, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, key_mask)
+    return name
+
+
+def key_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+             mask_function=None, attention_mask=None, local_size=None, cache_position=None,
+             **kwargs):
+    """The mask function: None (every key up to the last query is real), a (B, used) bool key
+    mask (True: a real key; the queries are the last q_length of the `used` positions), or,
+    for a mask_function other than the causal (or sliding-window causal) one, transformers'
+    dense SDPA mask. Takes the arguments of transformers' sdpa_mask (q_offset; older versions
+    pass cache_position instead)."""
+    from transformers import masking_utils as mu
+
+    kwargs.pop("allow_is_causal_skip", None)
+    if not _causal(mask_function, local_size):
+        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                            attention_mask=attention_mask, local_size=local_size,
+                            cache_position=cache_position, allow_is_causal_skip=False, **kwargs)
+    if cache_position is not None:  # transformers < 5: the queries' positions
+        q_length = cache_position.shape[0]
+        end = int(cache_position[-1]) + 1
+    else:
+        end = int(q_offset) + q_length  # q_offset is a tensor for static caches
+    used = end - kv_offset  # key slots holding a position up to the last query's
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(torch.bool)[:, kv_offset:end]
+        if attention_mask.shape[1] < used:  # positions past the 2-D mask count as real
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, used - attention_mask.shape[1]),
+                                                     value=True)
+        if used == kv_length and bool(attention_mask.all()):
+            return None
+        return attention_mask
+    if used == kv_length:
+        return None
+    device = cache_position.device if cache_position is not None else kwargs.get("device")
+    return torch.ones(batch_size, used, dtype=torch.bool, device=device)
+
+
+def _causal(mask_function, local_size):
+    """Whether transformers asks for the plain causal mask (or its sliding-window form)."""
+    from transformers import masking_utils as mu
+
+    if mask_function is None or mask_function is mu.causal_mask_function:
+        return True
+    name = getattr(mask_function, "__qualname__", "")
+    return local_size is not None and name.startswith("sliding_window_causal_mask_function")
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      backend="auto", sliding_window=None, is_causal=None, **kwargs):
+    """transformers' attention-function contract: query (B, H, Tq, D), key and value (B, Hk,
+    Tk, D); returns ((B, Tq, H, D), None)."""
+    if is_causal is False or not getattr(module, "is_causal", True):
+        raise ValueError(f"{type(module).__name__} is not causal attention; kernels.hf runs "
+                         "causal attention only (use attn_implementation='sdpa' for this model)")
+    window = None if sliding_window is None else (int(sliding_window) - 1, 0)
+    options = dict(scale=scaling, dropout_p=float(dropout), backend=backend, window=window)
+    if attention_mask is not None and attention_mask.dim() != 2:  # key_mask gave a dense mask
+        return _transformers_sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if attention_mask is not None:
+        used = attention_mask.shape[1]
+        key, value = key[:, :, :used], value[:, :, :used]  # a static cache's empty slots: gone
+        if not bool(attention_mask.all()):
+            return _padded(query, key, value, attention_mask, options), None
+    return causal_attention(query, key, value, **options).transpose(1, 2), None
+
+
+def _padded(query, key, value, mask, options):
+    """Attention of a batch whose keys have holes (padding): the real positions packed into one
+    sequence per row (bottom-right within each: a query sees the real keys up to its own
+    position), padded query rows zero. (B, Tq, H, D)."""
+    B, H, Tq, D = query.shape
+    used = mask.shape[1]
+    q_mask = mask[:, used - Tq:]  # the queries are the last Tq positions
+    rows_k, rows_q = mask.reshape(-1).nonzero().squeeze(1), q_mask.reshape(-1).nonzero().squeeze(1)
+    lengths_k, lengths_q = mask.sum(1, dtype=torch.int32), q_mask.sum(1, dtype=torch.int32)
+    cu_k, cu_q = (torch.nn.functional.pad(n.cumsum(0, dtype=torch.int32), (1, 0)) for n in (lengths_k, lengths_q))
+    packed = causal_attention(
+        query.transpose(1, 2).reshape(B * Tq, H, D)[rows_q],
+        key.transpose(1, 2).reshape(B * used, key.shape[1], D)[rows_k],
+        value.transpose(1, 2).reshape(B * used, value.shape[1], D)[rows_k],
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(lengths_q.max()),
+        max_seqlen_k=int(lengths_k.max()), **options)
+    out = query.new_zeros(B * Tq, H, D).index_copy(0, rows_q, packed)
+    return out.view(B, Tq, H, D)
+
+
+def _transformers_sdpa(module, query, key, value, mask, scaling, dropout, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    why = "a mask other than causal with padding (a custom mask_function)"
+    if why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"kernels.hf: {why} goes to transformers' SDPA attention", stacklevel=3)
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling,
+                                  dropout=dropout, **kwargs)

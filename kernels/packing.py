@@ -1,0 +1,53 @@
+"""Per-row key lengths and packed sequences, for the pure-PyTorch paths.
+
+flash-attn's varlen convention: B sequences packed along one axis, x (total, H, D), with
+cu_seqlens (B + 1,) int32 the cumulative lengths (sequence b holds rows cu[b] .. cu[b + 1] - 1).
+The Triton kernel reads packed rows in place; the PyTorch paths pad them into (B, H, T, D)
+batches, attend with a mask (row_mask), and pack the result again. Every step is a device op
+with no read back to the host, so none of it syncs.
+"""
+import torch
+
+
+def row_mask(Tq, Tk, lengths, offsets, left=None):
+    """(B, 1, Tq, Tk) bool, True where query i of batch entry b sees key j: j < lengths[b] and
+    j <= i + offsets[b] (causal, with the query at position i + offsets[b] among the keys) and,
+    with a window, j >= i + offsets[b] - left. lengths, offsets: (B,) integer tensors."""
+    device = lengths.device
+    i = torch.arange(Tq, device=device).view(1, Tq, 1)
+    j = torch.arange(Tk, device=device).view(1, 1, Tk)
+    last = i + offsets.view(-1, 1, 1)
+    seen = (j <= last) & (j < lengths.view(-1, 1, 1))
+    if left is not None:
+        seen &= j >= last - left
+    return seen.unsqueeze(1)
+
+
+def seq_lengths(cu_seqlens):
+    """(B,) lengths of the packed sequences."""
+    return cu_seqlens[1:] - cu_seqlens[:-1]
+
+
+def pad(x, cu_seqlens, T):
+    """Packed x (total, H, D) as a (B, H, T, D) batch, each sequence from row 0, zeros past
+    its length. Differentiable (a gather)."""
+    i = torch.arange(T, device=x.device)
+    real = i.view(1, T) < seq_lengths(cu_seqlens).view(-1, 1)  # (B, T)
+    index = (cu_seqlens[:-1].view(-1, 1) + i.view(1, T)).clamp(max=max(x.shape[0] - 1, 0))
+    out = x[index]  # (B, T, H, D)
+    return out.masked_fill(~real.view(*real.shape, 1, 1), 0.0).transpose(1, 2)
+
+
+def unpad(x, cu_seqlens, total):
+    """The inverse of pad: (B, H, T, D) -> packed (total, H, D), each packed row taken from its
+    sequence's row of x (rows no sequence covers, past cu_seqlens[-1], read row 0 of the last
+    sequence: the caller covers every row)."""
+    t = torch.arange(total, device=x.device)
+    b = (torch.searchsorted(cu_seqlens, t, right=True) - 1).clamp(0, x.shape[0] - 1)
+    i = (t - cu_seqlens[b]).clamp(0, x.shape[2] - 1)
+    return x[b, :, i]  # (total, H, D)
+
+
+def unpad_rows(x, cu_seqlens, total):
+    """unpad for row statistics: (B, H, T) -> (H, total)."""
+    return unpad(x.unsqueeze(-1), cu_seqlens, total).squeeze(-1).transpose(0, 1)

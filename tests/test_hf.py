@@ -1,0 +1,104 @@
+"""kernels.hf: our attention registered in Hugging Face transformers' attention interface, on
+tiny models built from a config (nothing downloaded), against transformers' own "sdpa"."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (CI "
+                                   "installs it with the test extras)")
+import kernels  # noqa: E402
+import kernels.hf  # noqa: E402
+
+
+def build(kind, attn_implementation, dropout=0.0):
+    """A tiny GPT-2, or a tiny Llama with grouped-query heads (4 query heads, 2 key/value
+    heads), the same weights for every attn_implementation; dropout: the attention's (the
+    rest has none, so that train mode is deterministic)."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=61, n_positions=64, n_embd=32, n_layer=2,
+                                         n_head=4, bos_token_id=0, eos_token_id=0,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=dropout)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=64,
+                                          bos_token_id=0, eos_token_id=0,
+                                          attention_dropout=dropout)
+        model = transformers.LlamaForCausalLM(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def padded_batch(side):
+    torch.manual_seed(1)
+    ids = torch.randint(1, 61, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    if side == "right":
+        mask[1, 6:], mask[2, 3:] = 0, 0
+    elif side == "left":
+        mask[1, :4], mask[2, :7] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind, side, backend", [
+    ("llama", "left", "triton"), ("gpt2", "right", "auto"),
+    ("llama", "right", "auto"), ("llama", "none", "auto")])
+def test_logits_and_gradients_match_sdpa_on_a_padded_batch(kind, side, backend):
+    """Our attention in the model's place: logits of the real positions and every parameter's
+    gradient as transformers' "sdpa" gives them. The Triton kernel (under the interpreter on
+    CPU) takes the left-padded batch of the grouped-query Llama; the others take "auto" (on CPU,
+    PyTorch's SDPA under our masks), quicker here, through the same registration."""
+    name = kernels.hf.register(f"lecture_{backend}", backend=backend)
+    ours, theirs = build(kind, name), build(kind, "sdpa")
+    ids, mask = padded_batch(side)
+    labels = ids.masked_fill(mask == 0, -100)  # padded positions are not trained on
+    got, want = (m(ids, attention_mask=mask, labels=labels) for m in (ours, theirs))
+    real = mask.bool()
+    torch.testing.assert_close(got.logits[real], want.logits[real], atol=2e-5, rtol=2e-5)
+    got.loss.backward()
+    want.loss.backward()
+    for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-5, rtol=2e-5, msg=n)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_greedy_generate_matches_sdpa(kind, cache):
+    """Greedy generation of a left-padded batch (as generate pads prompts), with a dynamic and a
+    static cache (whose empty slots the mask function cuts off): the same tokens, and scores
+    equal to rounding."""
+    name = kernels.hf.register()
+    ours, theirs = build(kind, name).eval(), build(kind, "sdpa").eval()
+    torch.manual_seed(2)
+    prompts = torch.randint(1, 61, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    options = dict(max_new_tokens=8, do_sample=False, attention_mask=mask, pad_token_id=0,
+                   output_scores=True, return_dict_in_generate=True)
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    got, want = (m.generate(prompts, **options) for m in (ours, theirs))
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_output_attentions_and_dropout_are_taken():
+    """output_attentions=True runs (no weights come back, as with "sdpa"), and training-mode
+    attention dropout reaches the kernel."""
+    name = kernels.hf.register()
+    model = build("llama", name, dropout=0.5)
+    ids, mask = padded_batch("right")
+    out = model.eval()(ids, attention_mask=mask, output_attentions=True)
+    assert out.logits.isfinite().all()
+    model.train()
+    torch.manual_seed(3)
+    a = model(ids).logits
+    torch.manual_seed(4)
+    assert not torch.equal(a, model(ids).logits)  # dropout draws differ
+
+
+def test_names_with_flash_are_refused():
+    with pytest.raises(ValueError, match="must not contain 'flash'"):
+        kernels.hf.register("my_flash")
