@@ -23,8 +23,9 @@ setup(
     entry_points={"console_scripts": ["lecture-flash-train = gpt.train:main",
                                       "lecture-flash-sample = gpt.sample:main"]},
     extras_require={
-        # transformers: tests/test_hf.py builds tiny models to check kernels.hf against.
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.53"],
+        # pytest-xdist: the suite runs on two processes (tests/conftest.py); transformers:
+        # tests/test_hf.py builds tiny models to check kernels.hf against.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "transformers>=4.53"],
         "hf": ["transformers>=4.53"],
         "plot": ["matplotlib"],
     },

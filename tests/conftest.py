@@ -14,8 +14,29 @@ if not torch.cuda.is_available():
 SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU, with the reason)")
+    _two_workers(config)
+
+
+def _two_workers(config):
+    """Run the suite on two processes (pytest-xdist, in the test extras) unless -n was given:
+    the interpreter is single-threaded Python, and this machine has two cores. Without xdist
+    (a GPU image that lacks it) the suite runs in one process as before."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not config.getoption("benchmark_only", False):
+        config.option.benchmark_skip = True  # as the controller (below): no warning per worker
+        return
+    if (not config.pluginmanager.hasplugin("xdist")
+            or config.getoption("numprocesses", None) is not None
+            or config.getoption("collectonly", False)
+            or config.getoption("benchmark_only", False)):  # timings want one process
+        return
+    config.option.numprocesses = 2
+    config.option.tx = ["popen"] * 2
+    config.option.benchmark_skip = True  # skipped anyway without --benchmark-only (below)
+    if config.option.dist == "no":
+        config.option.dist = "loadgroup"  # the compile checks stay on one worker (test_bench.py)
 
 
 COMPILE_CHECK = "test_kernels_compile_for_an_h100"  # tests/test_bench.py
@@ -41,6 +62,8 @@ def pytest_collection_modifyitems(config, items):
 def _start_compiles(request):
     """Start bench/compile_report.py's runs (tests/test_bench.py) now, if their checks are
     selected and can run: they compile on the second core while the other tests run."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # several workers: the one that runs the checks starts them (test_bench.py)
     for item in request.session.items:
         if getattr(item, "originalname", None) == COMPILE_CHECK:
             if item.module._can_compile_for_cuda():

@@ -159,6 +159,7 @@ def compile_reports():
 
 
 @pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
+@pytest.mark.xdist_group("compile_report")  # one worker starts and waits on the processes
 @pytest.mark.parametrize("name", list(COMPILES))
 def test_kernels_compile_for_an_h100(compile_reports, name):
     """The interpreter runs the kernels' logic but never compiles them: this does, for sm_90,
