@@ -114,7 +114,8 @@ class Batches:
     evaluation (which uses a separate generator) never disturbs the training stream.
     """
 
-    def __init__(self, data, block_size, batch_size, device="cpu", seed=1337, val_fraction=0.1):
+    def __init__(self, data, block_size, batch_size, device="cpu", seed=1337, val_fraction=0.1,
+                 rank=0, world_size=1):
         data = torch.as_tensor(data, dtype=torch.long)
         n = int((1 - val_fraction) * len(data))
         self.splits = {"train": data[:n], "val": data[n:]}
@@ -123,13 +124,19 @@ class Batches:
                 raise DataError(f"the {name} split has {len(split)} tokens, fewer than "
                                 f"block_size + 1 = {block_size + 1}; use more text or a smaller block")
         self.block_size, self.batch_size, self.device = block_size, batch_size, torch.device(device)
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def get(self, split, generator=None):
-        """(x, y): two (batch_size, block_size) tensors, y shifted by one, on the device."""
+        """(x, y): two (batch_size, block_size) tensors, y shifted by one, on the device. With
+        world_size processes (data-parallel training), every process draws the same
+        world_size * batch_size windows from its own generator, seeded alike, and keeps its
+        rank's share: together they train on what one process with world_size times the batch
+        would."""
         data = self.splits[split]
         g = generator if generator is not None else self.generator
-        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=g)
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size * self.world_size,), generator=g)
+        ix = ix[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         x = torch.stack([data[i:i + self.block_size] for i in ix])
         y = torch.stack([data[i + 1:i + self.block_size + 1] for i in ix])
         if self.device.type == "cuda":

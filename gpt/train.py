@@ -3,6 +3,12 @@
 
 Checkpoints (OUT_DIR/ckpt.pt) hold the model, optimizer, config, tokenizer, iteration and every
 random state, so --resume continues exactly where the run stopped.
+
+More than one GPU (or CPU process): torchrun --nproc_per_node=N -m gpt.train ... trains with
+DistributedDataParallel (NCCL on CUDA, gloo on CPU; several nodes through torchrun's usual
+--nnodes/--rdzv options). --batch-size is per process: N processes at batch B train on what one
+at N * B would. Rank 0 alone evaluates, logs and writes the checkpoint; --resume restores every
+rank.
 """
 import argparse
 import contextlib
@@ -138,10 +144,12 @@ def rng_state(batches):
             "data": batches.generator.get_state()}
 
 
-def set_rng_state(state, batches):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state, batches, own=True):
+    """Restore the data stream's generator, and with own (the state is this process's) torch's."""
+    if own:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
     batches.generator.set_state(state["data"])
 
 
@@ -182,8 +190,57 @@ def all_finite(model):
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
+class Distributed:
+    """This process's place in a torchrun job (rank, world_size, local_rank), or a single
+    process (rank 0 of 1). Data-parallel collectives go through torch.distributed."""
+
+    def __init__(self, device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        if self.world_size > 1:
+            if device.type == "cuda":  # one GPU per process, the local rank's
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def mean(self, value):
+        """A float's mean over the processes (a collective: every rank calls it)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.world_size
+
+    def gather(self, obj):
+        """Every rank's obj, in rank order, on every rank (a collective)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def train(args):
     device = check_args(args)
+    ddp = Distributed(device)
+    try:
+        return _train(args, ddp)
+    finally:
+        ddp.close()
+
+
+def _train(args, ddp):
+    device = ddp.device
     out_dir = prepare_out_dir(args.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     checkpoint.remove_stale_temporaries(ckpt_path)  # left by a write that was interrupted
@@ -196,10 +253,11 @@ def train(args):
         raise UsageError(f"{ckpt_path} already holds a checkpoint: --resume continues it, "
                          "--overwrite starts over")
     hp = resolve(args, ckpt)
+    say = print if ddp.main else (lambda *a, **k: None)  # rank 0 alone logs
     if device.type == "cpu" and args.preset == "lecture" and not args.resume:
-        print("note: the lecture preset takes hours on a CPU; --preset tiny trains in seconds",
-              flush=True)
-    torch.manual_seed(args.seed)
+        say("note: the lecture preset takes hours on a CPU; --preset tiny trains in seconds",
+            flush=True)
+    torch.manual_seed(args.seed + ddp.rank)  # dropout draws differ between processes
 
     text = load_text(args.data)
     tok = CharTokenizer.from_state_dict(ckpt["tokenizer"]) if ckpt else CharTokenizer.from_text(text)
@@ -207,7 +265,11 @@ def train(args):
         data = tok.encode(text)
     except ValueError as e:
         raise UsageError(f"the data does not fit the checkpoint's tokenizer: {e}") from None
-    batches = Batches(data, hp["block_size"], hp["batch_size"], device, seed=args.seed)
+    batches = Batches(data, hp["block_size"], hp["batch_size"], device, seed=args.seed,
+                      rank=ddp.rank, world_size=ddp.world_size)
+    # Rank 0 evaluates alone, on the batches one process would (world_size x batch_size).
+    eval_batches = batches if ddp.world_size == 1 else Batches(
+        data, hp["block_size"], hp["batch_size"] * ddp.world_size, device, seed=args.seed)
 
     try:
         cfg = GPTConfig(**{**ckpt["config"], "backend": args.backend}) if ckpt else GPTConfig(
@@ -222,13 +284,28 @@ def train(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = hp["lr"]
-        set_rng_state(ckpt["rng"], batches)
+        ranks = ckpt["rng"].get("ranks")  # per-process states of a data-parallel run
+        if ranks is not None and len(ranks) != ddp.world_size:
+            say(f"note: the checkpoint was written by {len(ranks)} processes, this run has "
+                f"{ddp.world_size}: the data stream continues exactly, dropout draws do not",
+                flush=True)
+        set_rng_state({**ckpt["rng"], **(ranks[ddp.rank] if ranks and len(ranks) == ddp.world_size
+                                         else {} if ranks else {})}, batches,
+                      own=ranks is None or len(ranks) == ddp.world_size)
         start = ckpt["iter"]
     saved_at = start if ckpt else None  # the iteration of the checkpoint on disk from this run
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}, "
-          f"{len(batches.splits['train'])} train tokens, starting at iter {start}", flush=True)
-    step_model = torch.compile(model) if args.compile else model
+    where = f"{ddp.world_size} processes" if ddp.world_size > 1 else f"device {device}"
+    say(f"{n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {where}, "
+        f"{len(batches.splits['train'])} train tokens, starting at iter {start}", flush=True)
+    step_model = model
+    if ddp.world_size > 1:  # gradients averaged over the processes in the backward
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(step_model) if args.compile else step_model
+    # Evaluation runs on rank 0 alone, so never through DDP (whose forward syncs buffers).
+    eval_model = step_model if ddp.world_size == 1 else (
+        torch.compile(model) if args.compile else model)
     amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
@@ -238,21 +315,30 @@ def train(args):
         raise Diverged(f"{what} at iteration {it}: stopped, {kept} (a smaller --lr may help)")
 
     def save(it):
+        """Every rank calls it (their random states are gathered); rank 0 writes."""
+        rng = rng_state(batches)
+        ranks = ddp.gather({"torch": rng["torch"], "cuda": rng["cuda"]})
+        if not ddp.main:
+            return
         if not all_finite(model):
             stop_if_diverged(it, "the weights are not finite")
+        if ddp.world_size > 1:
+            rng["ranks"] = ranks
         checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "backend"},
-            "iter": it, "tokenizer": tok.state_dict(), "rng": rng_state(batches),
-            "train_args": hp})
+            "iter": it, "tokenizer": tok.state_dict(), "rng": rng, "train_args": hp})
         nonlocal saved_at
         saved_at = it
 
-    bar = None if args.no_progress else tqdm(total=hp["max_iters"], initial=start, unit="it",
-                                             dynamic_ncols=True)
+    bar = None if args.no_progress or not ddp.main else tqdm(
+        total=hp["max_iters"], initial=start, unit="it", dynamic_ncols=True)
 
     def evaluate(it):
-        losses = estimate_loss(step_model, batches, hp["eval_iters"], args.seed + 1, autocast,
+        """Rank 0's estimate (the other ranks go on to the next step and wait for it there)."""
+        if not ddp.main:
+            return None
+        losses = estimate_loss(eval_model, eval_batches, hp["eval_iters"], args.seed + 1, autocast,
                                progress=bar is not None)
         msg = f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if bar is None:
@@ -263,7 +349,7 @@ def train(args):
             stop_if_diverged(it, "the loss is not finite")
         return losses
 
-    tokens_per_step = hp["batch_size"] * hp["block_size"]
+    tokens_per_step = hp["batch_size"] * hp["block_size"] * ddp.world_size
     t0, done = time.perf_counter(), 0
     for it in range(start, hp["max_iters"]):
         if it % hp["eval_interval"] == 0 and (it != start or start == 0):
@@ -278,7 +364,7 @@ def train(args):
         optimizer.step()
         done += 1
         if done % 10 == 0 or it + 1 == hp["max_iters"]:  # .item() waits for the GPU: not every step
-            value = loss.item()
+            value = ddp.mean(loss.item())  # the same on every rank, so all stop together
             if not math.isfinite(value):
                 stop_if_diverged(it + 1, f"the loss is {value}")
             rate = done * tokens_per_step / (time.perf_counter() - t0)
@@ -294,11 +380,11 @@ def train(args):
         bar.close()
     if done:
         rate = done * tokens_per_step / (time.perf_counter() - t0)
-        print(f"{done} steps, {rate:,.0f} tokens/s", flush=True)
+        say(f"{done} steps, {rate:,.0f} tokens/s", flush=True)
     losses = evaluate(hp["max_iters"])
     save(hp["max_iters"])
-    print(f"checkpoint written to {ckpt_path}", flush=True)
-    if args.sample_tokens > 0:
+    say(f"checkpoint written to {ckpt_path}", flush=True)
+    if args.sample_tokens > 0 and ddp.main:
         g = torch.Generator(device=device).manual_seed(args.seed)
         model.eval()
         idx = torch.zeros((1, 1), dtype=torch.long, device=device)

@@ -28,6 +28,7 @@ def quick_report(tmp_path_factory):
     return r, out
 
 
+@pytest.mark.xdist_group("quick_bench")  # one bench run, on one worker
 def test_quick_bench_writes_the_schema(quick_report):
     r, out = quick_report
     assert "== attention" in r.stdout and "== gpt_train" in r.stdout and "== generate" in r.stdout
@@ -56,6 +57,7 @@ def test_quick_bench_writes_the_schema(quick_report):
     assert csv_lines[0].startswith("section,impl,key,metric,value") and len(csv_lines) > 10
 
 
+@pytest.mark.xdist_group("quick_bench")  # one bench run, on one worker
 def test_quick_bench_output_reads_plainly_on_a_cpu(quick_report):
     """What cannot run on a CPU is said once per section, not as a failure on every line; no
     TFLOP/s or MFU columns of zeros; the CPU model is named; the run ends with verdict lines."""
@@ -72,6 +74,7 @@ def test_quick_bench_output_reads_plainly_on_a_cpu(quick_report):
     assert "attention:" in r.stderr  # the progress bar
 
 
+@pytest.mark.xdist_group("quick_bench")  # one bench run, on one worker
 def test_profile_flag_writes_where_the_step_time_goes(quick_report):
     _, out = quick_report
     rows = [row for row in json.loads((out / "results.json").read_text())["gpt_train"] if "ms_per_iter" in row]

@@ -1,0 +1,98 @@
+"""Data-parallel training (torchrun + DistributedDataParallel) on CPU: two gloo processes."""
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import checkpoint
+from gpt import train as train_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny preset, no dropout unless a test adds it, a few steps: every process's share counts.
+RUN = ["--preset", "tiny", "--max-iters", "8", "--eval-interval", "4", "--eval-iters", "2",
+       "--sample-tokens", "0", "--no-progress", "--device", "cpu"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_gloo_available(),
+                                reason="this torch has no gloo backend")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(text_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPT_DATA": str(text_path), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the model's attention runs PyTorch's SDPA on CPU anyway
+    return env
+
+
+def torchrun(text_path, *argv, nproc=2):
+    """python -m torch.distributed.run --nproc_per_node=nproc -m gpt.train ARGV; its stdout."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                        "--master_port", str(_free_port()), "-m", "gpt.train", *map(str, argv)],
+                       env=_env(text_path), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def ranks(text_path, *argv, nproc=2):
+    """The processes torchrun would start, started here with its environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, ...), without its agent process: a few seconds less per run."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "gpt.train", *map(str, argv)], cwd=ROOT,
+                              env={**_env(text_path), "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(nproc)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return outs[0][0]
+
+
+def eval_losses(stdout):
+    return [(int(a), float(b), float(c)) for a, b, c in
+            re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", stdout)]
+
+
+def weights(out_dir):
+    return checkpoint.load_train_checkpoint(Path(out_dir) / "ckpt.pt")["model"]
+
+
+def test_two_processes_at_batch_b_train_as_one_at_2b(text_path, tmp_path, capsys):
+    """DDP over 2 gloo processes at batch 4 against one process at batch 8: the same loss
+    curve (rank 0's evaluations, logged once) and the same weights, within float tolerance."""
+    out = torchrun(text_path, *RUN, "--batch-size", "4", "--out-dir", tmp_path / "ddp")
+    train_cli.main([*RUN, "--batch-size", "8", "--data", str(text_path), "--out-dir",
+                    str(tmp_path / "one")])
+    one = capsys.readouterr().out
+    assert "2 processes" in out and out.count("step 8:") == 1  # rank 0 alone logs
+    ddp_curve, one_curve = eval_losses(out), eval_losses(one)
+    assert [s for s, _, _ in ddp_curve] == [0, 4, 8] == [s for s, _, _ in one_curve]
+    for (_, a, b), (_, c, d) in zip(ddp_curve, one_curve):
+        assert abs(a - c) < 2e-4 and abs(b - d) < 2e-4, (ddp_curve, one_curve)
+    got, want = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(text_path, tmp_path):
+    """With dropout (each process its own draws): 8 steps straight, against 4 steps then
+    --resume to 8. Every rank's random state comes back from the checkpoint, so the weights
+    are bitwise the same."""
+    run = [*RUN, "--batch-size", "4", "--dropout", "0.2"]
+    ranks(text_path, *run, "--out-dir", tmp_path / "straight")
+    ranks(text_path, *run, "--max-iters", "4", "--out-dir", tmp_path / "resumed")
+    ranks(text_path, *run, "--resume", "--out-dir", tmp_path / "resumed")
+    got, want = weights(tmp_path / "resumed"), weights(tmp_path / "straight")
+    assert all(torch.equal(got[name], want[name]) for name in want)
