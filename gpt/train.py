@@ -28,10 +28,12 @@ from kernels.validation import BACKENDS
 
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
-from .model import GPT, PRESETS, GPTConfig
+from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
-TRAIN_KEYS = ("batch_size", "lr", "max_iters", "eval_interval", "eval_iters")
+TRAIN_KEYS = ("batch_size", "lr", "max_iters", "eval_interval", "eval_iters", "warmup_iters",
+              "min_lr", "beta2", "weight_decay", "target_loss")
+FLOAT_KEYS = ("dropout", "lr", "min_lr", "beta2", "weight_decay", "target_loss")
 
 
 class UsageError(Exception):
@@ -56,21 +58,24 @@ def parse_args(argv=None):
                         "gpt.py: hours on a CPU; tiny trains in seconds)")
     p.add_argument("--data", help="training text (default: $GPT_DATA, else Tiny Shakespeare)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16 runs the model under autocast")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="bfloat16 runs the model under autocast (default float32; the speedrun "
+                        "preset's bfloat16 on CUDA)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out-dir", default="out")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     start.add_argument("--overwrite", action="store_true",
                        help="start over even if OUT_DIR/ckpt.pt exists (it is replaced at the first save)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default off; on for the speedrun preset on CUDA)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend")
     p.add_argument("--sample-tokens", type=int, default=300, help="characters sampled at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for key in MODEL_KEYS + TRAIN_KEYS:  # None = take it from the checkpoint or the preset
-        kind = float if key in ("dropout", "lr") else int
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
+        kind = float if key in FLOAT_KEYS else int
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
+                       help=TRAIN_HELP.get(key))
     return p.parse_args(argv)
 
 
@@ -81,15 +86,21 @@ def _flag(key):
 def check_args(args):
     """The command line's own values, before anything is loaded or built."""
     at_least = dict(batch_size=1, block_size=1, n_embd=1, n_head=1, n_layer=1, max_iters=0,
-                    eval_interval=1, eval_iters=1)
+                    eval_interval=1, eval_iters=1, warmup_iters=0, weight_decay=0.0)
     for key, low in at_least.items():
         value = getattr(args, key)
         if value is not None and value < low:
             raise UsageError(f"{_flag(key)} must be at least {low}, got {value}")
     if args.sample_tokens < 0:
         raise UsageError(f"--sample-tokens must be at least 0, got {args.sample_tokens}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
+    for key in ("lr", "min_lr"):
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{_flag(key)} must be a positive finite number, got {value}")
+    if args.beta2 is not None and not 0.0 <= args.beta2 < 1.0:
+        raise UsageError(f"--beta2 must be in [0, 1), got {args.beta2}")
+    if args.target_loss is not None and not math.isfinite(args.target_loss):
+        raise UsageError(f"--target-loss must be a finite number, got {args.target_loss}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     return device_of(args.device)
@@ -111,7 +122,36 @@ def device_of(name):
 def preset_settings(name):
     """Every hyperparameter of a preset (gpt/model.py's PRESETS): model shape and training run."""
     cfg = GPTConfig.from_preset(name)
-    return {**{k: getattr(cfg, k) for k in MODEL_KEYS}, **PRESETS[name]["train"]}
+    return {**{k: getattr(cfg, k) for k in MODEL_KEYS}, **TRAIN_DEFAULTS, **PRESETS[name]["train"]}
+
+
+TRAIN_HELP = {
+    "warmup_iters": "steps of linear lr warm-up (default 0)",
+    "min_lr": "cosine-decay the lr to this by --max-iters (default: constant lr)",
+    "beta2": "AdamW's beta2 (default 0.999)",
+    "weight_decay": "AdamW's weight decay (default 0.01)",
+    "target_loss": "stop once an evaluation's val loss is at most this, and say how long it took",
+}
+
+
+def lr_at(it, hp):
+    """The learning rate of step `it`: linear warm-up over warmup_iters, then constant, or with
+    min_lr a cosine decay from lr to min_lr at max_iters (nanoGPT's schedule)."""
+    lr, warmup = hp["lr"], hp["warmup_iters"]
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    if hp["min_lr"] is None:
+        return lr
+    span = max(hp["max_iters"] - warmup, 1)
+    done = min(max(it - warmup, 0) / span, 1.0)
+    return hp["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * done)) * (lr - hp["min_lr"])
+
+
+def run_settings(args, device):
+    """(dtype, compile): the flags, else the preset's defaults on CUDA, else float32, eager."""
+    run = PRESETS[args.preset].get("run", {}) if device.type == "cuda" else {}
+    dtype = args.dtype or run.get("dtype", "float32")
+    return dtype, args.compile if args.compile is not None else run.get("compile", False)
 
 
 def resolve(args, ckpt):
@@ -240,6 +280,7 @@ def train(args):
 
 
 def _train(args, ddp):
+    t_start = time.perf_counter()  # the speedrun's clock: data, model, compile and training
     device = ddp.device
     out_dir = prepare_out_dir(args.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
@@ -277,7 +318,9 @@ def _train(args, ddp):
     except ValueError as e:  # e.g. --n-embd not divisible by --n-head
         raise UsageError(str(e)) from None
     model = GPT(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, hp["beta2"]),
+                                  weight_decay=hp["weight_decay"],
+                                  fused=True if device.type == "cuda" else None)
     start = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -302,11 +345,12 @@ def _train(args, ddp):
     if ddp.world_size > 1:  # gradients averaged over the processes in the backward
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(step_model) if args.compile else step_model
+    dtype, compile_model = run_settings(args, device)
+    step_model = torch.compile(step_model) if compile_model else step_model
     # Evaluation runs on rank 0 alone, so never through DDP (whose forward syncs buffers).
     eval_model = step_model if ddp.world_size == 1 else (
-        torch.compile(model) if args.compile else model)
-    amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+        torch.compile(model) if compile_model else model)
+    amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     def stop_if_diverged(it, what):
@@ -349,13 +393,32 @@ def _train(args, ddp):
             stop_if_diverged(it, "the loss is not finite")
         return losses
 
+    def reached(it, losses):
+        """Whether the target loss is reached (decided on rank 0, the same on every rank)."""
+        target = hp["target_loss"]
+        if target is None:
+            return False
+        hit = ddp.main and losses["val"] <= target
+        if ddp.mean(float(hit)) == 0.0:
+            return False
+        say(f"reached val loss {losses['val']:.4f} <= {target} at step {it}: "
+            f"{time.perf_counter() - t_start:.1f} s from the start (compile included)", flush=True)
+        return True
+
+    scheduled = hp["warmup_iters"] > 0 or hp["min_lr"] is not None
     tokens_per_step = hp["batch_size"] * hp["block_size"] * ddp.world_size
-    t0, done = time.perf_counter(), 0
+    t0, done, stopped = time.perf_counter(), 0, None
     for it in range(start, hp["max_iters"]):
         if it % hp["eval_interval"] == 0 and (it != start or start == 0):
-            evaluate(it)  # a resumed run was evaluated at `start` before it stopped
+            losses = evaluate(it)  # a resumed run was evaluated at `start` before it stopped
             if it > 0:
                 save(it)
+            if reached(it, losses):
+                stopped = it
+                break
+        if scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, hp)
         x, y = batches.get("train")
         with autocast():
             _, loss = step_model(x, y)
@@ -381,8 +444,12 @@ def _train(args, ddp):
     if done:
         rate = done * tokens_per_step / (time.perf_counter() - t0)
         say(f"{done} steps, {rate:,.0f} tokens/s", flush=True)
-    losses = evaluate(hp["max_iters"])
-    save(hp["max_iters"])
+    if stopped is None:
+        losses = evaluate(hp["max_iters"])
+        save(hp["max_iters"])
+        if hp["target_loss"] is not None and not reached(hp["max_iters"], losses):
+            say(f"the val loss did not reach {hp['target_loss']} in {hp['max_iters']} steps",
+                flush=True)
     say(f"checkpoint written to {ckpt_path}", flush=True)
     if args.sample_tokens > 0 and ddp.main:
         g = torch.Generator(device=device).manual_seed(args.seed)

@@ -87,10 +87,10 @@ def test_two_processes_at_batch_b_train_as_one_at_2b(text_path, tmp_path, capsys
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(text_path, tmp_path):
-    """With dropout (each process its own draws): 8 steps straight, against 4 steps then
-    --resume to 8. Every rank's random state comes back from the checkpoint, so the weights
-    are bitwise the same."""
-    run = [*RUN, "--batch-size", "4", "--dropout", "0.2"]
+    """With dropout (each process its own draws) and an lr schedule: 8 steps straight, against
+    4 steps then --resume to 8. Every rank's random state comes back from the checkpoint, so
+    the weights are bitwise the same."""
+    run = [*RUN, "--batch-size", "4", "--dropout", "0.2", "--warmup-iters", "3", "--min-lr", "1e-4"]
     ranks(text_path, *run, "--out-dir", tmp_path / "straight")
     ranks(text_path, *run, "--max-iters", "4", "--out-dir", tmp_path / "resumed")
     ranks(text_path, *run, "--resume", "--out-dir", tmp_path / "resumed")

@@ -108,7 +108,10 @@ def test_presets_are_one_table_for_model_train_and_bench():
     assert GPTConfig.from_preset("lecture") == GPTConfig()  # the lecture's final gpt.py
     small = GPTConfig.from_preset("small", vocab_size=80)
     assert (small.block_size, small.n_embd, small.n_head, small.n_layer, small.vocab_size) == (32, 64, 4, 4, 80)
-    assert preset_settings("tiny") == {**PRESETS["tiny"]["model"], **PRESETS["tiny"]["train"]}
+    from gpt.model import TRAIN_DEFAULTS
+    assert preset_settings("tiny") == {**PRESETS["tiny"]["model"], **TRAIN_DEFAULTS,
+                                       **PRESETS["tiny"]["train"]}
+    assert GPTConfig.from_preset("speedrun") == GPTConfig()  # the lecture's model: its checkpoints
     assert preset_settings("lecture")["n_embd"] == 384 and preset_settings("lecture")["batch_size"] == 64
     with pytest.raises(ValueError, match="preset must be one of"):
         GPTConfig.from_preset("huge")

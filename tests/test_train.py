@@ -134,6 +134,10 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, text_path):
     (["--eval-iters", "-1"], "--eval-iters must be at least 1"),
     (["--max-iters", "-5"], "--max-iters must be at least 0"),
     (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--min-lr", "0"], "--min-lr must be a positive finite number"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1)"),
+    (["--warmup-iters", "-1"], "--warmup-iters must be at least 0"),
+    (["--target-loss", "nan"], "--target-loss must be a finite number"),
     (["--device", "bogus"], "--device 'bogus' is not a device"),
     (["--n-embd", "30", "--n-head", "4"], "must be divisible"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -188,7 +192,7 @@ def test_help_shows_the_presets_and_their_default(capsys):
     with pytest.raises(SystemExit):
         train_main(["--help"])
     out = capsys.readouterr().out
-    assert "{lecture,small,tiny}" in out and "default: lecture" in out
+    assert "{lecture,small,speedrun,tiny}" in out and "default: lecture" in out
 
 
 def test_a_newcomer_on_a_cpu_is_told_what_to_expect(tmp_path, text_path, capsys):
@@ -201,3 +205,31 @@ def test_a_newcomer_on_a_cpu_is_told_what_to_expect(tmp_path, text_path, capsys)
     out = capsys.readouterr().out
     assert "note: the lecture preset takes hours on a CPU; --preset tiny trains in seconds" in out
     assert "min of training to go" in out
+
+
+def test_learning_rate_schedule():
+    """Linear warm-up, then constant, or with min_lr nanoGPT's cosine decay to min_lr."""
+    from gpt.train import lr_at
+    hp = dict(lr=1e-3, warmup_iters=10, min_lr=1e-4, max_iters=110)
+    assert lr_at(0, hp) == pytest.approx(1e-4) and lr_at(9, hp) == pytest.approx(1e-3)
+    assert lr_at(10, hp) == pytest.approx(1e-3) and lr_at(60, hp) == pytest.approx(5.5e-4)
+    assert lr_at(110, hp) == pytest.approx(1e-4) and lr_at(500, hp) == pytest.approx(1e-4)
+    assert lr_at(50, {**hp, "min_lr": None}) == 1e-3 and lr_at(0, {**hp, "warmup_iters": 0,
+                                                                   "min_lr": None}) == 1e-3
+
+
+def test_speedrun_stops_at_its_target_and_says_how_long_it_took(tmp_path, text_path, capsys):
+    """The speedrun preset's logic at a tiny size (its real run wants a GPU): the schedule, the
+    stop at the first evaluation whose val loss reaches the target, the wall time from the
+    start, and a checkpoint of the step it stopped at."""
+    train_main(["--preset", "speedrun", "--n-embd", "32", "--n-head", "2", "--n-layer", "2",
+                "--block-size", "32", "--batch-size", "8", "--warmup-iters", "5", "--lr", "3e-3",
+                "--max-iters", "400", "--eval-interval", "25", "--eval-iters", "4",
+                "--target-loss", "3.0", "--data", str(text_path), "--out-dir", str(tmp_path),
+                "--no-progress", "--sample-tokens", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "reached val loss" in out and "s from the start (compile included)" in out, out
+    step = int(out.split("reached val loss")[1].split("at step ")[1].split(":")[0])
+    assert 0 < step < 400 and step % 25 == 0
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == step and saved["train_args"]["target_loss"] == 3.0
