@@ -17,8 +17,8 @@ also lists the Triton autotuner's choices, with each timed config's median ("aut
 what backend="auto" measured and chose per class of calls ("auto", kernels/auto.py).
 
 Sections (one module each, each a registry of implementations): bench/attention.py,
-bench/varlen.py (packed documents), bench/train.py (gpt_train), bench/generate.py; what they
-share is in bench/harness.py.
+bench/varlen.py (packed documents), bench/train.py (gpt_train), bench/generate.py,
+bench/speedrun.py (GPU only); what they share is in bench/harness.py.
 """
 import argparse
 import datetime
@@ -33,15 +33,17 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from bench import attention, generate, harness, train, varlen  # noqa: E402
+from bench import attention, generate, harness, speedrun, train, varlen  # noqa: E402
 import kernels  # noqa: E402
 from kernels import default_device  # noqa: E402
 
 # Section name -> module with run(opts, rows, save), print_table(rows, opts) and verdict(rows,
 # opts) (plain summary lines), in the report's order.
-SECTIONS = {"attention": attention, "varlen": varlen, "gpt_train": train, "generate": generate}
-# The short sections run first, so a run cut short in the long attention grid still has them.
-RUN_ORDER = ("gpt_train", "generate", "varlen", "attention")
+SECTIONS = {"attention": attention, "varlen": varlen, "gpt_train": train, "generate": generate,
+            "speedrun": speedrun}
+# The short sections run first, so a run cut short in the long attention grid still has them
+# (the speedrun, minutes on a GPU and skipped elsewhere, last).
+RUN_ORDER = ("gpt_train", "generate", "varlen", "attention", "speedrun")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -270,16 +270,19 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
-def train(args):
+def train(args, build_model=GPT, report=None):
+    """Train as the command line says; (model, the last evaluation's losses on rank 0).
+    build_model(cfg) -> the model (bench/speedrun.py passes nanoGPT-style attention); report, a
+    dict, gets "target_step", "target_seconds" and "target_val" where the target was reached."""
     device = check_args(args)
     ddp = Distributed(device)
     try:
-        return _train(args, ddp)
+        return _train(args, ddp, build_model, {} if report is None else report)
     finally:
         ddp.close()
 
 
-def _train(args, ddp):
+def _train(args, ddp, build_model, report):
     t_start = time.perf_counter()  # the speedrun's clock: data, model, compile and training
     device = ddp.device
     out_dir = prepare_out_dir(args.out_dir)
@@ -317,7 +320,7 @@ def _train(args, ddp):
             vocab_size=tok.vocab_size, backend=args.backend, **{k: hp[k] for k in MODEL_KEYS})
     except ValueError as e:  # e.g. --n-embd not divisible by --n-head
         raise UsageError(str(e)) from None
-    model = GPT(cfg).to(device)
+    model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, hp["beta2"]),
                                   weight_decay=hp["weight_decay"],
                                   fused=True if device.type == "cuda" else None)
@@ -401,8 +404,10 @@ def _train(args, ddp):
         hit = ddp.main and losses["val"] <= target
         if ddp.mean(float(hit)) == 0.0:
             return False
+        seconds = time.perf_counter() - t_start
+        report.update(target_step=it, target_seconds=seconds, target_val=losses and losses["val"])
         say(f"reached val loss {losses['val']:.4f} <= {target} at step {it}: "
-            f"{time.perf_counter() - t_start:.1f} s from the start (compile included)", flush=True)
+            f"{seconds:.1f} s from the start (compile included)", flush=True)
         return True
 
     scheduled = hp["warmup_iters"] > 0 or hp["min_lr"] is not None

@@ -193,3 +193,25 @@ def test_benchmark_generate(benchmark):
     idx = torch.zeros(1, 1, dtype=torch.long)
     out = benchmark(lambda: model.generate(idx, 64, seed=0))
     assert out.shape == (1, 65)
+
+
+def test_speedrun_section_times_both_models_to_the_target(monkeypatch, text_path, capsys):
+    """bench/speedrun.py's run on a CPU at a tiny size (its real run wants a GPU): gpt.train
+    trains our model and the nanoGPT-style one to the target, and the section reports the wall
+    time, steps and val loss of each, with a verdict line."""
+    import types
+    sys.path.insert(0, str(ROOT))
+    from bench import speedrun
+    monkeypatch.setenv("GPT_DATA", str(text_path))
+    monkeypatch.setattr(speedrun, "ARGV", ["--preset", "speedrun", "--n-embd", "32", "--n-head", "2",
+                                           "--n-layer", "2", "--block-size", "32", "--batch-size", "8",
+                                           "--lr", "3e-3", "--warmup-iters", "5", "--max-iters", "300",
+                                           "--eval-interval", "25", "--eval-iters", "4"])
+    monkeypatch.setattr(speedrun, "TARGET", 3.0)
+    opts, rows = types.SimpleNamespace(device=torch.device("cpu")), []
+    speedrun.run(opts, rows, lambda: None)
+    assert [r["impl"] for r in rows] == ["project", "sdpa-batched"]
+    assert all(r["seconds"] > 0 and 0 < r["steps"] < 300 and r["val"] <= 3.0 for r in rows), rows
+    speedrun.print_table(rows, opts)
+    assert "to val loss 3.0" in capsys.readouterr().out
+    assert speedrun.verdict(rows, opts)[0].startswith("speedrun: project reaches val loss 3.0 in")
