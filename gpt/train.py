@@ -28,6 +28,7 @@ from kernels.validation import BACKENDS
 
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
+from .step import TrainStep, capturable_adamw, set_lr
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -69,6 +70,9 @@ def parse_args(argv=None):
                        help="start over even if OUT_DIR/ckpt.pt exists (it is replaced at the first save)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default off; on for the speedrun preset on CUDA)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the whole training step (forward, backward, AdamW) in a CUDA "
+                        "graph and replay it (default: on with --compile on CUDA, one process)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend")
     p.add_argument("--sample-tokens", type=int, default=300, help="characters sampled at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,7 +107,13 @@ def check_args(args):
         raise UsageError(f"--target-loss must be a finite number, got {args.target_loss}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-    return device_of(args.device)
+    device = device_of(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if args.cuda_graphs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--cuda-graphs: a data-parallel step is not captured yet; leave it out "
+                         "under torchrun")
+    return device
 
 
 def device_of(name):
@@ -147,11 +157,17 @@ def lr_at(it, hp):
     return hp["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * done)) * (lr - hp["min_lr"])
 
 
-def run_settings(args, device):
-    """(dtype, compile): the flags, else the preset's defaults on CUDA, else float32, eager."""
+def run_settings(args, device, world_size=1):
+    """(dtype, compile, cuda_graphs): the flags, else the preset's defaults on CUDA, else
+    float32, eager. CUDA graphs default to on with compile on CUDA in one process (a
+    data-parallel step is not captured yet)."""
     run = PRESETS[args.preset].get("run", {}) if device.type == "cuda" else {}
     dtype = args.dtype or run.get("dtype", "float32")
-    return dtype, args.compile if args.compile is not None else run.get("compile", False)
+    compile_model = args.compile if args.compile is not None else run.get("compile", False)
+    graphs = args.cuda_graphs  # checked in check_args
+    if graphs is None:
+        graphs = compile_model and device.type == "cuda" and world_size == 1
+    return dtype, compile_model, graphs
 
 
 def resolve(args, ckpt):
@@ -321,15 +337,18 @@ def _train(args, ddp, build_model, report):
     except ValueError as e:  # e.g. --n-embd not divisible by --n-head
         raise UsageError(str(e)) from None
     model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, hp["beta2"]),
-                                  weight_decay=hp["weight_decay"],
-                                  fused=True if device.type == "cuda" else None)
+    dtype, compile_model, graphs = run_settings(args, device, ddp.world_size)
+    adamw = capturable_adamw if graphs else (lambda params, device, **o: torch.optim.AdamW(
+        params, fused=True if device.type == "cuda" else None, **o))
+    optimizer = adamw(model.parameters(), device, lr=hp["lr"], betas=(0.9, hp["beta2"]),
+                      weight_decay=hp["weight_decay"])
     start = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = hp["lr"]
+        for group in optimizer.param_groups:  # a tensor where the step is captured
+            group["lr"] = (torch.tensor(float(hp["lr"]), device=device) if graphs
+                           else float(hp["lr"]))
         ranks = ckpt["rng"].get("ranks")  # per-process states of a data-parallel run
         if ranks is not None and len(ranks) != ddp.world_size:
             say(f"note: the checkpoint was written by {len(ranks)} processes, this run has "
@@ -348,13 +367,15 @@ def _train(args, ddp, build_model, report):
     if ddp.world_size > 1:  # gradients averaged over the processes in the backward
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    dtype, compile_model = run_settings(args, device)
     step_model = torch.compile(step_model) if compile_model else step_model
     # Evaluation runs on rank 0 alone, so never through DDP (whose forward syncs buffers).
     eval_model = step_model if ddp.world_size == 1 else (
         torch.compile(model) if compile_model else model)
     amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # (A captured step must not keep autocast's cache of cast weights between replays.)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not graphs)
+                ) if amp_dtype else contextlib.nullcontext
+    train_step = TrainStep(step_model, optimizer, autocast, graphs)
 
     def stop_if_diverged(it, what):
         kept = (f"kept the checkpoint of iteration {saved_at} in {ckpt_path}" if saved_at is not None
@@ -422,14 +443,9 @@ def _train(args, ddp, build_model, report):
                 stopped = it
                 break
         if scheduled:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, hp)
+            set_lr(optimizer, lr_at(it, hp))
         x, y = batches.get("train")
-        with autocast():
-            _, loss = step_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(x, y)
         done += 1
         if done % 10 == 0 or it + 1 == hp["max_iters"]:  # .item() waits for the GPU: not every step
             value = ddp.mean(loss.item())  # the same on every rank, so all stop together

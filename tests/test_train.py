@@ -1,5 +1,4 @@
 """Training, checkpoints, exact resume, and the command lines, run as a user runs them."""
-import os
 import signal
 import subprocess
 import sys
@@ -139,6 +138,7 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, text_path):
     (["--warmup-iters", "-1"], "--warmup-iters must be at least 0"),
     (["--target-loss", "nan"], "--target-loss must be a finite number"),
     (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs a CUDA device, got cpu"),
     (["--n-embd", "30", "--n-head", "4"], "must be divisible"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_bad_values_are_refused_in_one_line(tmp_path, text_path, extra, words):
@@ -233,3 +233,22 @@ def test_speedrun_stops_at_its_target_and_says_how_long_it_took(tmp_path, text_p
     assert 0 < step < 400 and step % 25 == 0
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert saved["iter"] == step and saved["train_args"]["target_loss"] == 3.0
+
+
+@pytest.mark.gpu
+def test_captured_training_step_trains_as_the_eager_one(tmp_path, text_path):
+    """--cuda-graphs (the whole step, AdamW included, captured once and replayed): the weights
+    of 12 steps with a warm-up and cosine schedule as the eager loop gives them (to float
+    rounding: the captured AdamW keeps its lr and step count on the device), and a run split by
+    --resume ends bitwise where the captured run straight through ends."""
+    common = [*TINY, "--data", str(text_path), "--device", "cuda", "--eval-interval", "6",
+              "--warmup-iters", "3", "--min-lr", "1e-4", "--max-iters", "12", "--sample-tokens", "0"]
+    train_main([*common, "--out-dir", str(tmp_path / "eager"), "--no-cuda-graphs"])
+    train_main([*common, "--out-dir", str(tmp_path / "graph"), "--cuda-graphs"])
+    train_main([*common, "--out-dir", str(tmp_path / "split"), "--cuda-graphs", "--max-iters", "6"])
+    train_main([*common, "--out-dir", str(tmp_path / "split"), "--cuda-graphs", "--resume"])
+    eager, graph, split = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
+                           for d in ("eager", "graph", "split"))
+    for name in eager:
+        torch.testing.assert_close(graph[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(split[name], graph[name]), name

@@ -1,0 +1,81 @@
+"""One training step (forward, backward, optimizer step) as gpt.train runs it: eagerly, or on
+CUDA captured once in a CUDA graph and replayed, so that a step costs one launch of the host's
+time instead of hundreds (the lecture's 10.8M-parameter model is bound by launches, not by the
+GPU).
+
+Captured, the step works on static tensors: the batch is copied into fixed input buffers, the
+gradients are zeroed inside the graph (kept allocated, never set to None), the optimizer is
+AdamW with capturable=True (its step count and learning rate live on the device: the schedule
+writes the lr tensor before each replay), and the loss comes back in a fixed device tensor that
+nothing reads unless asked (no host sync per step). Random draws inside the graph (dropout,
+the attention kernel's dropout seed) come from PyTorch's graph-safe generator: each replay
+draws anew.
+"""
+import torch
+
+# Eager steps run before the capture, on a side stream, as PyTorch's CUDA-graph notes ask (lazy
+# initialisation, cuBLAS workspaces, the Triton kernels' autotuning and launch plans). They are
+# real training steps, counted as such.
+WARMUP_STEPS = 3
+
+
+def capturable_adamw(params, device, **options):
+    """AdamW as the captured step needs it on CUDA (fused and capturable, its lr a device
+    tensor); plain elsewhere."""
+    if device.type != "cuda":
+        return torch.optim.AdamW(params, **options)
+    options["lr"] = torch.tensor(float(options["lr"]), device=device)
+    return torch.optim.AdamW(params, fused=True, capturable=True, **options)
+
+
+def set_lr(optimizer, lr):
+    """Write lr into every param group, in place where it is a device tensor (a captured graph
+    reads that tensor)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class TrainStep:
+    """step(x, y) -> the loss (a device tensor): zero the gradients, forward under autocast,
+    backward, optimizer step. With graphs (CUDA only), the first WARMUP_STEPS run eagerly on a
+    side stream, the next one is captured, and every later one is a replay."""
+
+    def __init__(self, model, optimizer, autocast, graphs=False):
+        self.model, self.optimizer, self.autocast = model, optimizer, autocast
+        self.graphs = graphs
+        self.done = 0
+        self.graph = self.x = self.y = self.loss = None
+
+    def _step(self, x, y, set_to_none):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        with self.autocast():
+            _, loss = self.model(x, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def __call__(self, x, y):
+        if not self.graphs:
+            return self._step(x, y, set_to_none=True)
+        if self.graph is None and self.done < WARMUP_STEPS:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                loss = self._step(x, y, set_to_none=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.done += 1
+            return loss
+        if self.graph is None:
+            self.x, self.y = x.clone(), y.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step(self.x, self.y, set_to_none=False)
+        else:
+            self.x.copy_(x, non_blocking=True)
+            self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        self.done += 1
+        return self.loss
