@@ -20,15 +20,19 @@ def pytest_configure(config):
     _two_workers(config)
 
 
+_LOADGROUP = "LECTURE_FLASH_TESTS_LOADGROUP"
+
+
 def _two_workers(config):
     """Run the suite on two processes (pytest-xdist, in the test extras) unless -n was given:
     the interpreter is single-threaded Python, and this machine has two cores. Without xdist
     (a GPU image that lacks it) the suite runs in one process as before."""
     if os.environ.get("PYTEST_XDIST_WORKER") and not config.getoption("benchmark_only", False):
         config.option.benchmark_skip = True  # as the controller (below): no warning per worker
-        # One thread per worker: two workers with two threads each on two cores spent a third
-        # of their CPU time in OpenMP's spin-waiting (14 min of CPU for a 7.8 min run).
-        torch.set_num_threads(1)
+        # Workers parse the command line afresh: the controller's --dist loadgroup (below)
+        # reaches them through the environment.
+        config.option.loadgroup = config.option.loadgroup or bool(os.environ.get(_LOADGROUP))
+        torch.set_num_threads(1)  # two workers of two threads each would oversubscribe two cores
         return
     if (not config.pluginmanager.hasplugin("xdist")
             or config.getoption("numprocesses", None) is not None
@@ -39,7 +43,13 @@ def _two_workers(config):
     config.option.tx = ["popen"] * 2
     config.option.benchmark_skip = True  # skipped anyway without --benchmark-only (below)
     if config.option.dist == "no":
-        config.option.dist = "loadgroup"  # the compile checks stay on one worker (test_bench.py)
+        # Tests marked xdist_group share a worker (one bench run, the compile processes):
+        # --dist loadgroup, and the flag xdist derives from it before this hook runs.
+        config.option.dist = "loadgroup"
+        config.option.loadgroup = True
+        os.environ[_LOADGROUP] = "1"
+    # One thread per process (the workers and the programs the tests start): two cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 COMPILE_CHECK = "test_kernels_compile_for_an_h100"  # tests/test_bench.py
@@ -57,8 +67,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_bench)
     # The compile checks wait on subprocesses that _start_compiles launches as the session
     # starts: checked last, they cost the session little more than their own slowest process.
+    # With two workers the one that runs them starts the processes: first, so that they
+    # compile while the other worker runs the rest.
     compiles = [item for item in items if getattr(item, "originalname", None) == COMPILE_CHECK]
-    items[:] = [item for item in items if item not in compiles] + compiles
+    rest = [item for item in items if item not in compiles]
+    items[:] = compiles + rest if os.environ.get("PYTEST_XDIST_WORKER") else rest + compiles
 
 
 @pytest.fixture(scope="session", autouse=True)
