@@ -428,7 +428,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
     scale = D ** -0.5 if scale is None else float(scale)
-    lengths = cache_seqlens.to(torch.int32)
+    lengths = cache_seqlens.to(torch.int32).contiguous()  # the kernel reads it by index
     backend = _backend_for(q, backend, measure=False)
     if backend == "triton":
         return flash.decode_attention(q, k_cache, v_cache, lengths, scale)

@@ -111,7 +111,8 @@ def check_window(window):
 
 
 def _check_index_tensor(name, t, shape, device):
-    """t must be an integer tensor of this shape on this device; returned as int32."""
+    """t must be an integer tensor of this shape on this device; returned as contiguous int32
+    (the kernels read it by index)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -120,7 +121,7 @@ def _check_index_tensor(name, t, shape, device):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
-    return t.to(torch.int32)
+    return t.to(torch.int32).contiguous()
 
 
 def check_seqlens_k(seqlens_k, q4, k4):

@@ -443,7 +443,8 @@ def test_right_padded_batch_rows_match_each_sequence_alone(backend, dtype, devic
     torch.manual_seed(30)
     q, k, v = (rand(2, 2, 9, 16, dtype=dtype, device=device) for _ in range(3))
     k[0, :, 5:], v[0, :, 5:] = float("nan"), float("inf")
-    out = causal_attention(q, k, v, backend=backend, seqlens_k=torch.tensor([5, 9], device=device))
+    lengths = torch.tensor([5, -1, 9, -1], device=device, dtype=torch.int32)[::2]  # strided: read by index
+    out = causal_attention(q, k, v, backend=backend, seqlens_k=lengths)
     alone = causal_attention(q[:1, :, :5], k[:1, :, :5], v[:1, :, :5], backend=backend)
     torch.testing.assert_close(out[:1, :, :5], alone)
     torch.testing.assert_close(out[1:], causal_attention(q[1:], k[1:], v[1:], backend=backend))
