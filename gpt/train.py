@@ -1,4 +1,4 @@
-"""Train the lecture's GPT: lecture-flash-train --preset lecture|small|tiny [overrides]
+"""Train the lecture's GPT: lecture-flash-train --preset lecture|small|tiny|speedrun [overrides]
 (or python -m gpt.train ...).
 
 Checkpoints (OUT_DIR/ckpt.pt) hold the model, optimizer, config, tokenizer, iteration and every
