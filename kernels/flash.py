@@ -7,7 +7,7 @@ registration; the public functions.
 
 Notation: B batch, H heads, Tq queries, Tk keys (Tq <= Tk), D head dim. The causal mask is
 bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq); call Tk - Tq the offset.
-Every query sees key 0, so no row is ever fully masked and the softmax never divides by zero.
+With dense rows every query sees key 0, so no row is fully masked (see Rows below).
 
 Forward (one program per BLOCK_M query rows of one head): stream K/V tiles past the Q tile,
 keep a running max m and running sum l in float32 (online softmax), in base 2 with log2(e)
@@ -26,6 +26,15 @@ both passes in turn (the same block functions, _dq_block and _dkdv_block). With
 deterministic=False (kernels/settings.py) the dK/dV kernel also adds its share of dQ with
 float32 atomics and no dQ kernel runs, which saves recomputing QK^T and dO V^T (a small kernel
 takes delta first).
+
+Rows (the ROWS constexpr, _rows): where each batch entry's query and key rows start, how many
+there are and the causal offset. DENSE is the tensors as they are; KEY_LENGTHS hides keys past
+a per-row length (seqlens_k); CACHE_LENGTHS is a decode step (the queries the last Tq of the
+valid keys); PACKED reads flash-attn's cu_seqlens, the packed tensors seen as B entries of batch
+stride 0, each finding its first row, the grid covering the longest sequence. With any of the
+last three a row may see no key: it gets zeros and lse -inf (the backward reads +inf there).
+Flash-decoding (SPLIT): a third grid axis splits the keys into ranges whose outputs and lse
+_combine_splits merges.
 
 Launching (host side): the first call of each specialisation (shapes, strides, dtype, scale,
 flags, alignment) works its launch out once: the config (kernels/autotune.py), the grid and
