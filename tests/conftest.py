@@ -17,6 +17,8 @@ SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU, with the reason)")
+    if not config.pluginmanager.hasplugin("xdist"):  # pytest-xdist registers it itself
+        config.addinivalue_line("markers", "xdist_group(name): tests that share one worker")
     _two_workers(config)
 
 
