@@ -97,13 +97,22 @@ def key_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
 
 
 def _causal(mask_function, local_size):
-    """Whether transformers asks for the plain causal mask (or its sliding-window form)."""
-    from transformers import masking_utils as mu
-
-    if mask_function is None or mask_function is mu.causal_mask_function:
+    """Whether transformers asks for the plain causal mask (or its sliding-window form over
+    local_size keys): mask_function probed on a small grid of positions, as its own mask
+    builders call it, against that pattern. Anything else (a function that reads tensors of its
+    own, such as packed sequences' document ids, or an overlay) is not ours to take."""
+    if mask_function is None:
         return True
-    name = getattr(mask_function, "__qualname__", "")
-    return local_size is not None and name.startswith("sliding_window_causal_mask_function")
+    n = 2 * (local_size or 4) + 3
+    q, kv = torch.arange(n).view(n, 1), torch.arange(n).view(1, n)
+    want = kv <= q
+    if local_size is not None:
+        want &= kv > q - local_size
+    try:
+        got = mask_function(torch.tensor(0), torch.tensor(0), q, kv)
+        return isinstance(got, torch.Tensor) and torch.equal(got.expand(n, n).bool(), want)
+    except Exception:  # it indexes something of its own: not the plain pattern
+        return False
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

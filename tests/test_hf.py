@@ -84,6 +84,39 @@ def test_greedy_generate_matches_sdpa(kind, cache):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_sliding_window_model_runs_ours_with_its_window(monkeypatch):
+    """A tiny Mistral with a 4-key sliding window: its layers run causal_attention with
+    window=(3, 0) (the mask function recognises the sliding-window pattern), logits on a padded
+    batch and greedy generation with dynamic and static caches as "sdpa" gives them."""
+    windows = []
+    real = kernels.hf.causal_attention
+    monkeypatch.setattr(kernels.hf, "causal_attention",
+                        lambda *a, **kw: (windows.append(kw["window"]), real(*a, **kw))[1])
+
+    def mistral(impl):
+        torch.manual_seed(0)
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            sliding_window=4, bos_token_id=0, eos_token_id=0))
+        model.set_attn_implementation(impl)
+        return model.eval()
+
+    ours, theirs = mistral(kernels.hf.register()), mistral("sdpa")
+    ids, mask = padded_batch("left")
+    torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
+                               theirs(ids, attention_mask=mask).logits[mask.bool()],
+                               atol=1e-5, rtol=1e-5)
+    assert windows and set(windows) == {(3, 0)}
+    prompts = torch.randint(1, 61, (2, 9))
+    options = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompts),
+                   pad_token_id=0)
+    for cache in ("dynamic", "static"):
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        assert torch.equal(ours.generate(prompts, **options, **extra),
+                           theirs.generate(prompts, **options, **extra)), cache
+
+
 def test_output_attentions_and_dropout_are_taken():
     """output_attentions=True runs (no weights come back, as with "sdpa"), and training-mode
     attention dropout reaches the kernel."""
