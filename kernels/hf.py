@@ -19,7 +19,8 @@ What each call gets, and what runs:
 - Padding (a 2-D attention_mask with zeros, left or right or anywhere): the same key mask;
   the real positions are packed into sequences (cu_seqlens) and the padded query rows get
   zeros, as flash-attn's integration in transformers does. Finding them reads the mask on the
-  host (a device sync per layer), so this path cannot be captured in a CUDA graph.
+  host (one device sync per forward: the layers share the mask tensor, which keeps them), so
+  this path cannot be captured in a CUDA graph.
 - Any mask transformers builds from something else (a custom mask_function: packed sequences
   found from position_ids, prefix-LM overlays, chunked attention): the dense mask, handed to
   transformers' own SDPA function, with a warning once per process.
@@ -140,18 +141,33 @@ def _padded(query, key, value, mask, options):
     position), padded query rows zero. (B, Tq, H, D)."""
     B, H, Tq, D = query.shape
     used = mask.shape[1]
-    q_mask = mask[:, used - Tq:]  # the queries are the last Tq positions
-    rows_k, rows_q = mask.reshape(-1).nonzero().squeeze(1), q_mask.reshape(-1).nonzero().squeeze(1)
-    lengths_k, lengths_q = mask.sum(1, dtype=torch.int32), q_mask.sum(1, dtype=torch.int32)
-    cu_k, cu_q = (torch.nn.functional.pad(n.cumsum(0, dtype=torch.int32), (1, 0)) for n in (lengths_k, lengths_q))
+    rows_q, rows_k, packed_rows = _packing(mask, Tq)
     packed = causal_attention(
         query.transpose(1, 2).reshape(B * Tq, H, D)[rows_q],
         key.transpose(1, 2).reshape(B * used, key.shape[1], D)[rows_k],
-        value.transpose(1, 2).reshape(B * used, value.shape[1], D)[rows_k],
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(lengths_q.max()),
-        max_seqlen_k=int(lengths_k.max()), **options)
+        value.transpose(1, 2).reshape(B * used, value.shape[1], D)[rows_k], **packed_rows,
+        **options)
     out = query.new_zeros(B * Tq, H, D).index_copy(0, rows_q, packed)
     return out.view(B, Tq, H, D)
+
+
+def _packing(mask, Tq):
+    """(query rows, key rows, the cu_seqlens arguments) that pack the real positions of a
+    (B, used) key mask whose last Tq positions are the queries. Finding them reads the mask on
+    the host, once per forward: every layer gets the same mask tensor, which keeps them."""
+    kept = getattr(mask, "_lecture_flash_packing", None)
+    if kept is not None and kept[0] == Tq:
+        return kept[1]
+    q_mask = mask[:, mask.shape[1] - Tq:]
+    rows_k, rows_q = mask.reshape(-1).nonzero().squeeze(1), q_mask.reshape(-1).nonzero().squeeze(1)
+    lengths_k, lengths_q = mask.sum(1, dtype=torch.int32), q_mask.sum(1, dtype=torch.int32)
+    cu_k, cu_q = (torch.nn.functional.pad(n.cumsum(0, dtype=torch.int32), (1, 0))
+                  for n in (lengths_k, lengths_q))
+    packing = (rows_q, rows_k, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                    max_seqlen_q=int(lengths_q.max()),
+                                    max_seqlen_k=int(lengths_k.max())))
+    mask._lecture_flash_packing = (Tq, packing)
+    return packing
 
 
 def _transformers_sdpa(module, query, key, value, mask, scaling, dropout, **kwargs):

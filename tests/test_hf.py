@@ -117,6 +117,19 @@ def test_sliding_window_model_runs_ours_with_its_window(monkeypatch):
                            theirs.generate(prompts, **options, **extra)), cache
 
 
+def test_padding_is_found_once_per_forward(monkeypatch):
+    """The packing of a padded batch (a host read) is worked out by the first layer and kept on
+    the mask tensor every layer shares."""
+    found = []
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero",
+                        lambda t, *a, **kw: (found.append(1), nonzero(t, *a, **kw))[1])
+    model = build("llama", kernels.hf.register()).eval()
+    ids, mask = padded_batch("right")
+    model(ids, attention_mask=mask)
+    assert len(found) == 2  # the keys' rows and the queries', once for the model's 2 layers
+
+
 def test_output_attentions_and_dropout_are_taken():
     """output_attentions=True runs (no weights come back, as with "sdpa"), and training-mode
     attention dropout reaches the kernel."""
