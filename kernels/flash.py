@@ -1244,7 +1244,8 @@ def decode_splits(B, H, Tq, Tk, device):
 def _fwd_split(q, k, v, scale, fp32_precision, left, rows, splits):
     """(o, lse) of the forward with the keys split into ranges (flash-decoding): one program per
     (query tile, head, range) writes the range's normalised output and lse in float32, then
-    _combine_splits merges each row's ranges. Dense 4-D tensors, no dropout, scale > 0."""
+    _combine_splits merges each row's ranges. 4-D tensors, rows with lengths (KEY_LENGTHS or
+    CACHE_LENGTHS: a row may see no key in a range), no dropout, scale > 0."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     split_n = _cdiv(_cdiv(Tk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
@@ -1475,9 +1476,36 @@ def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_prec
         o, lse = op(q, k, v, *args, settings.resolve_deterministic(deterministic), left,
                     rows.seq_q, rows.seq_k, [rows.mode, rows.max_q, rows.max_k])
     else:  # inference (sampling): no autograd bookkeeping at all
-        o, lse = _fwd_impl(q, k, v, *args, left, keep_lse=return_lse, rows=rows)
+        splits = _inference_splits(q, k, dropout_p, rows)
+        if splits > 1 and rows.mode == DENSE:  # the same mask, as lengths the split path reads
+            rows = Rows(KEY_LENGTHS, None, _all_keys(q.shape[0], k.shape[2], q.device), 0, 0)
+        o, lse = _fwd_impl(q, k, v, *args, left, keep_lse=return_lse, rows=rows, splits=splits)
     # The kernels keep lse in base 2 (log2(e) times the natural one).
     return (o, lse * LN2) if return_lse else o
+
+
+# A decode step's queries: up to this many per row take flash-decoding where it pays.
+DECODE_MAX_TQ = 16
+_ALL_KEYS = {}
+
+
+def _inference_splits(q, k, dropout_p, rows):
+    """How many key ranges an inference call's forward splits into (1: none): a decode step
+    (a few queries per row, no dropout, dense rows or key lengths) whose B x H programs would
+    leave the GPU idle, as transformers' decode steps and gpt.generate's eager one are."""
+    if dropout_p > 0.0 or rows.mode not in (DENSE, KEY_LENGTHS) or q.shape[2] > DECODE_MAX_TQ:
+        return 1
+    return decode_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+
+
+def _all_keys(B, Tk, device):
+    """(B,) int32 lengths of Tk each (kept per shape): dense rows as KEY_LENGTHS rows."""
+    key = (B, Tk, device)
+    if key not in _ALL_KEYS:
+        if len(_ALL_KEYS) >= 256:
+            _ALL_KEYS.clear()
+        _ALL_KEYS[key] = torch.full((B,), Tk, dtype=torch.int32, device=device)
+    return _ALL_KEYS[key]
 
 
 def decode_attention(q, k_cache, v_cache, lengths, scale, splits=None):

@@ -302,6 +302,28 @@ def test_decode_attention_kernel(monkeypatch, splits, dtype, device):
         assert_by_rule([out[b:b + 1, :, Tq - min(n, Tq):]], [ref], [low], names=(f"row {b}",))
 
 
+def test_inference_decode_steps_split_their_keys(monkeypatch, device):
+    """Inference calls with a few queries per row (transformers' and gpt.generate's eager
+    decode steps) take flash-decoding where B x H would leave the GPU idle: dense rows, key
+    lengths and a window, with return_lse, each held against the oracle."""
+    monkeypatch.setattr(flash, "decode_splits", lambda *a: 3)
+    launched = []
+    real = flash._fwd_split
+    monkeypatch.setattr(flash, "_fwd_split", lambda *a: (launched.append(1), real(*a))[1])
+    torch.manual_seed(19)
+    q = torch.randn(2, 2, 3, 24, device=device)
+    k, v = (torch.randn(2, 1, 150, 24, device=device) for _ in range(2))
+    for options in (dict(), dict(seqlens_k=torch.tensor([150, 61], device=device)),
+                    dict(window=(40, 0))):
+        with torch.no_grad(), set_defaults(fp32_precision="ieee"):
+            out, lse = causal_attention(q, k, v, backend="triton", return_lse=True, **options)
+        want, want_lse = causal_attention_reference(q.double(), k.double(), v.double(),
+                                                    return_lse=True, **options)
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-5)
+    assert len(launched) == 3
+
+
 def test_grouped_query_heads_are_read_in_place_and_deterministic(monkeypatch, device):
     """No copy of k or v per query head (repeat_interleave would be one), and the group's dK/dV
     sums come out bitwise the same on every run."""
