@@ -211,19 +211,21 @@ def set_rng_state(state, batches, own=True):
 
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, seed, autocast, progress=False):
-    """Mean loss over eval_iters batches of each split, drawn from a generator of its own."""
+    """Mean loss over eval_iters batches of each split, drawn from a generator of its own. The
+    losses stay on the device until the split's mean is read: one host sync per split, not one
+    per batch (an evaluation of the lecture's 200 batches waited on the GPU 400 times)."""
     model.eval()
     out = {}
     bar = tqdm(total=2 * eval_iters, desc="evaluating", unit="batch", leave=False,
                dynamic_ncols=True, disable=not progress)
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters)
+        losses = torch.zeros(eval_iters, device=batches.device)
         for i in range(eval_iters):
             x, y = batches.get(split, generator=g)
             with autocast():
                 _, loss = model(x, y)
-            losses[i] = loss.item()
+            losses[i] = loss
             bar.update(1)
         out[split] = losses.mean().item()
     bar.close()
