@@ -19,13 +19,14 @@ import torch
 WARMUP_STEPS = 3
 
 
-def capturable_adamw(params, device, **options):
-    """AdamW as the captured step needs it on CUDA (fused and capturable, its lr a device
-    tensor); plain elsewhere."""
+def adamw(params, device, graphs, **options):
+    """AdamW: fused on CUDA, and for a captured step (graphs) also capturable, its lr a device
+    tensor; plain elsewhere."""
     if device.type != "cuda":
         return torch.optim.AdamW(params, **options)
-    options["lr"] = torch.tensor(float(options["lr"]), device=device)
-    return torch.optim.AdamW(params, fused=True, capturable=True, **options)
+    if graphs:
+        options.update(lr=torch.tensor(float(options["lr"]), device=device), capturable=True)
+    return torch.optim.AdamW(params, fused=True, **options)
 
 
 def set_lr(optimizer, lr):

@@ -28,7 +28,7 @@ from kernels.validation import BACKENDS
 
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
-from .step import TrainStep, capturable_adamw, set_lr
+from .step import TrainStep, adamw, set_lr
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -340,9 +340,7 @@ def _train(args, ddp, build_model, report):
         raise UsageError(str(e)) from None
     model = build_model(cfg).to(device)
     dtype, compile_model, graphs = run_settings(args, device, ddp.world_size)
-    adamw = capturable_adamw if graphs else (lambda params, device, **o: torch.optim.AdamW(
-        params, fused=True if device.type == "cuda" else None, **o))
-    optimizer = adamw(model.parameters(), device, lr=hp["lr"], betas=(0.9, hp["beta2"]),
+    optimizer = adamw(model.parameters(), device, graphs, lr=hp["lr"], betas=(0.9, hp["beta2"]),
                       weight_decay=hp["weight_decay"])
     start = 0
     if ckpt:
@@ -352,13 +350,13 @@ def _train(args, ddp, build_model, report):
             group["lr"] = (torch.tensor(float(hp["lr"]), device=device) if graphs
                            else float(hp["lr"]))
         ranks = ckpt["rng"].get("ranks")  # per-process states of a data-parallel run
-        if ranks is not None and len(ranks) != ddp.world_size:
-            say(f"note: the checkpoint was written by {len(ranks)} processes, this run has "
+        written_by = len(ranks) if ranks else 1
+        if written_by != ddp.world_size:
+            say(f"note: the checkpoint was written by {written_by} process(es), this run has "
                 f"{ddp.world_size}: the data stream continues exactly, dropout draws do not",
                 flush=True)
-        set_rng_state({**ckpt["rng"], **(ranks[ddp.rank] if ranks and len(ranks) == ddp.world_size
-                                         else {} if ranks else {})}, batches,
-                      own=ranks is None or len(ranks) == ddp.world_size)
+        state = {**ckpt["rng"], **(ranks[ddp.rank] if ranks and written_by == ddp.world_size else {})}
+        set_rng_state(state, batches, own=written_by == ddp.world_size)
         start = ckpt["iter"]
     saved_at = start if ckpt else None  # the iteration of the checkpoint on disk from this run
     n_params = sum(p.numel() for p in model.parameters())

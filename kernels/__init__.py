@@ -16,7 +16,7 @@ from . import auto, settings
 from .masking import guarded_causal, guarded_masked
 from .packing import pad, unpad, unpad_rows
 from .reference import (attention_with_mask, causal_attention_reference, causal_mask,
-                        key_length_mask, masked_scores, packed_mask, softmax_and_lse)
+                        key_length_mask, masked_lse, masked_scores, packed_mask)
 from .settings import set_defaults
 from .validation import (check_attention_args, check_backend, check_packed_args, check_seqlens_k,
                          check_window, kv_heads_expanded, with_positive_scale)
@@ -73,18 +73,21 @@ def _overlaps(t):
     return False
 
 
-def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None):
+def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None, mask=None):
     """PyTorch's SDPA with our mask convention; pinned: the name of the one SDPBackend to use;
-    left: a sliding window's reach (passed as a boolean mask)."""
+    left: a sliding window's reach (passed as a boolean mask); mask: a boolean mask to use
+    instead of the causal one (True where a query sees a key)."""
     if pinned is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([getattr(SDPBackend, pinned)]):
-            return _sdpa(q, k, v, scale, dropout_p, left=left)
+            return _sdpa(q, k, v, scale, dropout_p, left=left, mask=mask)
     Tq, Tk = q.shape[-2], k.shape[-2]
     q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
     # Grouped-query heads (k, v with fewer heads than q): SDPA's enable_gqa reads them in place.
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if mask is not None:
+        return _torch_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, **gqa)
     if left is None and Tq == Tk:
         return _torch_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa)
     if left is None and Tq == 1:  # one new query sees every key: no mask at all
@@ -284,9 +287,7 @@ def _masked_lse(q, k, scale, left=None, mask=None):
     sees no key."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = masked_scores(q.to(dtype), kv_heads_expanded(k, q.shape[1]).to(dtype), scale, left, mask)
-    if mask is None:
-        return torch.logsumexp(scores, dim=-1)
-    return softmax_and_lse(scores, mask)[1]
+    return torch.logsumexp(scores, dim=-1) if mask is None else masked_lse(scores, mask)
 
 
 def _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
@@ -348,12 +349,10 @@ def _run_masked(route, q, k, v, scale, dropout_p, mask):
         def attend(a, b, c):
             return attention_with_mask(a, b, c, mask, scale, dropout_p)[0]
     else:  # SDPA's backends that take a mask are PyTorch's own choice (no pinning)
+        empty = ~mask.any(-1, keepdim=True)
+
         def attend(a, b, c):
-            empty = ~mask.any(-1, keepdim=True)
-            a, s = with_positive_scale(a, scale)
-            gqa = {"enable_gqa": True} if b.shape[1] != a.shape[1] else {}
-            out = _torch_sdpa(a, b, c, attn_mask=mask | empty, dropout_p=dropout_p, scale=s, **gqa)
-            return out.masked_fill(empty, 0.0)
+            return _sdpa(a, b, c, scale, dropout_p, mask=mask | empty).masked_fill(empty, 0.0)
     return guarded_masked(attend, q, k, v, mask)
 
 

@@ -1508,15 +1508,14 @@ def _all_keys(B, Tk, device):
     return _ALL_KEYS[key]
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale, splits=None):
+def decode_attention(q, k_cache, v_cache, lengths, scale):
     """Attention of the newest Tq queries of each row to a cache (validated 4-D tensors, scale
     a float) whose row b holds lengths[b] (int32, on the device) valid keys, the queries the
     last Tq of them: the forward kernel with CACHE_LENGTHS rows, its keys split into ranges
-    (flash-decoding, splits: decode_splits unless given) where B * H alone would leave the GPU
+    (flash-decoding, decode_splits) where B * H alone would leave the GPU
     idle. Fixed shapes, no host read: a CUDA graph can capture it."""
     B, H, Tq, _ = q.shape
-    if splits is None:
-        splits = decode_splits(B, H, Tq, k_cache.shape[2], q.device)
+    splits = decode_splits(B, H, Tq, k_cache.shape[2], q.device)
     precision = settings.resolve_fp32_precision(None) if q.dtype == torch.float32 else "ieee"
     o, _ = _fwd_impl(q, k_cache, v_cache, None, float(scale), 0.0, precision, keep_lse=False,
                      rows=Rows(CACHE_LENGTHS, None, lengths, 0, 0), splits=splits)

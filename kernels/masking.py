@@ -62,29 +62,27 @@ def _all_finite(q, k, v):
 def guarded_causal(attend, q, k, v, left=None):
     """attend(q, k, v) (causal, bottom-right aligned; with `left`, a sliding window that reaches
     that many keys back) keeping the contract above."""
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On a CPU a check costs no device sync: when the sum of all entries is finite (nearly
-        # always), so is every entry, and attention runs as it is, with no copies. (A sum that
-        # overflows only sends the call down the exact path below.)
-        if _all_finite(q, k, v):
-            return attend(q, k, v)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    bad = bad_positions(k, v)  # (B, Hk, Tk)
-    # (B, H, Tq); with grouped-query heads each key/value head's flags serve its query heads.
-    sees_bad = seen_so_far(bad)[..., Tk - Tq:] if left is None else bad_in_window(bad, Tq, left)
-    poisoned = kv_heads_expanded(sees_bad, q.shape[1]) | bad_positions(q)
-    out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
-    return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))
+    return _guarded(attend, q, k, v, lambda bad: seen_so_far(bad)[..., Tk - Tq:] if left is None
+                    else bad_in_window(bad, Tq, left))
 
 
 def guarded_masked(attend, q, k, v, mask):
-    """guarded_causal for any mask: attend(q, k, v) with the bool `mask` (broadcastable to
-    (B, H, Tq, Tk), True where a query sees a key), keeping the contract above."""
+    """guarded_causal for any mask: attend(q, k, v) with the bool `mask` ((B or 1, 1, Tq, Tk),
+    True where a query sees a key), keeping the contract above."""
+    return _guarded(attend, q, k, v, lambda bad: (mask & bad.unsqueeze(-2)).any(-1))
+
+
+def _guarded(attend, q, k, v, sees):
+    """attend(q, k, v) keeping the contract; sees(bad (B, Hk, Tk)) -> (B, Hk, Tq): which query
+    rows see a bad position under the caller's mask."""
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        if _all_finite(q, k, v):  # as in guarded_causal
+        # On a CPU a check costs no device sync: when the sum of all entries is finite (nearly
+        # always), so is every entry, and attention runs as it is, with no copies.
+        if _all_finite(q, k, v):
             return attend(q, k, v)
     bad = bad_positions(k, v)  # (B, Hk, Tk)
-    sees_bad = (mask & kv_heads_expanded(bad, q.shape[1]).unsqueeze(-2)).any(-1)  # (B, H, Tq)
-    poisoned = sees_bad | bad_positions(q)
+    # (B, H, Tq); with grouped-query heads each key/value head's flags serve its query heads.
+    poisoned = kv_heads_expanded(sees(bad), q.shape[1]) | bad_positions(q)
     out = attend(q, zero_positions(k, bad), zero_positions(v, bad))
     return out.masked_fill(poisoned.unsqueeze(-1), float("nan"))

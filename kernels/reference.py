@@ -115,8 +115,17 @@ def softmax_and_lse(scores, mask):
     empty = ~mask.any(-1, keepdim=True)
     safe = scores.masked_fill(empty, 0.0)
     probs = torch.softmax(safe, dim=-1).masked_fill(empty, 0.0)
-    lse = torch.logsumexp(safe, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
-    return probs, lse
+    return probs, _lse(safe, empty)
+
+
+def masked_lse(scores, mask):
+    """The log-sum-exp half of softmax_and_lse, alone."""
+    empty = ~mask.any(-1, keepdim=True)
+    return _lse(scores.masked_fill(empty, 0.0), empty)
+
+
+def _lse(safe, empty):
+    return torch.logsumexp(safe, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
 
 
 def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None, window=None,
@@ -137,3 +146,15 @@ def naive_causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_mask=None
     if dropout_mask is not None:
         p = p * dropout_mask.to(p.dtype) / (1 - dropout_p)
     return p @ v
+
+
+def naive_packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, dropout_p=0.0,
+                           dropout_mask=None, window=None):
+    """naive_causal_attention of packed sequences (causal_attention's cu_seqlens convention):
+    padded into a batch, masked, packed again. Reads the longest lengths on the host."""
+    Tq, Tk = (int(seq_lengths(cu).max()) for cu in (cu_seqlens_q, cu_seqlens_k))
+    mask = packed_mask(cu_seqlens_q, cu_seqlens_k, Tq, Tk, None if window is None else window[0])
+    out = naive_causal_attention(pad(q, cu_seqlens_q, Tq), pad(k, cu_seqlens_k, Tk),
+                                 pad(v, cu_seqlens_k, Tk), scale, dropout_p, dropout_mask,
+                                 mask=mask)
+    return unpad(out, cu_seqlens_q, q.shape[0])

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from kernels import causal_attention, settings
-from kernels.packing import pad, seq_lengths, unpad
 from kernels.reference import (causal_attention_reference, causal_mask, key_length_mask,
-                               naive_causal_attention, packed_mask)
+                               naive_causal_attention, naive_packed_attention)
 from kernels.testing import assert_by_rule
 from kernels.validation import kv_heads_expanded
 
@@ -107,11 +106,8 @@ def naive_with_rows(q, k, v, scale, dropout_p, keep, window, rows):
     if "seqlens_k" in rows:
         mask = key_length_mask(q, k, rows["seqlens_k"], left)
         return naive_causal_attention(q, k, v, scale, dropout_p, keep, mask=mask)
-    cu_q, cu_k = rows["cu_seqlens_q"], rows["cu_seqlens_k"]
-    Tq, Tk = (int(seq_lengths(cu).max()) for cu in (cu_q, cu_k))
-    out = naive_causal_attention(pad(q, cu_q, Tq), pad(k, cu_k, Tk), pad(v, cu_k, Tk), scale,
-                                 dropout_p, keep, mask=packed_mask(cu_q, cu_k, Tq, Tk, left))
-    return unpad(out, cu_q, q.shape[0])
+    return naive_packed_attention(q, k, v, rows["cu_seqlens_q"], rows["cu_seqlens_k"], scale,
+                                  dropout_p, keep, window)
 
 
 def cli_error(main, *argv):
