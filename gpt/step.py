@@ -9,7 +9,7 @@ AdamW with capturable=True (its step count and learning rate live on the device:
 writes the lr tensor before each replay), and the loss comes back in a fixed device tensor that
 nothing reads unless asked (no host sync per step). Random draws inside the graph (dropout,
 the attention kernel's dropout seed) come from PyTorch's graph-safe generator: each replay
-draws anew.
+draws anew. Captured, the capture-and-replay part, also runs gpt/generate.py's decode steps.
 """
 import torch
 
@@ -39,16 +39,58 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
+class Captured:
+    """fn(*args) as a CUDA graph, replayed.
+
+    The first WARMUP_STEPS calls run eagerly on a side stream (real calls: their results are
+    returned); the next one copies its args into static buffers and is captured, and it and
+    every later call copy their args into those buffers and replay. A replay's result is the
+    graph's own output, overwritten by the next replay. generators: the torch.Generators fn
+    draws from besides the default one, registered with the graph so that each replay draws
+    anew from them, as an eager call would.
+    """
+
+    def __init__(self, fn, generators=()):
+        self.fn = fn
+        # The default CUDA generator is the graph's own already; others are registered.
+        self.generators = [g for g in generators if g is not None
+                           and all(g is not d for d in torch.cuda.default_generators)]
+        self.done = 0
+        self.graph = self.static = self.out = None
+
+    def __call__(self, *args):
+        if self.graph is None and self.done < WARMUP_STEPS:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.done += 1
+            return out
+        if self.graph is None:
+            self.static = [a.clone() for a in args]
+            self.graph = torch.cuda.CUDAGraph()
+            for g in self.generators:
+                self.graph.register_generator_state(g)
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn(*self.static)
+        else:
+            for dst, src in zip(self.static, args):
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        self.done += 1
+        return self.out
+
+
 class TrainStep:
     """step(x, y) -> the loss (a device tensor): zero the gradients, forward under autocast,
-    backward, optimizer step. With graphs (CUDA only), the first WARMUP_STEPS run eagerly on a
-    side stream, the next one is captured, and every later one is a replay."""
+    backward, optimizer step. With graphs (CUDA only), the step is Captured: its first
+    WARMUP_STEPS run eagerly, then it is one graph replay."""
 
     def __init__(self, model, optimizer, autocast, graphs=False):
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
-        self.graphs = graphs
-        self.done = 0
-        self.graph = self.x = self.y = self.loss = None
+        # Captured, gradients are zeroed in place (the graph keeps their buffers).
+        self.captured = Captured(lambda x, y: self._step(x, y, set_to_none=False)) if graphs else None
 
     def _step(self, x, y, set_to_none):
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -59,24 +101,6 @@ class TrainStep:
         return loss
 
     def __call__(self, x, y):
-        if not self.graphs:
+        if self.captured is None:
             return self._step(x, y, set_to_none=True)
-        if self.graph is None and self.done < WARMUP_STEPS:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                loss = self._step(x, y, set_to_none=False)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.done += 1
-            return loss
-        if self.graph is None:
-            self.x, self.y = x.clone(), y.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss = self._step(self.x, self.y, set_to_none=False)
-        else:
-            self.x.copy_(x, non_blocking=True)
-            self.y.copy_(y, non_blocking=True)
-        self.graph.replay()
-        self.done += 1
-        return self.loss
+        return self.captured(x, y)

@@ -7,6 +7,7 @@
 Backends: "triton" (fused FlashAttention-2-style kernel, CUDA), "sdpa" (PyTorch's
 scaled_dot_product_attention), "reference" (the explicit-softmax oracle), and "auto".
 """
+import functools
 import warnings
 
 import torch
@@ -64,7 +65,12 @@ def _overlaps(t):
     """Whether two elements of t may share memory (strides such as stride_t = stride_d = 1).
     A review saw PyTorch's CPU SDPA return garbage for such inputs; the shapes tried here with
     torch 2.13 came out right, and a copy costs little, so the sdpa backend copies them."""
-    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    return not t.is_contiguous() and _overlapping(tuple(t.shape), t.stride())
+
+
+@functools.lru_cache(maxsize=4096)  # a model asks about a few layouts, once per call (~5 us)
+def _overlapping(shape, strides):
+    dims = sorted((st, n) for st, n in zip(strides, shape) if n > 1)
     reach = 0  # the largest offset the smaller-stride dimensions span
     for stride, n in dims:
         if stride <= reach:

@@ -53,10 +53,10 @@ def bad_in_window(bad, Tq, left):
 
 
 def _all_finite(q, k, v):
-    """Whether every entry of q, k and v is finite, judged by their sum (a sum that overflows
-    only sends the caller down its exact path). The test runs in Python on the sum's value:
-    torch.isfinite on a 0-d tensor is several ops, 20 us of a CPU decode step's 200."""
-    return math.isfinite((q.sum() + k.sum() + v.sum()).item())
+    """Whether every entry of q, k and v is finite, judged by their sums (a sum that overflows
+    only sends the caller down its exact path). The test runs in Python on the sums' values:
+    each tensor op on a 0-d tensor costs a CPU decode step a few us."""
+    return math.isfinite(q.sum().item() + k.sum().item() + v.sum().item())
 
 
 def guarded_causal(attend, q, k, v, left=None):
@@ -77,9 +77,16 @@ def _guarded(attend, q, k, v, sees):
     """attend(q, k, v) keeping the contract; sees(bad (B, Hk, Tk)) -> (B, Hk, Tq): which query
     rows see a bad position under the caller's mask."""
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On a CPU a check costs no device sync: when the sum of all entries is finite (nearly
-        # always), so is every entry, and attention runs as it is, with no copies.
-        if _all_finite(q, k, v):
+        # On a CPU a check costs no device sync. Without gradients, the output is checked: a
+        # non-finite entry that a query should not have seen can only reach its output as NaN
+        # (its weight is 0 and 0 * inf = NaN), so a finite output is the contract's output.
+        # With gradients (which a finite output does not vouch for), the inputs are: when the
+        # sum of all their entries is finite (nearly always), so is every entry.
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            out = attend(q, k, v)
+            if math.isfinite(out.sum().item()):
+                return out
+        elif _all_finite(q, k, v):
             return attend(q, k, v)
     bad = bad_positions(k, v)  # (B, Hk, Tk)
     # (B, H, Tq); with grouped-query heads each key/value head's flags serve its query heads.

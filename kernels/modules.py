@@ -13,6 +13,19 @@ import torch.nn as nn
 from . import causal_attention  # defined in __init__.py before it imports this module
 
 
+def split_heads(qkv, num_heads):
+    """The fused projection's output (B, T, 3 * H * hs) -> q, k, v (B, H, T, hs) each, strided
+    views of it (no copies)."""
+    B, T, _ = qkv.shape
+    return qkv.view(B, T, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(out):
+    """(B, H, T, hs) -> (B, T, H * hs): the heads side by side, as the lecture concatenates them."""
+    B, H, T, hs = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * hs)
+
+
 class MultiHeadAttention(nn.Module):
     """All heads of causal self-attention at once: one fused qkv projection, heads as a batch dim.
 
@@ -34,18 +47,14 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, attend=None):
         """x (B, T, C) -> (B, T, C). attend(q, k, v) replaces the attention (KV caches use it)."""
-        B, T, _ = x.shape
-        H, hs = self.num_heads, self.head_size
-        qkv = self.qkv(x).view(B, T, 3, H, hs)                   # (B, T, 3, H, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)           # (B, H, T, hs) each, strided views
+        q, k, v = split_heads(self.qkv(x), self.num_heads)      # (B, H, T, hs) each
         if attend is None:
             out = causal_attention(q, k, v, scale=self.scale,
                                    dropout_p=self.attn_dropout if self.training else 0.0,
                                    backend=self.backend)        # (B, H, T, hs)
         else:
             out = attend(q, k, v)
-        out = out.transpose(1, 2).reshape(B, T, H * hs)          # (B, T, H * hs): heads side by side
-        return self.resid_dropout(self.proj(out))               # (B, T, C)
+        return self.resid_dropout(self.proj(merge_heads(out)))  # (B, T, C)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The lecture stores one key/query/value Linear per head; stack them into our qkv.

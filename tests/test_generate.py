@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig
-from gpt.generate import KVCache, decode_one_token, decode_one_token_static, prefill, sample
+from gpt.generate import (KVCache, decode_one_token, decode_one_token_static, draw, net_of, prefill,
+                          sample)
 from gpt.lecture import GPTLanguageModel
 
 
@@ -97,9 +98,10 @@ def test_static_decode_step_equals_the_eager_one():
     x = torch.randint(65, (2, 9))
     with torch.no_grad():
         eager, static = (KVCache(ours, 2, "cpu", torch.float64) for _ in range(2))
-        prefill(ours, x[:, :8], eager), prefill(ours, x[:, :8], static)
-        a = decode_one_token(ours, x[:, 8:9], 8, eager)
-        b = decode_one_token_static(ours, x[:, 8:9], torch.tensor([8]), static)
+        net = net_of(ours)
+        prefill(net, x[:, :8], eager), prefill(net, x[:, :8], static)
+        a = decode_one_token(net, x[:, 8:9], 8, eager)
+        b = decode_one_token_static(net, x[:, 8:9], torch.tensor([8]), static)
         full = ours(x)[0][:, -1]
     torch.testing.assert_close(a, full, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b, full, rtol=1e-12, atol=1e-12)
@@ -113,6 +115,30 @@ def test_cuda_graphs_generate_exactly(device):
     eager = ours.generate(idx, 100, temperature=0, cuda_graphs=False)
     graphed = ours.generate(idx, 100, temperature=0, cuda_graphs=True)
     assert torch.equal(eager, graphed)
+    # Sampling runs inside the graphs: the same generator draws the same tokens.
+    for kw in ({}, dict(top_k=10, top_p=0.9, temperature=0.8)):
+        eager = ours.generate(idx, 100, seed=5, cuda_graphs=False, **kw)
+        assert torch.equal(ours.generate(idx, 100, seed=5, cuda_graphs=True, **kw), eager)
+        torch.manual_seed(5)  # and the default generator, which the graph owns
+        eager = ours.generate(idx, 100, cuda_graphs=False, **kw)
+        torch.manual_seed(5)
+        assert torch.equal(ours.generate(idx, 100, cuda_graphs=True, **kw), eager)
+
+
+@pytest.mark.gpu
+def test_captured_generation_never_syncs(device):
+    """Once both regimes' steps are captured, a token costs one replay and no host sync."""
+    _, ours = pair(32)
+    ours = ours.float().to(device)
+    tokens = ours.stream(torch.randint(65, (1, 3), device=device), 200, seed=1)
+    for _ in range(32 + 10):  # past both captures (the window's comes a few steps after 32)
+        next(tokens)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == 200 - 42
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -135,17 +161,66 @@ def test_bad_arguments(kw, words):
         ours.generate([], 3)
 
 
-def test_a_long_stream_reuses_its_buffer_and_stays_exact(monkeypatch):
-    """Past STREAM_BUFFER tokens (4096) the token buffer moves its last block_size tokens to the
-    front instead of growing (so --max-new-tokens 10**12 does not allocate terabytes up front)."""
-    import gpt.generate
-    monkeypatch.setattr(gpt.generate, "STREAM_BUFFER", 20)
+def test_a_long_stream_shifts_its_window_in_place_and_stays_exact():
+    """Past block_size the stream keeps one (B, block_size) window that shifts left a token a
+    step (so --max-new-tokens 10**12 needs no more memory than 100)."""
     lecture, ours = pair(8, n_layer=1)
     idx = torch.randint(65, (1, 3))
-    n = 75  # the buffer fills (23 slots) and moves four times
+    n = 75
     expect = idx
     with torch.no_grad():
         for _ in range(n):
             logits, _ = lecture(expect[:, -8:])
             expect = torch.cat([expect, logits.view(1, -1, 65)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(ours.generate(idx, n, temperature=0), expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draw_is_torch_multinomial_token_for_token(dtype):
+    """draw() spells out how torch.multinomial(probs, 1) samples, so the same generator state
+    gives the same tokens, zeros (top-k, top-p) included."""
+    torch.manual_seed(0)
+    probs = F.softmax(torch.randn(4, 65, dtype=dtype) * 3, dim=-1)
+    probs[1, :60] = 0.0
+    for seed in range(20):
+        expect = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(draw(probs, torch.Generator().manual_seed(seed)), expect)
+
+
+def test_flat_blocks_compute_what_the_modules_do():
+    _, ours = pair(16)
+    net = net_of(ours)
+    assert net.flat
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    idx, pos = torch.randint(65, (2, 16)), torch.arange(16)
+    with torch.no_grad():
+        assert torch.equal(net.embed(idx, pos), ours.embed(idx, pos))
+        assert torch.equal(net.to_logits(x), ours.to_logits(x))
+        for block, fast in zip(ours.blocks, net.blocks):
+            assert torch.equal(fast(x), block(x))
+            # the last position alone: the same up to the attention kernel's summation order
+            torch.testing.assert_close(fast(x, last=True), block(x)[:, -1:], rtol=1e-13, atol=1e-13)
+            x = block(x)
+
+
+def test_flat_is_used_only_where_it_is_exact():
+    """A model in training mode (dropout), a patched module or a hook keeps the modules."""
+    _, ours = pair(8)
+    assert net_of(ours).flat
+    assert not net_of(ours.train()).flat
+    ours.eval()
+    handle = ours.blocks[0].ffwd.register_forward_hook(lambda m, i, o: o * 2)
+    assert not net_of(ours).flat
+    idx = torch.randint(65, (1, 3))
+    with torch.no_grad():  # and generation goes through the hook
+        assert torch.equal(ours.generate(idx, 12, temperature=0),
+                           oracle_generate(ours, idx, 12, None, temperature=0))
+    handle.remove()
+    ours.blocks[1].sa.forward = lambda x, attend=None: torch.zeros_like(x)
+    assert not net_of(ours).flat
+
+
+def test_cuda_graphs_need_cuda():
+    _, ours = pair(8)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        ours.generate(torch.zeros(1, 1, dtype=torch.long), 3, cuda_graphs=True)

@@ -57,6 +57,23 @@ def test_a_bad_key_or_value_reaches_only_the_queries_that_see_it(backend, Tq, Tk
     torch.testing.assert_close(dq[0, 0], dq_clean[0, 0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("where, value", [("k", float("nan")), ("v", float("nan")), ("v", float("inf"))],
+                         ids=["k-nan", "v-nan", "v-inf"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_without_gradients_the_output_is_checked_instead(backend, where, value):
+    """On a CPU without gradients the PyTorch paths attend first and check the output (a masked
+    non-finite entry can only reach it as NaN); the contract is the same."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    with torch.no_grad():
+        clean = attend(backend, q, k, v)
+        (k if where == "k" else v)[0, 1, 21, 5] = value
+        out = attend(backend, q, k, v)
+    assert torch.equal(out[0, 1, :21], clean[0, 1, :21]) and torch.equal(out[0, 0], clean[0, 0])
+    if where == "v" or value != value:
+        assert (~torch.isfinite(out[0, 1, 21:])).any(-1).all()
+
+
 @pytest.mark.parametrize("backend", EACH)
 def test_a_bad_value_reaches_only_its_queries_in_bfloat16(backend, device):
     """The same in bfloat16, with a value past a row's length (seqlens_k) as well. (Triton's
