@@ -20,10 +20,9 @@ WARMUP_STEPS = 3
 
 
 def adamw(params, device, graphs, **options):
-    """AdamW: fused on CUDA, and for a captured step (graphs) also capturable, its lr a device
-    tensor; plain elsewhere."""
-    if device.type != "cuda":
-        return torch.optim.AdamW(params, **options)
+    """AdamW, fused: one kernel for all parameters instead of a dozen ops for each (on the
+    2-core CPU that is a fifth of the small preset's training step). For a captured step
+    (graphs, CUDA) also capturable, its lr a device tensor."""
     if graphs:
         options.update(lr=torch.tensor(float(options["lr"]), device=device), capturable=True)
     return torch.optim.AdamW(params, fused=True, **options)
