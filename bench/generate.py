@@ -20,6 +20,8 @@ class Run:
     model: str  # the bench/train.py implementation that builds the model
     prompt_len: Callable  # block_size -> prompt tokens
     new_tokens: Callable  # (block_size, n) -> tokens to generate
+    compile: bool = False  # generate(compile=True): torch.compile of the per-token steps
+    cuda_only: bool = False
 
 
 IMPLS = {
@@ -27,6 +29,8 @@ IMPLS = {
     "project": Run("project", lambda bs: 1, lambda bs, n: n),
     "project:cache": Run("project", lambda bs: 1, lambda bs, n: bs - 1),
     "project:window": Run("project", lambda bs: bs, lambda bs, n: min(n, 4 * bs)),
+    # (on a CPU torch.compile made the small preset's step no faster, and compiling is slow)
+    "project-compiled": Run("project", lambda bs: 1, lambda bs, n: n, compile=True, cuda_only=True),
 }
 
 
@@ -39,16 +43,20 @@ def run(opts, rows, save):
     bar = progress(len(IMPLS), "generate")
     for name, spec in IMPLS.items():
         bar.update(1)
+        if spec.cuda_only and device.type != "cuda":
+            rows.append(dict(impl=name, skipped="CUDA only"))
+            continue
         prompt_len, new = spec.prompt_len(bs), spec.new_tokens(bs, n)
         torch.manual_seed(0)
         model = train.IMPLS[spec.model].build(cfg).to(device).eval()
         idx = torch.randint(cfg.vocab_size, (1, prompt_len), device=device)
         try:
             g = torch.Generator(device=device).manual_seed(0)
-            model.generate(idx, min(new, 2 * bs + 2), generator=g)  # warm-up, through both regimes
+            options = dict(generator=g, compile=True) if spec.compile else dict(generator=g)
+            model.generate(idx, min(new, 2 * bs + 2), **options)  # warm-up, through both regimes
             sync(device)
             t0 = time.perf_counter()
-            out = model.generate(idx, new, generator=g)
+            out = model.generate(idx, new, **options)
             sync(device)
             dt = time.perf_counter() - t0
         except Exception as e:

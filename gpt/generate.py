@@ -248,12 +248,14 @@ def check_sampling_args(vocab_size, max_new_tokens, temperature, top_k, top_p):
 
 @torch.inference_mode()
 def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                  generator=None, cuda_graphs=None):
+                  generator=None, cuda_graphs=None, compile=False):
     """Yield each new (B, 1) token of `model` continuing idx (B, T), as the lecture samples.
 
     cuda_graphs: capture the per-token steps, sampling included, in CUDA graphs (default: on
     when idx is on CUDA). Nothing is read back to the host: the yielded tokens are device
     tensors, and reading one is the caller's choice.
+    compile: torch.compile the model's part of each step (fewer, fused kernels per token; the
+    first step of each regime compiles, which takes seconds). Both steps then have fixed shapes.
     """
     cfg = model.config
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
@@ -272,6 +274,9 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     def next_token(logits):
         return sample(logits, temperature, top_k, top_p, generator)
 
+    def compiled(fn):
+        return torch.compile(fn, dynamic=False) if compile else fn
+
     made = 0
     if T0 <= bs:
         # In cache: every token so far in `context` (room for block_size + 1); the step at
@@ -284,12 +289,15 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
         yield context[:, T0:T0 + 1]
         pos = cache.positions[T0:T0 + 1].clone()  # the graphed step's position, on the device
 
+        decode = compiled(lambda tok, at: decode_one_token_static(net, tok, at, cache))
+
         def cache_step():
-            nxt = next_token(decode_one_token_static(net, context.index_select(1, pos), pos, cache))
+            nxt = next_token(decode(context.index_select(1, pos), pos))
             pos.add_(1)
             context.index_copy_(1, pos, nxt)
 
-        step = Captured(cache_step, [generator]) if graphs else None
+        # Graphed or compiled, every step has the same shapes; eager, p slices the cache.
+        step = Captured(cache_step, [generator]) if graphs else cache_step if compile else None
         for p in range(T0, min(bs, T0 + max_new_tokens - 1)):
             if step is not None:
                 step()
@@ -305,8 +313,10 @@ def stream_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     window = (idx if made == 0 else context[:, :T0 + made])[:, -bs:].clone()
     positions = torch.arange(bs, device=device)
 
+    forward = compiled(lambda w: window_logits(net, w, positions))
+
     def window_step():
-        nxt = next_token(window_logits(net, window, positions))
+        nxt = next_token(forward(window))
         window.copy_(torch.cat([window[:, 1:], nxt], dim=1))
         return nxt
 

@@ -152,7 +152,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, seed=None, stop=None, cuda_graphs=None):
+                 generator=None, seed=None, stop=None, cuda_graphs=None, compile=False):
         """Continue idx (B, T) by max_new_tokens tokens sampled as the lecture samples them.
 
         Exact: every token is drawn from softmax(logits) of the model run on the last
@@ -167,17 +167,21 @@ class GPT(nn.Module):
         generator / seed: a torch.Generator (on idx's device) or a seed for a new one.
         stop: a token-id sequence; generation ends once every row has produced it (this reads
         the tokens back to the host after each step).
-        cuda_graphs: capture the per-token steps in CUDA graphs (default: on for CUDA).
+        cuda_graphs: capture the per-token steps, sampling included, in CUDA graphs (default:
+        on for CUDA): a token is then one graph replay, with no host sync.
+        compile: torch.compile the steps' model part (fused kernels; seconds to compile; on
+        a GPU, not a CPU, where the small models it was measured on ran no faster).
         idx may also be a list of 1-D prompts of different lengths: a list comes back.
         """
         if isinstance(idx, (list, tuple)):
             return generate_batch(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, generator=self._generator(idx, generator, seed),
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs=cuda_graphs, compile=compile)
         new = []
         stop = torch.as_tensor(stop, device=idx.device) if stop else None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, seed, cuda_graphs):
+        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, seed,
+                               cuda_graphs, compile):
             new.append(tok)
             if stop is not None and len(new) >= len(stop):
                 # only the newest len(stop) tokens can complete the stop sequence
@@ -188,13 +192,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-               generator=None, seed=None, cuda_graphs=None):
+               generator=None, seed=None, cuda_graphs=None, compile=False):
         """Yield each new (B, 1) token as it is sampled; arguments as generate."""
         if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] > 0:
             if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
                 raise ValueError(f"idx holds token ids outside [0, {self.config.vocab_size})")
         yield from stream_tokens(self, idx, max_new_tokens, temperature, top_k, top_p,
-                                 self._generator(idx, generator, seed), cuda_graphs)
+                                 self._generator(idx, generator, seed), cuda_graphs, compile)
 
     def _generator(self, idx, generator, seed):
         if seed is None:

@@ -15,8 +15,10 @@ import torch
 
 # Eager steps run before the capture, on a side stream, as PyTorch's CUDA-graph notes ask (lazy
 # initialisation, cuBLAS workspaces, the Triton kernels' autotuning and launch plans). They are
-# real training steps, counted as such.
+# real training steps, counted as such. Under DistributedDataParallel the notes ask for 11 (DDP
+# settles its gradient buckets over the first iterations).
 WARMUP_STEPS = 3
+DDP_WARMUP_STEPS = 11
 
 
 def adamw(params, device, graphs, **options):
@@ -41,7 +43,7 @@ def set_lr(optimizer, lr):
 class Captured:
     """fn(*args) as a CUDA graph, replayed.
 
-    The first WARMUP_STEPS calls run eagerly on a side stream (real calls: their results are
+    The first `warmup` calls run eagerly on a side stream (real calls: their results are
     returned); the next one copies its args into static buffers and is captured, and it and
     every later call copy their args into those buffers and replay. A replay's result is the
     graph's own output, overwritten by the next replay. generators: the torch.Generators fn
@@ -49,8 +51,8 @@ class Captured:
     anew from them, as an eager call would.
     """
 
-    def __init__(self, fn, generators=()):
-        self.fn = fn
+    def __init__(self, fn, generators=(), warmup=WARMUP_STEPS):
+        self.fn, self.warmup = fn, warmup
         # The default CUDA generator is the graph's own already; others are registered.
         self.generators = [g for g in generators if g is not None
                            and all(g is not d for d in torch.cuda.default_generators)]
@@ -58,7 +60,7 @@ class Captured:
         self.graph = self.static = self.out = None
 
     def __call__(self, *args):
-        if self.graph is None and self.done < WARMUP_STEPS:
+        if self.graph is None and self.done < self.warmup:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -83,13 +85,14 @@ class Captured:
 
 class TrainStep:
     """step(x, y) -> the loss (a device tensor): zero the gradients, forward under autocast,
-    backward, optimizer step. With graphs (CUDA only), the step is Captured: its first
-    WARMUP_STEPS run eagerly, then it is one graph replay."""
+    backward, optimizer step. With graphs (CUDA only), the step is Captured: its first `warmup`
+    run eagerly, then it is one graph replay."""
 
-    def __init__(self, model, optimizer, autocast, graphs=False):
+    def __init__(self, model, optimizer, autocast, graphs=False, warmup=WARMUP_STEPS):
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
         # Captured, gradients are zeroed in place (the graph keeps their buffers).
-        self.captured = Captured(lambda x, y: self._step(x, y, set_to_none=False)) if graphs else None
+        self.captured = Captured(lambda x, y: self._step(x, y, set_to_none=False),
+                                 warmup=warmup) if graphs else None
 
     def _step(self, x, y, set_to_none):
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -28,7 +28,7 @@ from kernels.validation import BACKENDS
 
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
-from .step import TrainStep, adamw, set_lr
+from .step import DDP_WARMUP_STEPS, WARMUP_STEPS, Captured, TrainStep, adamw, set_lr
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -71,8 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default off; on for the speedrun preset on CUDA)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the whole training step (forward, backward, AdamW) in a CUDA "
-                        "graph and replay it (default: on with --compile on CUDA, one process)")
+                   help="capture the whole training step (forward, backward, AdamW; under "
+                        "torchrun the gradient all-reduce too) and the evaluation's forward in "
+                        "CUDA graphs and replay them (default: on with --compile on CUDA)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend")
     p.add_argument("--sample-tokens", type=int, default=300, help="characters sampled at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -110,9 +111,6 @@ def check_args(args):
     device = device_of(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, got {device}")
-    if args.cuda_graphs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--cuda-graphs: a data-parallel step is not captured yet; leave it out "
-                         "under torchrun")
     return device
 
 
@@ -159,14 +157,13 @@ def lr_at(it, hp):
 
 def run_settings(args, device, world_size=1):
     """(dtype, compile, cuda_graphs): the flags, else the preset's defaults on CUDA, else
-    float32, eager. CUDA graphs default to on with compile on CUDA in one process (a
-    data-parallel step is not captured yet)."""
+    float32, eager. CUDA graphs default to on with compile on CUDA."""
     run = PRESETS[args.preset].get("run", {}) if device.type == "cuda" else {}
     dtype = args.dtype or run.get("dtype", "float32")
     compile_model = args.compile if args.compile is not None else run.get("compile", False)
     graphs = args.cuda_graphs  # checked in check_args
     if graphs is None:
-        graphs = compile_model and device.type == "cuda" and world_size == 1
+        graphs = compile_model and device.type == "cuda"
     return dtype, compile_model, graphs
 
 
@@ -210,10 +207,16 @@ def set_rng_state(state, batches, own=True):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, seed, autocast, progress=False):
+def estimate_loss(model, batches, eval_iters, seed, autocast, progress=False, forward=None):
     """Mean loss over eval_iters batches of each split, drawn from a generator of its own. The
     losses stay on the device until the split's mean is read: one host sync per split, not one
-    per batch (an evaluation of the lecture's 200 batches waited on the GPU 400 times)."""
+    per batch (an evaluation of the lecture's 200 batches waited on the GPU 400 times).
+    forward(x, y) -> loss: how a batch's loss is computed (default: the model under autocast;
+    gpt.train passes a captured one with --cuda-graphs)."""
+    if forward is None:
+        def forward(x, y):
+            with autocast():
+                return model(x, y)[1]
     model.eval()
     out = {}
     bar = tqdm(total=2 * eval_iters, desc="evaluating", unit="batch", leave=False,
@@ -223,9 +226,7 @@ def estimate_loss(model, batches, eval_iters, seed, autocast, progress=False):
         losses = torch.zeros(eval_iters, device=batches.device)
         for i in range(eval_iters):
             x, y = batches.get(split, generator=g)
-            with autocast():
-                _, loss = model(x, y)
-            losses[i] = loss
+            losses[i] = forward(x, y)  # (a copy: a captured forward overwrites its loss)
             bar.update(1)
         out[split] = losses.mean().item()
     bar.close()
@@ -365,8 +366,14 @@ def _train(args, ddp, build_model, report):
         f"{len(batches.splits['train'])} train tokens, starting at iter {start}", flush=True)
     step_model = model
     if ddp.world_size > 1:  # gradients averaged over the processes in the backward
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        # For a captured step, PyTorch's CUDA-graph notes ask that DDP be built on a side
+        # stream and warmed up for DDP_WARMUP_STEPS eager iterations before the capture.
+        side = torch.cuda.Stream() if graphs else None
+        with torch.cuda.stream(side) if side else contextlib.nullcontext():
+            step_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if side:
+            torch.cuda.current_stream().wait_stream(side)
     step_model = torch.compile(step_model) if compile_model else step_model
     # Evaluation runs on rank 0 alone, so never through DDP (whose forward syncs buffers).
     eval_model = step_model if ddp.world_size == 1 else (
@@ -375,7 +382,14 @@ def _train(args, ddp, build_model, report):
     # (A captured step must not keep autocast's cache of cast weights between replays.)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not graphs)
                 ) if amp_dtype else contextlib.nullcontext
-    train_step = TrainStep(step_model, optimizer, autocast, graphs)
+    train_step = TrainStep(step_model, optimizer, autocast, graphs,
+                           warmup=DDP_WARMUP_STEPS if ddp.world_size > 1 else WARMUP_STEPS)
+
+    def eval_loss(x, y):
+        with autocast():
+            return eval_model(x, y)[1]
+    # Captured too: an evaluation of the lecture's run is 400 forwards.
+    eval_forward = Captured(eval_loss) if graphs else None
 
     def stop_if_diverged(it, what):
         kept = (f"kept the checkpoint of iteration {saved_at} in {ckpt_path}" if saved_at is not None
@@ -407,7 +421,7 @@ def _train(args, ddp, build_model, report):
         if not ddp.main:
             return None
         losses = estimate_loss(eval_model, eval_batches, hp["eval_iters"], args.seed + 1, autocast,
-                               progress=bar is not None)
+                               progress=bar is not None, forward=eval_forward)
         msg = f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if bar is None:
             print(msg, flush=True)

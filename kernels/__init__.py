@@ -65,7 +65,11 @@ def _overlaps(t):
     """Whether two elements of t may share memory (strides such as stride_t = stride_d = 1).
     A review saw PyTorch's CPU SDPA return garbage for such inputs; the shapes tried here with
     torch 2.13 came out right, and a copy costs little, so the sdpa backend copies them."""
-    return not t.is_contiguous() and _overlapping(tuple(t.shape), t.stride())
+    if t.is_contiguous():
+        return False
+    # (torch.compile traces the function itself: it warns about a cache it would skip)
+    test = _overlapping.__wrapped__ if torch.compiler.is_compiling() else _overlapping
+    return test(tuple(t.shape), t.stride())
 
 
 @functools.lru_cache(maxsize=4096)  # a model asks about a few layouts, once per call (~5 us)

@@ -220,6 +220,17 @@ def test_flat_is_used_only_where_it_is_exact():
     assert not net_of(ours).flat
 
 
+def test_compiled_steps_generate_the_same_tokens():
+    """compile=True (torch.compile of each regime's step, fixed shapes) samples exactly what
+    the eager steps sample, through the cache and past block_size."""
+    _, ours = pair(8, n_layer=1)
+    ours = ours.float()
+    idx = torch.randint(65, (2, 3))
+    eager = ours.generate(idx, 14, seed=3, top_k=20)
+    torch.testing.assert_close(ours.generate(idx, 14, seed=3, top_k=20, compile=True), eager,
+                               rtol=0, atol=0)
+
+
 def test_cuda_graphs_need_cuda():
     _, ours = pair(8)
     with pytest.raises(ValueError, match="cuda_graphs"):

@@ -237,18 +237,23 @@ def test_speedrun_stops_at_its_target_and_says_how_long_it_took(tmp_path, text_p
 
 @pytest.mark.gpu
 def test_captured_training_step_trains_as_the_eager_one(tmp_path, text_path):
-    """--cuda-graphs (the whole step, AdamW included, captured once and replayed): the weights
+    """--cuda-graphs (the whole step, AdamW included, and the evaluation's forward, captured once
+    and replayed): the weights
     of 12 steps with a warm-up and cosine schedule as the eager loop gives them (to float
     rounding: the captured AdamW keeps its lr and step count on the device), and a run split by
     --resume ends bitwise where the captured run straight through ends."""
     common = [*TINY, "--data", str(text_path), "--device", "cuda", "--eval-interval", "6",
               "--warmup-iters", "3", "--min-lr", "1e-4", "--max-iters", "12", "--sample-tokens", "0"]
-    train_main([*common, "--out-dir", str(tmp_path / "eager"), "--no-cuda-graphs"])
-    train_main([*common, "--out-dir", str(tmp_path / "graph"), "--cuda-graphs"])
+    from gpt.train import parse_args, train
+    _, eager_losses = train(parse_args([*common, "--out-dir", str(tmp_path / "eager"), "--no-cuda-graphs"]))
+    _, graph_losses = train(parse_args([*common, "--out-dir", str(tmp_path / "graph"), "--cuda-graphs"]))
     train_main([*common, "--out-dir", str(tmp_path / "split"), "--cuda-graphs", "--max-iters", "6"])
     train_main([*common, "--out-dir", str(tmp_path / "split"), "--cuda-graphs", "--resume"])
     eager, graph, split = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
                            for d in ("eager", "graph", "split"))
+    # The evaluation is captured too: its losses as the eager forward's.
+    for key in ("train", "val"):
+        assert graph_losses[key] == pytest.approx(eager_losses[key], rel=1e-4)
     for name in eager:
         torch.testing.assert_close(graph[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
         assert torch.equal(split[name], graph[name]), name
