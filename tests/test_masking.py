@@ -74,6 +74,27 @@ def test_without_gradients_the_output_is_checked_instead(backend, where, value):
         assert (~torch.isfinite(out[0, 1, 21:])).any(-1).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_views_of_one_qkv_tensor_keep_the_contract(backend):
+    """q, k, v as a fused projection gives them (views of one tensor, which the CPU check sums
+    at once): a NaN in a key the early queries cannot see stays out of their outputs and dQ."""
+    from kernels.modules import split_heads
+    torch.manual_seed(4)
+    qkv = torch.randn(1, 40, 3 * 32, requires_grad=True)
+    clean = attend(backend, *split_heads(qkv, 2))
+    bad = qkv.detach().clone()
+    bad[0, 21, 2 * 32 + 5] = float("nan")  # value of position 21, head 0
+    bad.requires_grad_(True)
+    out = attend(backend, *split_heads(bad, 2))
+    assert torch.equal(out[0, :, :21], clean[0, :, :21]) and torch.equal(out[0, 1], clean[0, 1])
+    assert torch.isnan(out[0, 0, 21:]).any(-1).all()
+    do = torch.zeros_like(out)
+    do[0, :, :21] = 1.0
+    g_bad, = torch.autograd.grad(out, bad, do)
+    g_clean, = torch.autograd.grad(clean, qkv, do)
+    assert torch.equal(g_bad[0, :21, :32], g_clean[0, :21, :32])  # dQ of the blind queries
+
+
 @pytest.mark.parametrize("backend", EACH)
 def test_a_bad_value_reaches_only_its_queries_in_bfloat16(backend, device):
     """The same in bfloat16, with a value past a row's length (seqlens_k) as well. (Triton's
