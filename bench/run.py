@@ -61,7 +61,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
-                   help="attention dtypes (repeatable; default bfloat16+float16 on CUDA, float32 on CPU)")
+                   help="dtypes (repeatable): attention's and varlen's (default bfloat16+float16 on "
+                        "CUDA, float32 on CPU), and gpt_train's among bfloat16 (autocast) and "
+                        "float32 (default both on CUDA, float32 on CPU)")
     p.add_argument("--only", choices=sorted(SECTIONS), action="append",
                    help="run only this section (repeatable)")
     p.add_argument("--quick", action="store_true", help="a small grid")
@@ -84,6 +86,7 @@ def main(argv=None):
 
     out_dir = Path(args.out)
     opts = types.SimpleNamespace(device=device, dtypes=dtypes, quick=args.quick,
+                                 dtypes_given=bool(args.dtype),
                                  profile_dir=out_dir if args.profile else None)
     report = {"device": harness.device_name(device), "versions": harness.versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

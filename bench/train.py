@@ -121,6 +121,12 @@ def run(opts, rows, save):
     T, L, H = cfg.block_size, cfg.n_layer, cfg.n_head
     runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16),
                                                              ("float32", None)]
+    if getattr(opts, "dtypes_given", False):  # --dtype: those of them it names
+        named = {str(d).replace("torch.", "") for d in opts.dtypes}
+        runs = [(name, amp) for name, amp in (("bfloat16", torch.bfloat16), ("float32", None))
+                if name in named]
+        if not runs:
+            log("  gpt_train: runs in bfloat16 (autocast) or float32; --dtype names neither")
     bar = progress(2 * len(runs) * len(IMPLS), "gpt_train")
     for dtype_name, amp in runs:
         peak = matmul_peak_tflops(device, amp or torch.float32) if device.type == "cuda" else None
