@@ -108,6 +108,71 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=T
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
+def compile_hopper(dtype, head_dim, ws):
+    """kernels/hopper.py's forward for sm_90 at its config for head_dim; ws: the key loop
+    warp-specialised (LECTURE_FLASH_HOPPER=ws)."""
+    from kernels import hopper
+    fn = hopper._attn_fwd_hopper
+    block_m, block_n, warps, stages = hopper.CONFIGS[head_dim]
+    constexprs = dict(HEAD_DIM=head_dim, HUGE_SCALE=False, OFFS_64=False, BLOCK_M=block_m,
+                      BLOCK_N=block_n, STAGES=stages, WS=ws, GROUP=1)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            rows = block_m if name == "q_desc" else block_n
+            sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
+        elif name == "O":
+            sig[name] = "*" + dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "LSE":
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "stride_o":
+            sig[name] = ("i32", "i32", "i32", "constexpr")
+            constexprs[(i, 3)] = 1
+        elif name == "stride_stats":
+            sig[name] = ("i32", "i32")
+        elif name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def hopper_report(dtypes, head_dims):
+    """One line per (dtype, head dim, mode) of the Hopper forward; the number of failures."""
+    from kernels import hopper
+    print(f"{'kernel':10s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
+          f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'TMA':>4s} {'WS':>3s} {'SASS':>6s} {'mma':>8s}")
+    failures = 0
+    for dtype in dtypes:
+        for D in [d for d in head_dims if d in hopper.CONFIGS]:
+            bm, bn, warps, stages = hopper.CONFIGS[D]
+            for ws in (False, True):
+                head = (f"{'hopper-ws' if ws else 'hopper':10s} {dtype:5s} {D:3d} {f'{bm}x{bn}':>7s} "
+                        f"{warps:5d} {stages:6d}")
+                try:
+                    kernel = compile_hopper(dtype, D, ws)
+                except Exception as e:
+                    failures += 1
+                    print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")
+                    continue
+                f = inspect(kernel)
+                sass = _cuobjdump(kernel, "-sass") or ""
+                tma = "yes" if "UTMALDG" in sass else "no" if sass else "?"
+                # The loop attribute (tt.warp_specialize) asks; partitions (a ttg.warp_specialize
+                # op) are what the compiler made of it.
+                specialised = "yes" if "ttg.warp_specialize" in kernel.asm.get("ttgir", "") else "no"
+                show = lambda v: "?" if v is None else v  # noqa: E731
+                print(f"{head} {show(f['regs']):>4} {show(f['stack']):>5} {f['shared']:7d} {tma:>4s} "
+                      f"{specialised:>3s} {show(f['sass']):>6} {show(f['mma']):>8}"
+                      f"{'  spills' if f['stack'] else ''}")
+    return failures
+
+
 def _cuobjdump(kernel, *args):
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists() or "cubin" not in kernel.asm:
@@ -162,6 +227,9 @@ def parse_args(argv):
                    help="float32 dots (default: what a call gets now, %(default)s)")
     p.add_argument("--fixed", action="store_true",
                    help="stop at the config each kernel uses with autotuning off (the first that fits)")
+    p.add_argument("--hopper", action="store_true",
+                   help="instead, the opt-in sm_90 forward (kernels/hopper.py), with and without "
+                        "warp specialisation: TMA loads, registers, spills")
     args = p.parse_args(argv)
     try:
         args.head_dims = [int(d) for d in args.head_dim.split(",")]
@@ -174,6 +242,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.hopper:
+        print(f"triton {triton.__version__}, target sm_90, the Hopper forward (kernels/hopper.py)")
+        failures = hopper_report([DTYPES[d] for d in (args.dtype or ["bfloat16"])], args.head_dims)
+        return 1 if failures else 0
     limit = SMEM_LIMIT[args.arch]
     print(f"triton {triton.__version__}, target sm_{args.arch}, shared memory limit {limit} bytes per block")
     print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "

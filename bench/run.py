@@ -22,6 +22,7 @@ bench/speedrun.py (GPU only); what they share is in bench/harness.py.
 """
 import argparse
 import datetime
+import os
 import re
 import sys
 import time
@@ -91,7 +92,9 @@ def main(argv=None):
     report = {"device": harness.device_name(device), "versions": harness.versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "settings": {"quick": args.quick, "sections": sections,
-                           "dtypes": [str(d).replace("torch.", "") for d in dtypes]},
+                           "dtypes": [str(d).replace("torch.", "") for d in dtypes],
+                           # the opt-in Hopper forward (kernels/hopper.py), where it applies
+                           "hopper": os.environ.get("LECTURE_FLASH_HOPPER") or None},
               **{name: [] for name in SECTIONS}}
     paths = [out_dir]
     if device.type == "cuda" and not args.quick:
@@ -113,6 +116,9 @@ def main(argv=None):
 
     print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}",
           flush=True)
+    if report["settings"]["hopper"]:
+        print(f"LECTURE_FLASH_HOPPER={report['settings']['hopper']}: the triton rows' forward is "
+              "kernels/hopper.py's where it applies", flush=True)
     for name in RUN_ORDER:  # each section's table as soon as it is measured
         if name in sections:
             SECTIONS[name].run(opts, report[name], save)

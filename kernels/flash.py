@@ -1195,6 +1195,8 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse
     q, scale = with_positive_scale(q, scale)  # the forward kernel needs scale > 0
     if splits > 1:
         return _fwd_split(q, k, v, scale, fp32_precision, left, rows, splits)
+    if hopper.applies(q, k, v, dropout_p, left, rows, splits):  # opt-in: LECTURE_FLASH_HOPPER
+        return hopper.forward(q, k, v, scale)
     o = _new_output(q, rows)
     if keep_lse:
         lse = _new_stats(q, rows)
@@ -1530,3 +1532,8 @@ def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):
     grid = (_cdiv(Tq, bm), _cdiv(Tk, bn), B * H)
     _dropout_mask_kernel[grid](seed, mask, Tq, Tk, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
     return mask.view(B, H, Tq, Tk).bool()
+
+
+# The opt-in sm_90 forward (LECTURE_FLASH_HOPPER) builds on this module's jitted helpers, so it
+# is imported once they exist.
+from . import hopper  # noqa: E402

@@ -54,7 +54,8 @@ def _two_workers(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-COMPILE_CHECK = "test_kernels_compile_for_an_h100"  # tests/test_bench.py
+COMPILE_CHECKS = ("test_kernels_compile_for_an_h100",  # tests/test_bench.py
+                  "test_the_hopper_forward_compiles_for_an_h100")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,7 +72,7 @@ def pytest_collection_modifyitems(config, items):
     # starts: checked last, they cost the session little more than their own slowest process.
     # With two workers the one that runs them starts the processes: first, so that they
     # compile while the other worker runs the rest.
-    compiles = [item for item in items if getattr(item, "originalname", None) == COMPILE_CHECK]
+    compiles = [item for item in items if getattr(item, "originalname", None) in COMPILE_CHECKS]
     rest = [item for item in items if item not in compiles]
     items[:] = compiles + rest if os.environ.get("PYTEST_XDIST_WORKER") else rest + compiles
 
@@ -83,7 +84,7 @@ def _start_compiles(request):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return  # several workers: the one that runs the checks starts them (test_bench.py)
     for item in request.session.items:
-        if getattr(item, "originalname", None) == COMPILE_CHECK:
+        if getattr(item, "originalname", None) in COMPILE_CHECKS:
             if item.module._can_compile_for_cuda():
                 item.module.start_compile_reports()
             break

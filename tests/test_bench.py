@@ -146,9 +146,11 @@ def start_compile_reports():
     """The compile_report processes, started on the first call (once per session)."""
     if not _COMPILE_PROCS:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        runs = {name: ["--fixed", *flags] for name, (flags, _) in COMPILES.items()}
+        runs["hopper"] = ["--hopper", "--head-dim", "64,128"]  # kernels/hopper.py, bf16
         _COMPILE_PROCS.update({name: subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "compile_report.py"), "--fixed", *flags], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (flags, _) in COMPILES.items()})
+            [sys.executable, str(ROOT / "bench" / "compile_report.py"), *flags], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, flags in runs.items()})
     return _COMPILE_PROCS
 
 
@@ -173,6 +175,20 @@ def test_kernels_compile_for_an_h100(compile_reports, name):
     chosen = [line for line in out.splitlines() if "the untuned choice" in line]
     assert len(chosen) == COMPILES[name][1], out
     assert all(line.split()[11] == "wgmma" for line in chosen), out
+
+
+@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no CUDA backend to compile with")
+@pytest.mark.xdist_group("compile_report")
+def test_the_hopper_forward_compiles_for_an_h100(compile_reports):
+    """kernels/hopper.py's opt-in forward builds for sm_90 at D = 64 and 128, with and without
+    warp specialisation asked for: its tiles come by TMA (UTMALDG in the SASS), its dots are
+    wgmma, and nothing spills."""
+    out, err = compile_reports["hopper"].communicate(timeout=900)
+    assert compile_reports["hopper"].returncode == 0, out[-3000:] + err[-2000:]
+    rows = [line.split() for line in out.splitlines() if line.startswith("hopper")]
+    assert len(rows) == 4, out
+    for row in rows:  # kernel dtype D BMxBN warps stages regs stack shared TMA WS SASS mma
+        assert row[7] == "0" and row[9] == "yes" and row[12] == "wgmma", out
 
 
 @pytest.fixture
