@@ -108,12 +108,13 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=T
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def compile_hopper(dtype, head_dim, ws):
-    """kernels/hopper.py's forward for sm_90 at its config for head_dim; ws: the key loop
+def compile_hopper(dtype, head_dim, ws, config):
+    """kernels/hopper.py's forward for sm_90 with this config; ws: the key loop
     warp-specialised (LECTURE_FLASH_HOPPER=ws)."""
     from kernels import hopper
     fn = hopper._attn_fwd_hopper
-    block_m, block_n, warps, stages = hopper.CONFIGS[head_dim]
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    warps, stages = config.num_warps, config.num_stages
     constexprs = dict(HEAD_DIM=head_dim, HUGE_SCALE=False, OFFS_64=False, BLOCK_M=block_m,
                       BLOCK_N=block_n, STAGES=stages, WS=ws, GROUP=1)
     sig, attrs = {}, {}
@@ -142,25 +143,32 @@ def compile_hopper(dtype, head_dim, ws):
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def hopper_report(dtypes, head_dims):
-    """One line per (dtype, head dim, mode) of the Hopper forward; the number of failures."""
+def hopper_report(dtypes, head_dims, fixed):
+    """One line per (dtype, head dim, config, mode) of the Hopper forward (fixed: the first
+    config only, its choice with autotuning off); the number of failures."""
     from kernels import hopper
     print(f"{'kernel':10s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
           f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'TMA':>4s} {'WS':>3s} {'SASS':>6s} {'mma':>8s}")
     failures = 0
     for dtype in dtypes:
-        for D in [d for d in head_dims if d in hopper.CONFIGS]:
-            bm, bn, warps, stages = hopper.CONFIGS[D]
+        for D in [d for d in head_dims if d in hopper.CANDIDATES]:
+          for c in hopper.CANDIDATES[D][:1] if fixed else hopper.CANDIDATES[D]:  # noqa: E111
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             for ws in (False, True):
+                if ws and c not in hopper.candidates(D, "ws"):
+                    continue  # a config "ws" mode does not try (hopper.candidates says why)
                 head = (f"{'hopper-ws' if ws else 'hopper':10s} {dtype:5s} {D:3d} {f'{bm}x{bn}':>7s} "
-                        f"{warps:5d} {stages:6d}")
+                        f"{c.num_warps:5d} {c.num_stages:6d}")
                 try:
-                    kernel = compile_hopper(dtype, D, ws)
+                    kernel = compile_hopper(dtype, D, ws, c)
                 except Exception as e:
                     failures += 1
                     print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")
                     continue
                 f = inspect(kernel)
+                if f["shared"] > SMEM_LIMIT[90]:
+                    print(f"{head}  too much shared memory for sm_90 ({f['shared']} bytes): skipped")
+                    continue
                 sass = _cuobjdump(kernel, "-sass") or ""
                 tma = "yes" if "UTMALDG" in sass else "no" if sass else "?"
                 # The loop attribute (tt.warp_specialize) asks; partitions (a ttg.warp_specialize
@@ -244,7 +252,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.hopper:
         print(f"triton {triton.__version__}, target sm_90, the Hopper forward (kernels/hopper.py)")
-        failures = hopper_report([DTYPES[d] for d in (args.dtype or ["bfloat16"])], args.head_dims)
+        failures = hopper_report([DTYPES[d] for d in (args.dtype or ["bfloat16"])], args.head_dims,
+                                 args.fixed)
         return 1 if failures else 0
     limit = SMEM_LIMIT[args.arch]
     print(f"triton {triton.__version__}, target sm_{args.arch}, shared memory limit {limit} bytes per block")

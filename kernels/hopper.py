@@ -36,12 +36,21 @@ try:
 except ImportError:  # Triton < 3.4: no host-side descriptors
     TensorDescriptor = None
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim: FlashAttention-3's causal tiles for
-# D = 128 (hopper/tile_size.h: 128 x 128); D = 64 keeps 128 query rows (FA3 runs 192 with
-# three consumer warp groups, which Triton's automatic specialisation does not choose).
+# The configs tried per head dim, each compiled once per dtype the first time it is tried; the
+# first is the choice with autotuning off (LECTURE_FLASH_AUTOTUNE=0), and with it on the
+# fastest is kept per length bucket (kernels/autotune.py, as the portable kernels choose).
+# First: FlashAttention-3's causal tile for D = 128 (hopper/tile_size.h: 128 x 128); D = 64
+# keeps 128 query rows (FA3 runs 192 with three consumer warp groups, which Triton's automatic
+# specialisation does not choose). 128 x 128 x 3 stages at D = 128 is at the 227 KB limit; a
+# 64 x 128 tile of 4 warps spilled at D = 128 (compile_report.py --hopper).
+CANDIDATES = {
+    64: [flash._cfg(128, 128, 3, 8), flash._cfg(128, 64, 3, 8), flash._cfg(128, 128, 4, 8),
+         flash._cfg(128, 64, 3, 4)],
+    128: [flash._cfg(128, 128, 2, 8), flash._cfg(128, 64, 3, 8), flash._cfg(128, 128, 3, 8),
+          flash._cfg(128, 64, 2, 8)],
+}
 # Under the interpreter, small tiles keep the tests fast.
-CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 2)}
-INTERPRETED = (16, 16, 4, 1)
+INTERPRETED = flash._cfg(16, 16, 1, 4)
 
 
 def applies(q, k, v, dropout_p, left, rows, splits):
@@ -50,7 +59,7 @@ def applies(q, k, v, dropout_p, left, rows, splits):
         return False
     if rows.mode != flash.DENSE or dropout_p > 0.0 or left >= 0 or splits > 1:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CONFIGS:
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CANDIDATES:
         return False
     if not flash.INTERPRET and (not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0)):
         return False
@@ -123,9 +132,15 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, O, LSE, stride_o, stride_stats, H, 
     flash._store_tile(o, offs_m, offs_d, HEAD_DIM, acc / l_i[:, None])
 
 
-def config(D):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim D."""
-    return INTERPRETED if flash.INTERPRET else CONFIGS[D]
+def candidates(D, mode=None):
+    """The configs forward() chooses among for head dim D. In "ws" mode the 8-warp ones only:
+    Triton 3.9 specialises the warps of a 4-warp config for sm_90, and its pass fails an
+    assertion on this kernel (compile_report.py --hopper shows it); 8-warp configs compile as in
+    mode 1 there. (The GPU image's Triton 3.6 is to be seen.)"""
+    if flash.INTERPRET:
+        return [INTERPRETED]
+    mode = MODE if mode is None else mode
+    return [c for c in CANDIDATES[D] if mode != "ws" or c.num_warps == 8]
 
 
 def forward(q, k, v, scale):
@@ -133,14 +148,24 @@ def forward(q, k, v, scale):
     for a call applies() accepted; scale > 0."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    block_m, block_n, warps, stages = config(D)
     o = flash._new_output(q, flash.DENSE_ROWS)
     lse = flash._new_stats(q, flash.DENSE_ROWS)
-    q_desc = TensorDescriptor.from_tensor(q, [1, 1, block_m, D])
-    k_desc, v_desc = (TensorDescriptor.from_tensor(t, [1, 1, block_n, D]) for t in (k, v))
-    grid = (triton.cdiv(Tq, block_m), B * H)
-    _attn_fwd_hopper[grid](q_desc, k_desc, v_desc, o, lse, o.stride(), lse.stride()[:2], H,
-                           H // k.shape[1], Tq, Tk, scale, HEAD_DIM=D, HUGE_SCALE=abs(scale) > 1.0,
-                           OFFS_64=flash._offsets_need_64(q, k, v, o), BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=MODE == "ws",
-                           num_warps=warps, num_stages=stages)
+    offs_64 = flash._offsets_need_64(q, k, v, o)
+
+    def run(conf):
+        block_m, block_n = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+        q_desc = TensorDescriptor.from_tensor(q, [1, 1, block_m, D])
+        k_desc, v_desc = (TensorDescriptor.from_tensor(t, [1, 1, block_n, D]) for t in (k, v))
+        grid = (triton.cdiv(Tq, block_m), B * H)
+        _attn_fwd_hopper[grid](q_desc, k_desc, v_desc, o, lse, o.stride(), lse.stride()[:2], H,
+                               H // k.shape[1], Tq, Tk, scale, HEAD_DIM=D,
+                               HUGE_SCALE=abs(scale) > 1.0, OFFS_64=offs_64, BLOCK_M=block_m,
+                               BLOCK_N=block_n, STAGES=conf.num_stages, WS=MODE == "ws",
+                               num_warps=conf.num_warps, num_stages=conf.num_stages)
+
+    # The portable kernels' key layout (kernel, dtype, device, flash._TUNE_KEY), so that
+    # flash.autotune_report() lists these choices beside theirs.
+    key = (f"fwd_hopper{'_ws' if MODE == 'ws' else ''}", q.dtype, q.device, flash._bucket(Tq),
+           flash._bucket(Tk), D, False, "ieee", None, False)
+    flash._TUNER.run(key, lambda: candidates(D), run)
     return o, lse

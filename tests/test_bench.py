@@ -147,7 +147,7 @@ def start_compile_reports():
     if not _COMPILE_PROCS:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         runs = {name: ["--fixed", *flags] for name, (flags, _) in COMPILES.items()}
-        runs["hopper"] = ["--hopper", "--head-dim", "64,128"]  # kernels/hopper.py, bf16
+        runs["hopper"] = ["--hopper", "--fixed", "--head-dim", "64,128"]  # kernels/hopper.py, bf16
         _COMPILE_PROCS.update({name: subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "compile_report.py"), *flags], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, flags in runs.items()})
