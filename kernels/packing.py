@@ -2,8 +2,9 @@
 
 flash-attn's varlen convention: B sequences packed along one axis, x (total, H, D), with
 cu_seqlens (B + 1,) int32 the cumulative lengths (sequence b holds rows cu[b] .. cu[b + 1] - 1).
-The Triton kernel reads packed rows in place; the PyTorch paths pad them into (B, H, T, D)
-batches, attend with a mask (row_mask), and pack the result again. Every step is a device op
+The Triton kernel reads packed rows in place; the PyTorch paths either attend over the packed
+rows as one sequence under a block-diagonal mask (block_diagonal_mask), or pad them into
+(B, H, T, D) batches, attend with a mask (row_mask), and pack the result again. Every step is a device op
 with no read back to the host, so none of it syncs.
 """
 import torch
@@ -21,6 +22,46 @@ def row_mask(Tq, Tk, lengths, offsets, left=None):
     if left is not None:
         seen &= j >= last - left
     return seen.unsqueeze(1)
+
+
+def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None):
+    """(mask, empty) over the packed rows themselves: mask (1, 1, total_q, total_k) bool, True
+    where packed query t sees packed key u, that is both belong to the same sequence b and, with
+    i and j their positions in it, j <= i + Lk_b - Lq_b (bottom-right causal; with a window,
+    also j >= that - left); empty (1, 1, total_q, 1), the queries that see no key.
+
+    A model's layers pass the same cu_seqlens tensors: the last few masks are kept, for those
+    tensors unchanged (the same objects, not written to since: torch's version counter)."""
+    key = (id(cu_seqlens_q), cu_seqlens_q._version, id(cu_seqlens_k), cu_seqlens_k._version,
+           total_q, total_k, left)
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None and hit[0] is cu_seqlens_q and hit[1] is cu_seqlens_k:
+        return hit[2]
+    device = cu_seqlens_q.device
+    tq, tk = torch.arange(total_q, device=device), torch.arange(total_k, device=device)
+    bq = torch.searchsorted(cu_seqlens_q, tq, right=True) - 1  # (total_q,) each row's sequence
+    bk = torch.searchsorted(cu_seqlens_k, tk, right=True) - 1
+    j = (tk - cu_seqlens_k[bk]).view(1, -1)
+    lengths_k = seq_lengths(cu_seqlens_k)
+    i = tq - cu_seqlens_q[bq]
+    last = (i + (lengths_k - seq_lengths(cu_seqlens_q))[bq]).view(-1, 1)
+    seen = (bq.view(-1, 1) == bk.view(1, -1)) & (j <= last)
+    first = torch.zeros_like(last)
+    if left is not None:
+        seen &= j >= last - left
+        first = (last - left).clamp(min=0)
+    # A row sees no key when its last visible position is before the sequence's first key, or
+    # its first is past the sequence's length.
+    empty = (last < 0) | (first >= lengths_k[bq].view(-1, 1)) | (first > last)
+    out = seen.view(1, 1, total_q, total_k), empty.view(1, 1, total_q, 1)
+    if not torch.compiler.is_compiling():
+        if len(_BLOCK_MASKS) >= 8:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        _BLOCK_MASKS[key] = (cu_seqlens_q, cu_seqlens_k, out)
+    return out
+
+
+_BLOCK_MASKS = {}  # (ids and versions of cu_seqlens, sizes, left) -> (the tensors, mask, empty)
 
 
 def seq_lengths(cu_seqlens):

@@ -493,6 +493,56 @@ def test_key_lengths_and_packed_sequences(request, backend, dtype, kind, device)
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
+@pytest.fixture(params=["as-one", "padded"])
+def packed_path(request, monkeypatch):
+    """Both ways the PyTorch paths attend packed sequences: as one sequence under a
+    block-diagonal mask, or padded into a batch (kernels.PACKED_AS_ONE picks by size)."""
+    import kernels
+    monkeypatch.setattr(kernels, "PACKED_AS_ONE", (10**9, 10**12) if request.param == "as-one" else (0, 0))
+    return request.param
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [None, (4, 0)], ids=["causal", "window"])
+def test_both_packed_paths_agree_with_the_oracle(packed_path, backend, window, device):
+    """Forward, lse and gradients of documents with Lq < Lk, Lq > Lk (rows that see no key) and an
+    empty key sequence, on each path."""
+    torch.manual_seed(33)
+    lq, lk = [3, 9, 5, 2], [6, 4, 5, 0]
+    q = rand(sum(lq), 2, 16, dtype=torch.float32, device=device)
+    k, v = (rand(sum(lk), 1, 16, dtype=torch.float32, device=device) for _ in range(2))
+    cu = [torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), device=device, dtype=torch.int32)
+          for n in (lq, lk)]
+    rows = dict(cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
+    check_against_oracle(q, k, v, backend, rows=rows, window=window)
+    out, lse = causal_attention(q, k, v, backend=backend, return_lse=True, window=window, **rows)
+    ref, ref_lse = causal_attention_reference(q.double(), k.double(), v.double(), return_lse=True,
+                                              window=window, **rows)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    # Rows that see no key: document 2's first five (9 queries, 4 keys), document 4's (no keys).
+    assert torch.isinf(lse[:, 3:8]).all() and torch.isinf(lse[:, 17:]).all()
+    assert torch.equal(out[3:8], torch.zeros_like(out[3:8])) and not out[17:].any()
+
+
+def test_block_diagonal_masks_empty_rows_and_reuse():
+    """block_diagonal_mask's empty rows are the mask's own, and a mask is reused only for the
+    same cu_seqlens tensors, unchanged."""
+    from kernels.packing import block_diagonal_mask
+    torch.manual_seed(34)
+    for _ in range(20):
+        lq, lk = torch.randint(0, 7, (4,)), torch.randint(0, 7, (4,))
+        cu_q, cu_k = (torch.cat([torch.zeros(1, dtype=torch.int32), n.cumsum(0).int()]) for n in (lq, lk))
+        for left in (None, 0, 2):
+            mask, empty = block_diagonal_mask(cu_q, cu_k, int(lq.sum()), int(lk.sum()), left)
+            assert torch.equal(empty, ~mask.any(-1, keepdim=True))
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    first = block_diagonal_mask(cu, cu, 5, 5)
+    assert block_diagonal_mask(cu, cu, 5, 5) is first
+    cu[1] = 2  # written in place: a new mask
+    again = block_diagonal_mask(cu, cu, 5, 5)
+    assert again is not first and not torch.equal(again[0], first[0])
+
+
 ROWS_ERRORS = [
     (dict(seqlens_k=[3, 3]), TypeError, "seqlens_k must be a torch.Tensor"),
     (dict(seqlens_k=torch.tensor([3.0, 3.0])), TypeError, "seqlens_k must be an integer tensor"),
