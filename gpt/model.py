@@ -62,7 +62,7 @@ PRESETS = {
     # nanoGPT's shakespeare_char recipe, which reaches a validation loss of 1.4697 with this
     # shape: lr 1e-3 warmed up over 100 steps and cosine-decayed to 1e-4 by step 5000, AdamW
     # beta2 0.99 and weight decay 0.1, dropout 0.2. The run stops as soon as an evaluation
-    # (every 250 steps, 200 batches of each split) reaches 1.47, and says how long it took.
+    # (every 250 steps, 200 batches of the val split) reaches 1.47, and says how long it took.
     # On CUDA it runs in bfloat16 under torch.compile unless --dtype / --no-compile say otherwise.
     "speedrun": dict(model=dict(), train=dict(batch_size=64, lr=1e-3, max_iters=5000,
                                               eval_interval=250, eval_iters=200, warmup_iters=100,

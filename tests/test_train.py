@@ -229,6 +229,7 @@ def test_speedrun_stops_at_its_target_and_says_how_long_it_took(tmp_path, text_p
                 "--no-progress", "--sample-tokens", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "reached val loss" in out and "s from the start (compile included)" in out, out
+    assert "step 25: val loss" in out and "train loss" not in out  # the val split alone
     step = int(out.split("reached val loss")[1].split("at step ")[1].split(":")[0])
     assert 0 < step < 400 and step % 25 == 0
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
