@@ -1510,6 +1510,9 @@ def _all_keys(B, Tk, device):
     return _ALL_KEYS[key]
 
 
+# torch.compile runs it as it is (a graph break): it launches the kernels itself, outside the
+# custom ops, and Dynamo cannot trace a launch.
+@torch.compiler.disable
 def decode_attention(q, k_cache, v_cache, lengths, scale):
     """Attention of the newest Tq queries of each row to a cache (validated 4-D tensors, scale
     a float) whose row b holds lengths[b] (int32, on the device) valid keys, the queries the

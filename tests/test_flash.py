@@ -302,6 +302,19 @@ def test_decode_attention_kernel(monkeypatch, splits, dtype, device):
         assert_by_rule([out[b:b + 1, :, Tq - min(n, Tq):]], [ref], [low], names=(f"row {b}",))
 
 
+def test_decode_attention_under_torch_compile(device):
+    """torch.compile runs the decode kernels as they are (they launch outside the custom ops,
+    which Dynamo cannot trace): one graph break, the eager result (generate's compile=True
+    relies on it)."""
+    torch.manual_seed(9)
+    q = torch.randn(1, 2, 1, 16, device=device)
+    k, v = (torch.randn(1, 2, 40, 16, device=device) for _ in range(2))
+    lengths = torch.tensor([30], device=device, dtype=torch.int32)
+    eager = decode_attention(q, k, v, lengths, backend="triton")
+    compiled = torch.compile(lambda *a: decode_attention(*a, backend="triton") * 2)
+    torch.testing.assert_close(compiled(q, k, v, lengths), 2 * eager, rtol=0, atol=0)
+
+
 def test_inference_decode_steps_split_their_keys(monkeypatch, device):
     """Inference calls with a few queries per row (transformers' and gpt.generate's eager
     decode steps) take flash-decoding where B x H would leave the GPU idle: dense rows, key
