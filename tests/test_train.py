@@ -1,4 +1,5 @@
 """Training, checkpoints, exact resume, and the command lines, run as a user runs them."""
+import contextlib
 import signal
 import subprocess
 import sys
@@ -258,3 +259,58 @@ def test_captured_training_step_trains_as_the_eager_one(tmp_path, text_path):
     for name in eager:
         torch.testing.assert_close(graph[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
         assert torch.equal(split[name], graph[name]), name
+
+
+def test_captured_calls_warm_up_capture_once_and_replay(monkeypatch):
+    """gpt.step.Captured's sequence of CUDA calls, on the CPU with torch.cuda's graph API
+    replaced by a recorder (the GPU test above runs the real one): WARMUP_STEPS eager calls on
+    a side stream returning their own results, then one capture on static copies of the
+    arguments (with the caller's generator registered, the default one not), each later call
+    copying its arguments into those copies and replaying."""
+    from gpt import step
+    log = []
+
+    class Stream:
+        def wait_stream(self, other):
+            log.append("wait")
+
+    class Graph:
+        def register_generator_state(self, g):
+            log.append(("register", g))
+
+        def replay(self):
+            log.append("replay")
+
+    class Capture:
+        def __init__(self, graph):
+            self.graph = graph
+
+        def __enter__(self):
+            log.append("capture")
+
+        def __exit__(self, *exc):
+            log.append("end capture")
+
+    default, own = object(), object()
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "default_generators", (default,))
+    seen = []
+
+    def fn(x):
+        seen.append(x.clone())
+        return x * 2
+
+    run = step.Captured(fn, generators=[None, default, own], warmup=2)
+    first, second = torch.tensor([1.0]), torch.tensor([2.0])
+    assert torch.equal(run(first), torch.tensor([2.0])) and torch.equal(run(second), torch.tensor([4.0]))
+    out = run(torch.tensor([3.0]))  # captured (the recorder runs fn once while "capturing")
+    assert torch.equal(out, torch.tensor([6.0])) and torch.equal(run.static[0], torch.tensor([3.0]))
+    assert run(torch.tensor([5.0])) is out  # a replay: the graph's output, its input copied in
+    assert torch.equal(run.static[0], torch.tensor([5.0]))
+    assert log == ["wait", "wait"] * 2 + [("register", own), "capture", "end capture", "replay",
+                                          "replay"]
+    assert [float(x) for x in seen] == [1.0, 2.0, 3.0]
