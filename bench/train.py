@@ -39,15 +39,16 @@ def _lecture(cfg):
 
 def _nanogpt_style(cfg):
     """Our model with nanoGPT's attention: one F.scaled_dot_product_attention(is_causal=True)
-    call and nothing around it (no argument checks, no masking guards)."""
+    call and nothing around it (no argument checks, no masking guards). A caller's attend
+    (generation's KV cache) is still honoured."""
     model = GPT(cfg)
     for block in model.blocks:
         sa = block.sa
 
         def forward(x, attend=None, sa=sa):
-            return MultiHeadAttention.forward(sa, x, lambda q, k, v: F.scaled_dot_product_attention(
+            return MultiHeadAttention.forward(sa, x, attend or (lambda q, k, v: F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=sa.attn_dropout if sa.training else 0.0,
-                scale=sa.scale))
+                scale=sa.scale)))
         sa.forward = forward
     return model
 

@@ -191,6 +191,21 @@ def test_the_hopper_forward_compiles_for_an_h100(compile_reports):
         assert row[7] == "0" and row[9] == "yes" and row[12] == "wgmma", out
 
 
+def test_the_nanogpt_style_model_generates_as_ours():
+    """bench's nanoGPT-style model (its attention one SDPA call) keeps generation's KV cache:
+    with our weights, its greedy tokens are ours, through the cache and past block_size."""
+    sys.path.insert(0, str(ROOT))
+    from bench.train import _nanogpt_style
+    from gpt import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=65, block_size=8, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    torch.manual_seed(0)
+    ours = GPT(cfg).double().eval()
+    theirs = _nanogpt_style(cfg).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    idx = torch.randint(65, (2, 3))
+    assert torch.equal(theirs.generate(idx, 20, temperature=0), ours.generate(idx, 20, temperature=0))
+
+
 @pytest.fixture
 def qkv():
     torch.manual_seed(0)
