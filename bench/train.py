@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gpt import GPT, GPTConfig, MultiHeadAttention
 from gpt.lecture import GPTLanguageModel
 from gpt.model import PRESETS
-from gpt.step import WARMUP_STEPS, TrainStep, adamw
+from gpt.step import WARMUP_STEPS, TrainStep, adamw, autocast
 
 from bench.harness import (log, measure, peak_memory_mb, print_rows, profile_steps, progress,
                            ratio_line, skipped_reason, sync)
@@ -103,8 +103,7 @@ def make_step(impl, cfg, batch, device, amp):
     opt = OPTIMIZERS[impl.optimizer](model.parameters(), device, impl.graphs)
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
-    run = TrainStep(step_model, opt, lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None),
-                    graphs=impl.graphs)
+    run = TrainStep(step_model, opt, autocast(device, amp, impl.graphs), graphs=impl.graphs)
 
     def step():
         run(x, y)

@@ -11,6 +11,8 @@ nothing reads unless asked (no host sync per step). Random draws inside the grap
 the attention kernel's dropout seed) come from PyTorch's graph-safe generator: each replay
 draws anew. Captured, the capture-and-replay part, also runs gpt/generate.py's decode steps.
 """
+import contextlib
+
 import torch
 
 # Eager steps run before the capture, on a side stream, as PyTorch's CUDA-graph notes ask (lazy
@@ -28,6 +30,15 @@ def adamw(params, device, graphs, **options):
     if graphs:
         options.update(lr=torch.tensor(float(options["lr"]), device=device), capturable=True)
     return torch.optim.AdamW(params, fused=True, **options)
+
+
+def autocast(device, dtype, graphs):
+    """A factory of the context a step runs its forward in: torch.autocast to dtype (None:
+    float32, no autocast). A captured step must not keep autocast's cache of cast weights
+    between replays, so with graphs the cache is off."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=not graphs)
 
 
 def set_lr(optimizer, lr):

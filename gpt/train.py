@@ -29,6 +29,7 @@ from kernels.validation import BACKENDS
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
 from .step import DDP_WARMUP_STEPS, WARMUP_STEPS, Captured, TrainStep, adamw, set_lr
+from .step import autocast as step_autocast
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -380,9 +381,7 @@ def _train(args, ddp, build_model, report):
     eval_model = step_model if ddp.world_size == 1 else (
         torch.compile(model) if compile_model else model)
     amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    # (A captured step must not keep autocast's cache of cast weights between replays.)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not graphs)
-                ) if amp_dtype else contextlib.nullcontext
+    autocast = step_autocast(device, amp_dtype, graphs)
     train_step = TrainStep(step_model, optimizer, autocast, graphs,
                            warmup=DDP_WARMUP_STEPS if ddp.world_size > 1 else WARMUP_STEPS)
 
