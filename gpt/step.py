@@ -28,8 +28,14 @@ def adamw(params, device, graphs, **options):
     2-core CPU that is a fifth of the small preset's training step). For a captured step
     (graphs, CUDA) also capturable, its lr a device tensor."""
     if graphs:
-        options.update(lr=torch.tensor(float(options["lr"]), device=device), capturable=True)
-    return torch.optim.AdamW(params, fused=True, **options)
+        options.update(capturable=True)
+    return torch.optim.AdamW(params, fused=True, **{**options, "lr": lr(options["lr"], device, graphs)})
+
+
+def lr(value, device, graphs):
+    """The lr as AdamW holds it: a float, or for a captured step a device tensor (the schedule
+    writes it before each replay, set_lr)."""
+    return torch.tensor(float(value), device=device) if graphs else float(value)
 
 
 def autocast(device, dtype, graphs):

@@ -30,6 +30,7 @@ from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
 from .step import DDP_WARMUP_STEPS, WARMUP_STEPS, Captured, TrainStep, adamw, set_lr
 from .step import autocast as step_autocast
+from .step import lr as step_lr
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -156,7 +157,7 @@ def lr_at(it, hp):
     return hp["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * done)) * (lr - hp["min_lr"])
 
 
-def run_settings(args, device, world_size=1):
+def run_settings(args, device):
     """(dtype, compile, cuda_graphs): the flags, else the preset's defaults on CUDA, else
     float32, eager. CUDA graphs default to on with compile on CUDA."""
     run = PRESETS[args.preset].get("run", {}) if device.type == "cuda" else {}
@@ -208,17 +209,13 @@ def set_rng_state(state, batches, own=True):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, seed, autocast, progress=False, forward=None,
+def estimate_loss(model, forward, batches, eval_iters, seed, progress=False,
                   splits=("train", "val")):
-    """Mean loss over eval_iters batches of each split, drawn from a generator of its own. The
-    losses stay on the device until the split's mean is read: one host sync per split, not one
-    per batch (an evaluation of the lecture's 200 batches waited on the GPU 400 times).
-    forward(x, y) -> loss: how a batch's loss is computed (default: the model under autocast;
-    gpt.train passes a captured one with --cuda-graphs). splits: which to evaluate."""
-    if forward is None:
-        def forward(x, y):
-            with autocast():
-                return model(x, y)[1]
+    """Mean loss over eval_iters batches of each split, drawn from a generator of its own, with
+    model in eval mode and forward(x, y) -> the batch's loss (a captured one with
+    --cuda-graphs). The losses stay on the device until the split's mean is read: one host sync
+    per split, not one per batch (an evaluation of the lecture's 200 batches waited on the GPU
+    400 times). splits: which to evaluate."""
     model.eval()
     out = {}
     bar = tqdm(total=len(splits) * eval_iters, desc="evaluating", unit="batch", leave=False,
@@ -342,7 +339,7 @@ def _train(args, ddp, build_model, report):
     except ValueError as e:  # e.g. --n-embd not divisible by --n-head
         raise UsageError(str(e)) from None
     model = build_model(cfg).to(device)
-    dtype, compile_model, graphs = run_settings(args, device, ddp.world_size)
+    dtype, compile_model, graphs = run_settings(args, device)
     optimizer = adamw(model.parameters(), device, graphs, lr=hp["lr"], betas=(0.9, hp["beta2"]),
                       weight_decay=hp["weight_decay"])
     start = 0
@@ -350,8 +347,7 @@ def _train(args, ddp, build_model, report):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a tensor where the step is captured
-            group["lr"] = (torch.tensor(float(hp["lr"]), device=device) if graphs
-                           else float(hp["lr"]))
+            group["lr"] = step_lr(hp["lr"], device, graphs)
         ranks = ckpt["rng"].get("ranks")  # per-process states of a data-parallel run
         written_by = len(ranks) if ranks else 1
         if written_by != ddp.world_size:
@@ -389,7 +385,7 @@ def _train(args, ddp, build_model, report):
         with autocast():
             return eval_model(x, y)[1]
     # Captured too: an evaluation of the lecture's run is 400 forwards.
-    eval_forward = Captured(eval_loss) if graphs else None
+    eval_forward = Captured(eval_loss) if graphs else eval_loss
 
     def stop_if_diverged(it, what):
         kept = (f"kept the checkpoint of iteration {saved_at} in {ckpt_path}" if saved_at is not None
@@ -424,8 +420,8 @@ def _train(args, ddp, build_model, report):
         """Rank 0's estimate (the other ranks go on to the next step and wait for it there)."""
         if not ddp.main:
             return None
-        losses = estimate_loss(eval_model, eval_batches, hp["eval_iters"], args.seed + 1, autocast,
-                               progress=bar is not None, forward=eval_forward, splits=splits)
+        losses = estimate_loss(eval_model, eval_forward, eval_batches, hp["eval_iters"],
+                               args.seed + 1, progress=bar is not None, splits=splits)
         msg = f"step {it}: " + ", ".join(f"{s} loss {losses[s]:.4f}" for s in splits)
         if bar is None:
             print(msg, flush=True)

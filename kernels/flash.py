@@ -1195,7 +1195,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse
     q, scale = with_positive_scale(q, scale)  # the forward kernel needs scale > 0
     if splits > 1:
         return _fwd_split(q, k, v, scale, fp32_precision, left, rows, splits)
-    if hopper.applies(q, k, v, dropout_p, left, rows, splits):  # opt-in: LECTURE_FLASH_HOPPER
+    if hopper.applies(q, k, v, dropout_p, left, rows):  # opt-in: LECTURE_FLASH_HOPPER
         return hopper.forward(q, k, v, scale)
     o = _new_output(q, rows)
     if keep_lse:

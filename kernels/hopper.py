@@ -53,11 +53,11 @@ CANDIDATES = {
 INTERPRETED = flash._cfg(16, 16, 1, 4)
 
 
-def applies(q, k, v, dropout_p, left, rows, splits):
+def applies(q, k, v, dropout_p, left, rows):
     """Whether the Hopper forward runs this call (MODE set, and the call within its reach)."""
     if MODE in ("", "0") or TensorDescriptor is None:
         return False
-    if rows.mode != flash.DENSE or dropout_p > 0.0 or left >= 0 or splits > 1:
+    if rows.mode != flash.DENSE or dropout_p > 0.0 or left >= 0:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CANDIDATES:
         return False

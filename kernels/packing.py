@@ -37,22 +37,18 @@ def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None)
     hit = _BLOCK_MASKS.get(key)
     if hit is not None and hit[0] is cu_seqlens_q and hit[1] is cu_seqlens_k:
         return hit[2]
-    device = cu_seqlens_q.device
-    tq, tk = torch.arange(total_q, device=device), torch.arange(total_k, device=device)
-    bq = torch.searchsorted(cu_seqlens_q, tq, right=True) - 1  # (total_q,) each row's sequence
-    bk = torch.searchsorted(cu_seqlens_k, tk, right=True) - 1
-    j = (tk - cu_seqlens_k[bk]).view(1, -1)
+    bq, i = sequence_rows(cu_seqlens_q, total_q)  # each packed row's sequence and position
+    bk, j = sequence_rows(cu_seqlens_k, total_k)
     lengths_k = seq_lengths(cu_seqlens_k)
-    i = tq - cu_seqlens_q[bq]
     last = (i + (lengths_k - seq_lengths(cu_seqlens_q))[bq]).view(-1, 1)
+    j = j.view(1, -1)
     seen = (bq.view(-1, 1) == bk.view(1, -1)) & (j <= last)
     first = torch.zeros_like(last)
     if left is not None:
         seen &= j >= last - left
         first = (last - left).clamp(min=0)
-    # A row sees no key when its last visible position is before the sequence's first key, or
-    # its first is past the sequence's length.
-    empty = (last < 0) | (first >= lengths_k[bq].view(-1, 1)) | (first > last)
+    # A row sees no key when its first visible position is past its last, or past the length.
+    empty = (first > last) | (first >= lengths_k[bq].view(-1, 1))
     out = seen.view(1, 1, total_q, total_k), empty.view(1, 1, total_q, 1)
     if not torch.compiler.is_compiling():
         if len(_BLOCK_MASKS) >= 8:
@@ -62,6 +58,13 @@ def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None)
 
 
 _BLOCK_MASKS = {}  # (ids and versions of cu_seqlens, sizes, left) -> (the tensors, mask, empty)
+
+
+def sequence_rows(cu_seqlens, total):
+    """(sequence, position in it) of each of the total packed rows, two (total,) tensors."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    b = torch.searchsorted(cu_seqlens, t, right=True) - 1
+    return b, t - cu_seqlens[b]
 
 
 def seq_lengths(cu_seqlens):
@@ -82,11 +85,9 @@ def pad(x, cu_seqlens, T):
 def unpad(x, cu_seqlens, total):
     """The inverse of pad: (B, H, T, D) -> packed (total, H, D), each packed row taken from its
     sequence's row of x (rows no sequence covers, past cu_seqlens[-1], read row 0 of the last
-    sequence: the caller covers every row)."""
-    t = torch.arange(total, device=x.device)
-    b = (torch.searchsorted(cu_seqlens, t, right=True) - 1).clamp(0, x.shape[0] - 1)
-    i = (t - cu_seqlens[b]).clamp(0, x.shape[2] - 1)
-    return x[b, :, i]  # (total, H, D)
+    sequence, or its last: the caller covers every row)."""
+    b, i = sequence_rows(cu_seqlens, total)
+    return x[b.clamp(0, x.shape[0] - 1), :, i.clamp(0, x.shape[2] - 1)]  # (total, H, D)
 
 
 def unpad_rows(x, cu_seqlens, total):
