@@ -29,10 +29,10 @@ def adamw(params, device, graphs, **options):
     (graphs, CUDA) also capturable, its lr a device tensor."""
     if graphs:
         options.update(capturable=True)
-    return torch.optim.AdamW(params, fused=True, **{**options, "lr": lr(options["lr"], device, graphs)})
+    return torch.optim.AdamW(params, fused=True, **{**options, "lr": adamw_lr(options["lr"], device, graphs)})
 
 
-def lr(value, device, graphs):
+def adamw_lr(value, device, graphs):
     """The lr as AdamW holds it: a float, or for a captured step a device tensor (the schedule
     writes it before each replay, set_lr)."""
     return torch.tensor(float(value), device=device) if graphs else float(value)

@@ -28,9 +28,9 @@ from kernels.validation import BACKENDS
 
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text
-from .step import DDP_WARMUP_STEPS, WARMUP_STEPS, Captured, TrainStep, adamw, set_lr
+from .step import (DDP_WARMUP_STEPS, WARMUP_STEPS, Captured, TrainStep, adamw, adamw_lr,
+                   set_lr)
 from .step import autocast as step_autocast
-from .step import lr as step_lr
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -347,7 +347,7 @@ def _train(args, ddp, build_model, report):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a tensor where the step is captured
-            group["lr"] = step_lr(hp["lr"], device, graphs)
+            group["lr"] = adamw_lr(hp["lr"], device, graphs)
         ranks = ckpt["rng"].get("ranks")  # per-process states of a data-parallel run
         written_by = len(ranks) if ranks else 1
         if written_by != ddp.world_size:
