@@ -117,28 +117,11 @@ def compile_hopper(dtype, head_dim, ws, config):
     warps, stages = config.num_warps, config.num_stages
     constexprs = dict(HEAD_DIM=head_dim, HUGE_SCALE=False, OFFS_64=False, BLOCK_M=block_m,
                       BLOCK_N=block_n, STAGES=stages, WS=ws, GROUP=1)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_desc"):
-            rows = block_m if name == "q_desc" else block_n
-            sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
-        elif name == "O":
-            sig[name] = "*" + dtype
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "LSE":
-            sig[name] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "stride_o":
-            sig[name] = ("i32", "i32", "i32", "constexpr")
-            constexprs[(i, 3)] = 1
-        elif name == "stride_stats":
-            sig[name] = ("i32", "i32")
-        elif name == "scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
+    sig, attrs = signature(fn, dtype, constexprs)  # as a launch presents them; then the
+    for name in ("q_desc", "k_desc", "v_desc"):    # descriptors, typed by their block shapes
+        rows = block_m if name == "q_desc" else block_n
+        sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
+        attrs.pop((fn.arg_names.index(name),), None)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 

@@ -102,7 +102,8 @@ def _tiles(acc, l_i, m_i, q, k_desc, v_desc, b, hk, offs_m, lo, hi, head,
     return acc, l_i, m_i
 
 
-@triton.jit
+# Lengths and head counts vary call to call: unspecialised, as flash's kernels (_NO_SPECIALIZE).
+@triton.jit(do_not_specialize=["H", "Tq", "Tk"])
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, O, LSE, stride_o, stride_stats, H, GROUP, Tq, Tk,
                      scale, HEAD_DIM: tl.constexpr, HUGE_SCALE: tl.constexpr,
                      OFFS_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
