@@ -10,6 +10,16 @@ with no read back to the host, so none of it syncs.
 import torch
 
 
+def visible(j, last, left=None):
+    """True where key position j is seen by a query whose last visible key is `last` (causal:
+    j <= last) and, with a sliding window reaching `left` keys back, j >= last - left. Every
+    mask the PyTorch paths build is this comparison, broadcast."""
+    seen = j <= last
+    if left is not None:
+        seen &= j >= last - left
+    return seen
+
+
 def row_mask(Tq, Tk, lengths, offsets, left=None):
     """(B, 1, Tq, Tk) bool, True where query i of batch entry b sees key j: j < lengths[b] and
     j <= i + offsets[b] (causal, with the query at position i + offsets[b] among the keys) and,
@@ -17,11 +27,7 @@ def row_mask(Tq, Tk, lengths, offsets, left=None):
     device = lengths.device
     i = torch.arange(Tq, device=device).view(1, Tq, 1)
     j = torch.arange(Tk, device=device).view(1, 1, Tk)
-    last = i + offsets.view(-1, 1, 1)
-    seen = (j <= last) & (j < lengths.view(-1, 1, 1))
-    if left is not None:
-        seen &= j >= last - left
-    return seen.unsqueeze(1)
+    return (visible(j, i + offsets.view(-1, 1, 1), left) & (j < lengths.view(-1, 1, 1))).unsqueeze(1)
 
 
 def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None):
@@ -42,11 +48,8 @@ def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None)
     lengths_k = seq_lengths(cu_seqlens_k)
     last = (i + (lengths_k - seq_lengths(cu_seqlens_q))[bq]).view(-1, 1)
     j = j.view(1, -1)
-    seen = (bq.view(-1, 1) == bk.view(1, -1)) & (j <= last)
-    first = torch.zeros_like(last)
-    if left is not None:
-        seen &= j >= last - left
-        first = (last - left).clamp(min=0)
+    seen = (bq.view(-1, 1) == bk.view(1, -1)) & visible(j, last, left)
+    first = torch.zeros_like(last) if left is None else (last - left).clamp(min=0)
     # A row sees no key when its first visible position is past its last, or past the length.
     empty = (first > last) | (first >= lengths_k[bq].view(-1, 1))
     out = seen.view(1, 1, total_q, total_k), empty.view(1, 1, total_q, 1)

@@ -5,7 +5,7 @@ materialises the whole (Tq, Tk) score matrix.
 """
 import torch
 
-from .packing import pad, row_mask, seq_lengths, unpad, unpad_rows
+from .packing import pad, row_mask, seq_lengths, unpad, unpad_rows, visible
 from .validation import (check_attention_args, check_packed_args, check_seqlens_k, check_window,
                          kv_heads_expanded)
 
@@ -18,10 +18,7 @@ def causal_mask(Tq, Tk, device=None, left=None):
     """
     i = torch.arange(Tq, device=device).unsqueeze(1)
     j = torch.arange(Tk, device=device).unsqueeze(0)
-    seen = j <= i + (Tk - Tq)
-    if left is not None:  # a sliding window: the key at most `left` positions back, too
-        seen &= j >= i + (Tk - Tq) - left
-    return seen
+    return visible(j, i + (Tk - Tq), left)  # with a window, also keys at most `left` back
 
 
 def masked_scores(q, k, scale, left=None, mask=None):
