@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
     name="lecture-flash",
@@ -6,7 +6,11 @@ setup(
     description="A fast, drop-in causal attention for PyTorch and the 'Let's build GPT' lecture model on it",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["kernels", "kernels.*", "gpt", "gpt.*"]),
+    # The folders keep the design's names; the installed names are unique (`kernels` is Hugging
+    # Face's hub-kernels package, a transformers dependency since 5.25; `gpt` is what lecture
+    # users call their own script).
+    packages=["lecture_flash", "lecture_flash.gpt"],
+    package_dir={"lecture_flash": "kernels", "lecture_flash.gpt": "gpt"},
     python_requires=">=3.9",
     install_requires=[
         # A range, not a pin: users with a CUDA build of torch keep it.
@@ -20,11 +24,11 @@ setup(
     ],
     # Command lines that work from any folder, even one holding the lecture's own gpt.py (which
     # `python -m gpt.train` run from there would import instead of this package).
-    entry_points={"console_scripts": ["lecture-flash-train = gpt.train:main",
-                                      "lecture-flash-sample = gpt.sample:main"]},
+    entry_points={"console_scripts": ["lecture-flash-train = lecture_flash.gpt.train:main",
+                                      "lecture-flash-sample = lecture_flash.gpt.sample:main"]},
     extras_require={
         # pytest-xdist: the suite runs on two processes (tests/conftest.py); transformers:
-        # tests/test_hf.py builds tiny models to check kernels.hf against.
+        # tests/test_hf.py builds tiny models to check lecture_flash.hf against.
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "transformers>=4.53"],
         "hf": ["transformers>=4.53"],
         "plot": ["matplotlib"],

@@ -9,11 +9,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gpt.lecture import per_head_attention
-from kernels import available_backends, causal_attention
-from kernels.reference import naive_causal_attention
+from lecture_flash.gpt.lecture import per_head_attention
+from lecture_flash import available_backends, causal_attention
+from lecture_flash.reference import naive_causal_attention
 
-from bench.harness import (check_forward, fmt, never_ran, print_never_ran, progress, time_pass,
+from harness import (check_forward, fmt, never_ran, print_never_ran, progress, time_pass,
                            time_point)
 
 LECTURE_SHAPE = dict(B=64, H=6, T=256, D=64)

@@ -25,18 +25,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_report.py compiles real GPU code: run it without TRITON_INTERPRET=1")
+
+# Python puts bench/ on sys.path, never the repository root (whose kernels/ would shadow Hugging
+# Face's `kernels`): lecture_flash comes from its install (pip install -e .).
+import harness  # noqa: E402,F401  (first: it says how to install lecture_flash if it is missing)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import flash, settings  # noqa: E402
+from lecture_flash import flash, settings  # noqa: E402
 
 # Shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -111,7 +112,7 @@ def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=T
 def compile_hopper(dtype, head_dim, ws, config):
     """kernels/hopper.py's forward for sm_90 with this config; ws: the key loop
     warp-specialised (LECTURE_FLASH_HOPPER=ws)."""
-    from kernels import hopper
+    from lecture_flash import hopper
     fn = hopper._attn_fwd_hopper
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     warps, stages = config.num_warps, config.num_stages
@@ -129,7 +130,7 @@ def compile_hopper(dtype, head_dim, ws, config):
 def hopper_report(dtypes, head_dims, fixed):
     """One line per (dtype, head dim, config, mode) of the Hopper forward (fixed: the first
     config only, its choice with autotuning off); the number of failures."""
-    from kernels import hopper
+    from lecture_flash import hopper
     print(f"{'kernel':10s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
           f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'TMA':>4s} {'WS':>3s} {'SASS':>6s} {'mma':>8s}")
     failures = 0

@@ -11,13 +11,13 @@ from typing import Callable
 
 import torch
 
-from bench import train
-from bench.harness import log, print_rows, progress, ratio_line, skipped_reason, sync
+import gpt_train
+from harness import log, print_rows, progress, ratio_line, skipped_reason, sync
 
 
 @dataclasses.dataclass
 class Run:
-    model: str  # the bench/train.py implementation that builds the model
+    model: str  # the bench/gpt_train.py implementation that builds the model
     prompt_len: Callable  # block_size -> prompt tokens
     new_tokens: Callable  # (block_size, n) -> tokens to generate
     compile: bool = False  # generate(compile=True): torch.compile of the per-token steps
@@ -37,7 +37,7 @@ IMPLS = {
 def run(opts, rows, save):
     """Time generation for every entry of IMPLS, appending to `rows`."""
     device = opts.device
-    preset_name, cfg, _ = train.preset(device)
+    preset_name, cfg, _ = gpt_train.preset(device)
     bs = cfg.block_size
     n = 2000 if device.type == "cuda" else (300 if opts.quick else 1000)
     bar = progress(len(IMPLS), "generate")
@@ -48,7 +48,7 @@ def run(opts, rows, save):
             continue
         prompt_len, new = spec.prompt_len(bs), spec.new_tokens(bs, n)
         torch.manual_seed(0)
-        model = train.IMPLS[spec.model].build(cfg).to(device).eval()
+        model = gpt_train.IMPLS[spec.model].build(cfg).to(device).eval()
         idx = torch.randint(cfg.vocab_size, (1, prompt_len), device=device)
         try:
             g = torch.Generator(device=device).manual_seed(0)

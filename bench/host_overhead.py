@@ -20,21 +20,20 @@ Each figure is the median over --repeats runs of --calls calls, after a warm-up.
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+# Python puts bench/ on sys.path, never the repository root (whose kernels/ would shadow Hugging
+# Face's `kernels`): lecture_flash comes from its install (pip install -e .).
+from harness import wall_ms  # noqa: E402  (first: it says how to install lecture_flash if missing)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.harness import wall_ms  # noqa: E402
-from kernels import causal_attention, default_device, flash  # noqa: E402
+from lecture_flash import causal_attention, default_device, flash  # noqa: E402
 
 
 @contextlib.contextmanager
 def launches_stubbed():
-    """Every kernel launch in kernels.flash becomes a no-op (outputs stay uninitialised): a
+    """Every kernel launch in lecture_flash.flash becomes a no-op (outputs stay uninitialised): a
     launch plan's first call gets a stand-in config and no compiled kernel, every later call of
     a plan does nothing, and the atomic path's preprocessing does nothing."""
     class NoLaunch:

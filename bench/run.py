@@ -17,7 +17,7 @@ also lists the Triton autotuner's choices, with each timed config's median ("aut
 what backend="auto" measured and chose per class of calls ("auto", kernels/auto.py).
 
 Sections (one module each, each a registry of implementations): bench/attention.py,
-bench/varlen.py (packed documents), bench/train.py (gpt_train), bench/generate.py,
+bench/varlen.py (packed documents), bench/gpt_train.py, bench/generate.py,
 bench/speedrun.py (GPU only); what they share is in bench/harness.py.
 """
 import argparse
@@ -30,17 +30,19 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+# Python puts bench/ on sys.path, never the repository root (whose kernels/ would shadow Hugging
+# Face's `kernels`): lecture_flash comes from its install (pip install -e .).
+import harness  # noqa: E402  (first: it says how to install lecture_flash if it is missing)
 
 import torch  # noqa: E402
 
-from bench import attention, generate, harness, speedrun, train, varlen  # noqa: E402
-import kernels  # noqa: E402
-from kernels import default_device  # noqa: E402
+import attention, generate, gpt_train, harness, speedrun, varlen  # noqa: E402
+import lecture_flash  # noqa: E402
+from lecture_flash import default_device  # noqa: E402
 
 # Section name -> module with run(opts, rows, save), print_table(rows, opts) and verdict(rows,
 # opts) (plain summary lines), in the report's order.
-SECTIONS = {"attention": attention, "varlen": varlen, "gpt_train": train, "generate": generate,
+SECTIONS = {"attention": attention, "varlen": varlen, "gpt_train": gpt_train, "generate": generate,
             "speedrun": speedrun}
 # The short sections run first, so a run cut short in the long attention grid still has them
 # (the speedrun, minutes on a GPU and skipped elsewhere, last).
@@ -52,7 +54,7 @@ def autotune_report():
     """The Triton kernels' tile choices in this run (and each config's timing), or [] without
     Triton: which config wins, and by how much, says where tuning effort would pay."""
     try:
-        from kernels import flash
+        from lecture_flash import flash
     except ImportError:
         return []
     return flash.autotune_report()
@@ -110,7 +112,7 @@ def main(argv=None):
     def save(final=False):
         report["seconds"] = round(time.time() - t0, 1)
         report["autotune"] = autotune_report()
-        report["auto"] = kernels.auto_report()  # backend="auto"'s measured choice per class
+        report["auto"] = lecture_flash.auto_report()  # backend="auto"'s measured choice per class
         report["complete"] = final
         harness.write_report(report, SECTIONS, paths)
 

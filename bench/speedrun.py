@@ -9,10 +9,10 @@ gpt.train's own GPT; flags added to the preset's).
 """
 import tempfile
 
-from gpt.train import parse_args, train
+from lecture_flash.gpt.train import parse_args, train
 
-from bench.harness import log, print_never_ran, progress
-from bench.train import _nanogpt_style
+from harness import log, print_never_ran, progress
+from gpt_train import _nanogpt_style
 
 IMPLS = {
     "project": (None, []),

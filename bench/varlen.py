@@ -12,14 +12,14 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from kernels import available_backends, causal_attention
-from kernels.packing import pad, unpad
-from kernels.reference import causal_attention_reference, naive_packed_attention
-from kernels.testing import rule_failures
+from lecture_flash import available_backends, causal_attention
+from lecture_flash.packing import pad, unpad
+from lecture_flash.reference import causal_attention_reference, naive_packed_attention
+from lecture_flash.testing import rule_failures
 
-from bench import attention
-from bench.attention import _geomean, _gqa, flex
-from bench.harness import fmt, never_ran, print_never_ran, progress, time_pass, time_point
+import attention
+from attention import _geomean, _gqa, flex
+from harness import fmt, never_ran, print_never_ran, progress, time_pass, time_point
 
 # Document lengths summing to 16384 tokens (the GPU point), from 480 to 4096 of them.
 DOC_LENGTHS = (4096, 2048, 3000, 1000, 3584, 512, 1024, 640, 480)

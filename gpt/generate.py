@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import causal_attention, decode_attention
-from kernels.modules import MultiHeadAttention, merge_heads, split_heads
+from lecture_flash import causal_attention, decode_attention
+from lecture_flash.modules import MultiHeadAttention, merge_heads, split_heads
 
 from .step import Captured
 
@@ -185,7 +185,7 @@ def decode_one_token(net, tok, pos, cache):
 def decode_one_token_static(net, tok, pos, cache):
     """decode_one_token with every shape fixed, for a CUDA graph: pos is a (1,) device tensor,
     never read on the host, and each step attends to the whole cache, of which the first
-    pos + 1 entries are valid (kernels.decode_attention)."""
+    pos + 1 entries are valid (lecture_flash.decode_attention)."""
     seqlens = (pos + 1).expand(tok.shape[0])  # (B,) valid keys per row
 
     def attend_at(layer):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kernels import MultiHeadAttention
+from lecture_flash import MultiHeadAttention
 
 from .generate import generate_batch, stream_tokens
 
@@ -22,7 +22,7 @@ class GPTConfig:
     n_head: int = 6          # attention heads per block; head size = n_embd // n_head
     n_layer: int = 6         # transformer blocks
     dropout: float = 0.2     # on attention weights, after each projection, in the MLP
-    backend: str = "auto"    # attention backend, see kernels.causal_attention
+    backend: str = "auto"    # attention backend, see lecture_flash.causal_attention
     attn_scale: float = None  # None: head_size ** -0.5 (the lecture's final gpt.py)
 
     @classmethod

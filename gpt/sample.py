@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kernels.validation import BACKENDS
+from lecture_flash.validation import BACKENDS
 
 from . import checkpoint
 from .data import CharTokenizer, DataError, load_text

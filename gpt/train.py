@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kernels import default_device
-from kernels.validation import BACKENDS
+from lecture_flash import default_device
+from lecture_flash.validation import BACKENDS
 
 from . import checkpoint
 from .data import Batches, CharTokenizer, DataError, load_text

@@ -1,6 +1,6 @@
 """Causal scaled-dot-product attention with the heads as a batch dimension.
 
-    from kernels import causal_attention, MultiHeadAttention
+    from lecture_flash import causal_attention, MultiHeadAttention
     out = causal_attention(q, k, v)          # q: (B, H, Tq, D), k, v: (B, H, Tk, D)
     sa = MultiHeadAttention(n_head, head_size, n_embd=n_embd, dropout=dropout)  # the lecture's module
 
@@ -173,7 +173,7 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             float16/bfloat16 inputs, which SDPA's CPU kernel handles less exactly).
         deterministic: the Triton backward. True: bitwise reproducible; False: dQ added with
             atomics, 5 tile matmuls instead of 7. None: the process default (True unless
-            changed with kernels.set_defaults). torch.use_deterministic_algorithms(True) wins.
+            changed with lecture_flash.set_defaults). torch.use_deterministic_algorithms(True) wins.
             (A class that "auto" sends to SDPA has SDPA's backward, reproducible to rounding.)
         fp32_precision: how the Triton kernel multiplies float32 inputs, "ieee" or "tf32".
             None: the process default, which follows torch.get_float32_matmul_precision()
@@ -481,7 +481,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     v, is_causal=True)`):
 
         import torch.nn.functional as F, kernels
-        F.scaled_dot_product_attention = kernels.scaled_dot_product_attention
+        F.scaled_dot_product_attention = lecture_flash.scaled_dot_product_attention
 
     Causal calls without a mask run causal_attention (backend "auto"): with as many queries as
     keys; with fewer queries than keys too, keeping PyTorch's top-left alignment (query i sees
@@ -517,7 +517,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if why is not None:
         if why not in _SAID:
             _SAID.add(why)
-            warnings.warn(f"kernels.scaled_dot_product_attention: {why} goes to PyTorch's SDPA",
+            warnings.warn(f"lecture_flash.scaled_dot_product_attention: {why} goes to PyTorch's SDPA",
                           stacklevel=2)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

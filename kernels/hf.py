@@ -1,8 +1,10 @@
 """Our causal attention inside Hugging Face transformers models (optional: transformers is not a
-requirement of this package; this module imports it when register() runs).
+requirement of this package; this module imports it when register() runs; `pip install
+"lecture-flash[hf]"` installs it). Tested with transformers 4.53.3, 4.57.6 and 5.25.0
+(TESTED_TRANSFORMERS).
 
-    import kernels.hf
-    name = kernels.hf.register()                       # "lecture_causal"
+    import lecture_flash.hf
+    name = lecture_flash.hf.register()                       # "lecture_causal"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)
 
 register() puts two functions in transformers' registries under one name: the attention function
@@ -35,7 +37,36 @@ import torch
 from . import causal_attention
 
 NAME = "lecture_causal"
+# The transformers releases tests/test_hf.py has passed with; setup.py's hf extra spans them.
+TESTED_TRANSFORMERS = ("4.53.3", "4.57.6", "5.25.0")
 _WARNED = set()
+
+
+def _interfaces():
+    """transformers' (AttentionInterface, AttentionMaskInterface), or an ImportError that names
+    the real cause: transformers missing, or present and failing to import (the chained
+    exception), or a `kernels` that is not Hugging Face's shadowing theirs."""
+    tested = ", ".join(TESTED_TRANSFORMERS)
+    try:
+        import transformers
+    except ModuleNotFoundError as e:
+        if e.name != "transformers":
+            raise
+        raise ImportError(f"lecture_flash.hf needs transformers (pip install 'lecture-flash[hf]'; "
+                          f"tested with {tested})") from None
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        import sys
+        found = f"transformers {transformers.__version__} ({transformers.__file__})"
+        theirs = sys.modules.get("kernels")
+        if theirs is not None and not hasattr(theirs, "get_kernel"):
+            found += (f"; the `kernels` it imported, {getattr(theirs, '__file__', theirs)}, is not "
+                      "Hugging Face's: a folder named kernels/ on sys.path shadows it")
+        raise ImportError(f"lecture_flash.hf could not import transformers' attention interface "
+                          f"from {found} (tested with {tested}): {type(e).__name__}: {e}") from e
+    return AttentionInterface, AttentionMaskInterface
 
 
 def register(name=NAME, backend="auto"):
@@ -45,12 +76,7 @@ def register(name=NAME, backend="auto"):
     if "flash" in name:
         raise ValueError(f"name must not contain 'flash' (transformers fetches such names from "
                          f"its hub as kernels), got {name!r}")
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError as e:
-        raise ImportError("kernels.hf needs transformers with its attention interface "
-                          f"(pip install 'transformers>=4.53'): {e}") from None
+    AttentionInterface, AttentionMaskInterface = _interfaces()
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         return attention_forward(module, query, key, value, attention_mask, scaling, dropout,
@@ -121,7 +147,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """transformers' attention-function contract: query (B, H, Tq, D), key and value (B, Hk,
     Tk, D); returns ((B, Tq, H, D), None)."""
     if is_causal is False or not getattr(module, "is_causal", True):
-        raise ValueError(f"{type(module).__name__} is not causal attention; kernels.hf runs "
+        raise ValueError(f"{type(module).__name__} is not causal attention; lecture_flash.hf runs "
                          "causal attention only (use attn_implementation='sdpa' for this model)")
     window = None if sliding_window is None else (int(sliding_window) - 1, 0)
     options = dict(scale=scaling, dropout_p=float(dropout), backend=backend, window=window)
@@ -176,6 +202,6 @@ def _transformers_sdpa(module, query, key, value, mask, scaling, dropout, **kwar
     why = "a mask other than causal with padding (a custom mask_function)"
     if why not in _WARNED:
         _WARNED.add(why)
-        warnings.warn(f"kernels.hf: {why} goes to transformers' SDPA attention", stacklevel=3)
+        warnings.warn(f"lecture_flash.hf: {why} goes to transformers' SDPA attention", stacklevel=3)
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling,
                                   dropout=dropout, **kwargs)

@@ -14,7 +14,7 @@ process default. The process defaults start from the environment (LECTURE_FLASH_
 LECTURE_FLASH_FP32_PRECISION=ieee|tf32) and change with set_defaults, for the rest of the
 process or, as a context manager, for a with-block:
 
-    with kernels.set_defaults(deterministic=False):
+    with lecture_flash.set_defaults(deterministic=False):
         loss.backward()
 """
 import os

@@ -7,15 +7,35 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. The variable
-# must be set before triton is first imported, which happens when `kernels` is imported.
+# must be set before triton is first imported, which happens when `lecture_flash` is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def _refuse_the_root_on_sys_path():
+    """The tests import the installed lecture_flash. With the repository root on sys.path
+    (`python -m pytest` run from it, or PYTHONPATH=.) its kernels/ folder would be imported as
+    Hugging Face's `kernels` package, which transformers imports: say so instead of failing
+    there."""
+    if any(Path(p or ".").resolve() == ROOT for p in sys.path):
+        pytest.exit("the repository root is on sys.path (python -m pytest, or PYTHONPATH=.), where "
+                    "its kernels/ folder shadows Hugging Face's `kernels`: run `pytest` instead",
+                    returncode=4)
+    try:
+        import lecture_flash  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "lecture_flash":
+            raise
+        pytest.exit("lecture_flash is not installed: pip install -e \".[test]\" (offline: "
+                    "pip install --no-deps --no-build-isolation -e .)", returncode=4)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    _refuse_the_root_on_sys_path()
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU, with the reason)")
     if not config.pluginmanager.hasplugin("xdist"):  # pytest-xdist registers it itself
         config.addinivalue_line("markers", "xdist_group(name): tests that share one worker")
@@ -94,7 +114,7 @@ def _start_compiles(request):
 def _fresh_launch_plans(monkeypatch):
     """Each test works its Triton launches out afresh: a launch plan cached by an earlier test
     would keep the config, tiles and int64 decision that a test's monkeypatching changes."""
-    flash = sys.modules.get("kernels.flash")
+    flash = sys.modules.get("lecture_flash.flash")
     if flash is not None:
         monkeypatch.setattr(flash, "_PLANS", {})
 

@@ -2,14 +2,34 @@
 (kernels/testing.py) against the float64 oracle, with PyTorch's own math attention in the same
 precision as the baseline.
 """
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
-from kernels import causal_attention, settings
-from kernels.reference import (causal_attention_reference, causal_mask, key_length_mask,
-                               naive_causal_attention, naive_packed_attention)
-from kernels.testing import assert_by_rule
-from kernels.validation import kv_heads_expanded
+from lecture_flash import causal_attention, settings
+from lecture_flash.reference import (causal_attention_reference, causal_mask, key_length_mask,
+                                     naive_causal_attention, naive_packed_attention)
+from lecture_flash.testing import assert_by_rule
+from lecture_flash.validation import kv_heads_expanded
+
+
+# Subprocesses run from a folder outside the repository, as a user's would: the repository root
+# holds a folder named kernels/, which would shadow Hugging Face's `kernels` package there.
+OUTSIDE = Path(tempfile.mkdtemp(prefix="lecture-flash-cwd-"))
+
+
+def run_module(module, *args, env=None, cwd=OUTSIDE, timeout=300):
+    """python -m MODULE ARGS, as a user runs it: from a folder outside the repository, the
+    installed package imported (nothing put on sys.path)."""
+    env = {**(os.environ if env is None else env)}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def _grads(fn, inputs, do):

@@ -8,9 +8,9 @@ never taken, so no test depends on speed.
 import pytest
 import torch
 
-import kernels
+import lecture_flash
 from helpers import check_against_oracle
-from kernels import auto, available_backends, causal_attention
+from lecture_flash import auto, available_backends, causal_attention
 
 needs_triton = pytest.mark.skipif("triton" not in available_backends(),
                                   reason="triton is not installed on this platform")
@@ -77,8 +77,8 @@ def measured(monkeypatch):
     """Measuring switched on for this machine's device, with injected timings by route:
     set ms[(route, needs_grad)]; returns (ms, routes timed, routes run)."""
     ran, timed, ms = [], [], {}
-    real_run = kernels._run
-    monkeypatch.setattr(kernels, "_run", lambda route, *a, **kw: (ran.append(route), real_run(route, *a, **kw))[1])
+    real_run = lecture_flash._run
+    monkeypatch.setattr(lecture_flash, "_run", lambda route, *a, **kw: (ran.append(route), real_run(route, *a, **kw))[1])
 
     def timer(fn):
         ran.clear()
@@ -89,9 +89,9 @@ def measured(monkeypatch):
     monkeypatch.setattr(auto, "CHOOSER", auto.Chooser(timer))
     monkeypatch.setattr(auto, "MEASURE", True)
     monkeypatch.setattr(auto, "can_measure", lambda q: True)
-    monkeypatch.setattr(kernels, "_auto_backend", lambda q, measure: "measure" if measure else "triton")
-    monkeypatch.setattr(kernels, "_RESOLVED", {})
-    monkeypatch.setattr(kernels, "_MEASURED", {})
+    monkeypatch.setattr(lecture_flash, "_auto_backend", lambda q, measure: "measure" if measure else "triton")
+    monkeypatch.setattr(lecture_flash, "_RESOLVED", {})
+    monkeypatch.setattr(lecture_flash, "_MEASURED", {})
     return ms, timed, ran
 
 
@@ -119,7 +119,7 @@ def test_auto_runs_each_class_by_the_route_measured_fastest(measured, device):
     with torch.no_grad():
         causal_attention(q, k, v)
     assert ran[-1] == "triton"
-    rows = {row["backward"]: row for row in kernels.auto_report()}
+    rows = {row["backward"]: row for row in lecture_flash.auto_report()}
     assert rows[True]["chosen"] == "sdpa" and rows[False]["chosen"] == "triton"
     if device.type == "cpu":  # PyTorch has no cuDNN or memory-efficient attention on CPU
         assert {"sdpa-cudnn", "sdpa-efficient"} <= set(rows[True]["left_out"])
@@ -155,12 +155,12 @@ def test_auto_while_tracing_uses_what_was_measured(measured, monkeypatch, device
     ms, timed, ran = measured
     q = torch.randn(1, 2, 20, 16, device=device)
     monkeypatch.setattr(auto, "can_measure", lambda q: False)
-    assert kernels._measured_route(None, q, q, q, 0.25, 0.0) == "triton"
+    assert lecture_flash._measured_route(None, q, q, q, 0.25, 0.0) == "triton"
     cls = auto.class_of(q, q, 0.0, False)
     auto.CHOOSER.chosen[cls] = "sdpa-cudnn"
-    assert kernels._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa-cudnn"  # graph capture
+    assert lecture_flash._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa-cudnn"  # graph capture
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa"
+    assert lecture_flash._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa"
     assert timed == []
 
 
@@ -169,9 +169,9 @@ def test_auto_measures_on_a_gpu(monkeypatch, device):
     """With real timings: a class is measured once, the report names every route that ran,
     and the call's results hold to the rule whichever route won."""
     monkeypatch.setattr(auto, "CHOOSER", auto.Chooser())
-    monkeypatch.setattr(kernels, "_MEASURED", {})
+    monkeypatch.setattr(lecture_flash, "_MEASURED", {})
     torch.manual_seed(2)
     q, k, v = (torch.randn(8, 6, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
     check_against_oracle(q, k, v, "auto")
-    [row] = kernels.auto_report()
+    [row] = lecture_flash.auto_report()
     assert row["backward"] and row["chosen"] in row["timed_ms"] and "triton" in row["timed_ms"]

@@ -4,12 +4,12 @@ No GPU is needed: run() functions and kernels here are fakes, and the timer is i
 """
 import pytest
 
-from kernels import available_backends
+from lecture_flash import available_backends
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
-autotune = pytest.importorskip("kernels.autotune")
-flash = pytest.importorskip("kernels.flash")
+autotune = pytest.importorskip("lecture_flash.autotune")
+flash = pytest.importorskip("lecture_flash.flash")
 OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
 torch = pytest.importorskip("torch")
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from helpers import check_against_oracle
-import kernels
-from kernels import causal_attention, decode_attention, scaled_dot_product_attention
-from kernels.reference import causal_attention_reference, masked_scores, naive_causal_attention
-from kernels.testing import assert_by_rule
-from kernels.validation import kv_heads_expanded
+import lecture_flash
+from lecture_flash import causal_attention, decode_attention, scaled_dot_product_attention
+from lecture_flash.reference import causal_attention_reference, masked_scores, naive_causal_attention
+from lecture_flash.testing import assert_by_rule
+from lecture_flash.validation import kv_heads_expanded
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 BACKENDS = ["reference", "sdpa", "auto"]
@@ -23,7 +23,7 @@ def known_sdpa_cpu_bf16(request, backend, dtype, device):
 
 
 def skip_if_unavailable(backend, device):
-    if backend == "triton" and "triton" not in __import__("kernels").available_backends(device):
+    if backend == "triton" and "triton" not in __import__("lecture_flash").available_backends(device):
         pytest.skip("triton is not installed here")
 
 
@@ -134,7 +134,7 @@ def test_return_lse_and_its_gradient(monkeypatch, backend, dtype, path, device):
     with its gradient (a loss that uses both), through every backward path of the kernel."""
     skip_if_unavailable(backend, device)
     if path == "two launches":
-        monkeypatch.setattr(__import__("kernels").flash, "FUSED_MAX_TK", 0)
+        monkeypatch.setattr(__import__("lecture_flash").flash, "FUSED_MAX_TK", 0)
     deterministic = False if path == "atomic dQ" else None
     Tk = 45
     torch.manual_seed(Tk)
@@ -358,8 +358,8 @@ def test_sdpa_entry_runs_ours_and_means_what_pytorch_means(monkeypatch, qs, ks, 
     q = rand(*qs, dtype=torch.float32, device=device)
     k, v = (rand(*ks, dtype=torch.float32, device=device) for _ in range(2))
     ran = []
-    real = kernels.causal_attention
-    monkeypatch.setattr(kernels, "causal_attention", lambda *a, **kw: (ran.append(1), real(*a, **kw))[1])
+    real = lecture_flash.causal_attention
+    monkeypatch.setattr(lecture_flash, "causal_attention", lambda *a, **kw: (ran.append(1), real(*a, **kw))[1])
     got = _lse_free_grads(scaled_dot_product_attention, q, k, v, options)
     want = _lse_free_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v, options)
     assert ran, "causal_attention did not run"
@@ -374,7 +374,7 @@ def _lse_free_grads(sdpa, q, k, v, options):
 
 
 def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, device):
-    monkeypatch.setattr(kernels, "_SAID", set())
+    monkeypatch.setattr(lecture_flash, "_SAID", set())
     torch.manual_seed(10)
     q, k, v = (rand(2, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
     pad = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=device)
@@ -385,9 +385,9 @@ def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, devic
             got = scaled_dot_product_attention(q, k, v, **options)
             torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, **options))
     assert [str(w.message) for w in record] == [
-        "kernels.scaled_dot_product_attention: an attn_mask other than (B or 1, 1, T, T) over as "
+        "lecture_flash.scaled_dot_product_attention: an attn_mask other than (B or 1, 1, T, T) over as "
         "many queries as keys goes to PyTorch's SDPA",
-        "kernels.scaled_dot_product_attention: non-causal attention goes to PyTorch's SDPA"]
+        "lecture_flash.scaled_dot_product_attention: non-causal attention goes to PyTorch's SDPA"]
     with pytest.warns(UserWarning, match="without enable_gqa=True goes to PyTorch"):
         got = scaled_dot_product_attention(q, k[:, :1], v[:, :1], is_causal=True)  # it broadcasts
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(
@@ -398,15 +398,15 @@ def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, devic
 def test_sdpa_entry_runs_ours_for_a_right_padded_causal_mask(monkeypatch, batch, device):
     """The causal mask of a right-padded batch (tril & key < length) runs causal_attention with
     seqlens_k, with PyTorch's meaning on every real row; a left-padded one goes to PyTorch."""
-    monkeypatch.setattr(kernels, "_SAID", set())
+    monkeypatch.setattr(lecture_flash, "_SAID", set())
     torch.manual_seed(11)
     q, k, v = (rand(2, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
     lengths = torch.tensor([6, 9][2 - batch:], device=device)
     tril = torch.ones(9, 9, dtype=torch.bool, device=device).tril()
     mask = (tril & (torch.arange(9, device=device) < lengths[:, None, None]))[:, None]
     seen = []
-    real = kernels.causal_attention
-    monkeypatch.setattr(kernels, "causal_attention",
+    real = lecture_flash.causal_attention
+    monkeypatch.setattr(lecture_flash, "causal_attention",
                         lambda *a, **kw: (seen.append(kw["seqlens_k"]), real(*a, **kw))[1])
     got = _lse_free_grads(scaled_dot_product_attention, q, k, v, dict(attn_mask=mask))
     want = _lse_free_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v,
@@ -496,9 +496,9 @@ def test_key_lengths_and_packed_sequences(request, backend, dtype, kind, device)
 @pytest.fixture(params=["as-one", "padded"])
 def packed_path(request, monkeypatch):
     """Both ways the PyTorch paths attend packed sequences: as one sequence under a
-    block-diagonal mask, or padded into a batch (kernels.PACKED_AS_ONE picks by size)."""
-    import kernels
-    monkeypatch.setattr(kernels, "PACKED_AS_ONE", (10**9, 10**12) if request.param == "as-one" else (0, 0))
+    block-diagonal mask, or padded into a batch (lecture_flash.PACKED_AS_ONE picks by size)."""
+    import lecture_flash
+    monkeypatch.setattr(lecture_flash, "PACKED_AS_ONE", (10**9, 10**12) if request.param == "as-one" else (0, 0))
     return request.param
 
 
@@ -527,7 +527,7 @@ def test_both_packed_paths_agree_with_the_oracle(packed_path, backend, window, d
 def test_block_diagonal_masks_empty_rows_and_reuse():
     """block_diagonal_mask's empty rows are the mask's own, and a mask is reused only for the
     same cu_seqlens tensors, unchanged."""
-    from kernels.packing import block_diagonal_mask
+    from lecture_flash.packing import block_diagonal_mask
     torch.manual_seed(34)
     for _ in range(20):
         lq, lk = torch.randint(0, 7, (4,)), torch.randint(0, 7, (4,))

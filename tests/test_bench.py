@@ -1,6 +1,7 @@
 """bench/run.py --quick writes the documented schema; bench/host_overhead.py runs;
 bench/compile_report.py builds every kernel for an H100 without one; CPU micro-benchmarks
 (--benchmark-only)."""
+import importlib
 import importlib.util
 import json
 import os
@@ -11,10 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import causal_attention
+from lecture_flash import causal_attention
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 NUMBER = (int, float)
+
+
+def bench_module(name):
+    """A module of bench/ as its scripts import it: bench/ is a folder of scripts, which Python
+    puts on sys.path when one runs (never the repository root, whose kernels/ would shadow
+    Hugging Face's `kernels`)."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +101,7 @@ def test_attention_section_runs_grouped_query_points(monkeypatch, capsys):
     Hk = 8): each implementation runs it with its own grouped-query flag, checked against the
     oracle, or says why it cannot; the table shows H/Hk."""
     import types
-    sys.path.insert(0, str(ROOT))
-    from bench import attention
+    attention = bench_module("attention")
     monkeypatch.setattr(attention, "grid", lambda device, dtypes, quick: [(torch.float32, 1, 4, 32, 16, 2)])
     opts = types.SimpleNamespace(device=torch.device("cpu"), dtypes=[torch.float32], quick=True,
                                  profile_dir=None)
@@ -194,9 +204,8 @@ def test_the_hopper_forward_compiles_for_an_h100(compile_reports):
 def test_the_nanogpt_style_model_generates_as_ours():
     """bench's nanoGPT-style model (its attention one SDPA call) keeps generation's KV cache:
     with our weights, its greedy tokens are ours, through the cache and past block_size."""
-    sys.path.insert(0, str(ROOT))
-    from bench.train import _nanogpt_style
-    from gpt import GPT, GPTConfig
+    _nanogpt_style = bench_module("gpt_train")._nanogpt_style
+    from lecture_flash.gpt import GPT, GPTConfig
     cfg = GPTConfig(vocab_size=65, block_size=8, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
     torch.manual_seed(0)
     ours = GPT(cfg).double().eval()
@@ -219,7 +228,7 @@ def test_benchmark_attention_forward(benchmark, qkv, backend):
 
 
 def test_benchmark_generate(benchmark):
-    from gpt import GPT, GPTConfig
+    from lecture_flash.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=65, block_size=32, n_embd=64, n_head=4, n_layer=4, dropout=0.0)).eval()
     idx = torch.zeros(1, 1, dtype=torch.long)
     out = benchmark(lambda: model.generate(idx, 64, seed=0))
@@ -231,8 +240,7 @@ def test_speedrun_section_times_both_models_to_the_target(monkeypatch, text_path
     trains our model and the nanoGPT-style one to the target, and the section reports the wall
     time, steps and val loss of each, with a verdict line."""
     import types
-    sys.path.insert(0, str(ROOT))
-    from bench import speedrun
+    speedrun = bench_module("speedrun")
     monkeypatch.setenv("GPT_DATA", str(text_path))
     monkeypatch.setattr(speedrun, "ARGV", ["--preset", "speedrun", "--n-embd", "32", "--n-head", "2",
                                            "--n-layer", "2", "--block-size", "32", "--batch-size", "8",

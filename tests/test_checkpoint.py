@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from gpt import checkpoint
+from lecture_flash.gpt import checkpoint
 from helpers import cli_error
-from gpt.sample import main as sample_main
-from gpt.train import main as train_main
+from lecture_flash.gpt.sample import main as sample_main
+from lecture_flash.gpt.train import main as train_main
 
 
 class _RunsCode:

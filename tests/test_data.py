@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gpt import data
-from gpt.data import Batches, CharTokenizer, DataError, load_text
+from lecture_flash.gpt import data
+from lecture_flash.gpt.data import Batches, CharTokenizer, DataError, load_text
 
 
 def test_tokenizer_round_trip_and_state():

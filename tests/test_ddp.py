@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt import checkpoint
-from gpt import train as train_cli
+from helpers import OUTSIDE
+from lecture_flash.gpt import checkpoint
+from lecture_flash.gpt import train as train_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 # The tiny preset, no dropout unless a test adds it, a few steps: every process's share counts.
 RUN = ["--preset", "tiny", "--max-iters", "8", "--eval-interval", "4", "--eval-iters", "2",
        "--sample-tokens", "0", "--no-progress", "--device", "cpu"]
@@ -29,17 +29,20 @@ def _free_port():
 
 
 def _env(text_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPT_DATA": str(text_path), "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)  # the model's attention runs PyTorch's SDPA on CPU anyway
+    env = {**os.environ, "GPT_DATA": str(text_path), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("PYTHONPATH", None)  # the model's attention runs PyTorch's SDPA on CPU anyway
     return env
 
 
 def torchrun(text_path, *argv, nproc=2):
-    """python -m torch.distributed.run --nproc_per_node=nproc -m gpt.train ARGV; its stdout."""
+    """python -m torch.distributed.run --nproc_per_node=nproc -m lecture_flash.gpt.train ARGV; its
+    stdout."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                        "--master_port", str(_free_port()), "-m", "gpt.train", *map(str, argv)],
-                       env=_env(text_path), capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        "--master_port", str(_free_port()), "-m", "lecture_flash.gpt.train",
+                        *map(str, argv)],
+                       env=_env(text_path), capture_output=True, text=True, timeout=300, cwd=OUTSIDE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -48,7 +51,7 @@ def ranks(text_path, *argv, nproc=2):
     """The processes torchrun would start, started here with its environment (RANK,
     WORLD_SIZE, MASTER_ADDR, ...), without its agent process: a few seconds less per run."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "gpt.train", *map(str, argv)], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "lecture_flash.gpt.train", *map(str, argv)], cwd=OUTSIDE,
                               env={**_env(text_path), "RANK": str(r), "LOCAL_RANK": str(r),
                                    "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},

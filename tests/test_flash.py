@@ -12,13 +12,13 @@ import triton
 import triton.language as tl
 
 from helpers import check_against_oracle
-from kernels import available_backends, causal_attention, decode_attention, set_defaults
-from kernels.reference import causal_attention_reference, causal_mask, naive_causal_attention
-from kernels.testing import assert_by_rule
+from lecture_flash import available_backends, causal_attention, decode_attention, set_defaults
+from lecture_flash.reference import causal_attention_reference, causal_mask, naive_causal_attention
+from lecture_flash.testing import assert_by_rule
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
-flash = pytest.importorskip("kernels.flash")
+flash = pytest.importorskip("lecture_flash.flash")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, H, Tq, Tk, D): awkward on purpose. Tiles under the interpreter are 16 x 16, so these

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig
-from gpt.generate import (KVCache, decode_one_token, decode_one_token_static, draw, net_of, prefill,
-                          sample)
-from gpt.lecture import GPTLanguageModel
+from lecture_flash.gpt import GPT, GPTConfig
+from lecture_flash.gpt.generate import (KVCache, decode_one_token, decode_one_token_static, draw, net_of, prefill,
+                                        sample)
+from lecture_flash.gpt.lecture import GPTLanguageModel
 
 
 def pair(block_size, n_layer=2):

@@ -1,12 +1,12 @@
-"""kernels.hf: our attention registered in Hugging Face transformers' attention interface, on
+"""lecture_flash.hf: our attention registered in Hugging Face transformers' attention interface, on
 tiny models built from a config (nothing downloaded), against transformers' own "sdpa"."""
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (CI "
                                    "installs it with the test extras)")
-import kernels  # noqa: E402
-import kernels.hf  # noqa: E402
+import lecture_flash  # noqa: E402
+import lecture_flash.hf  # noqa: E402
 
 
 def build(kind, attn_implementation, dropout=0.0):
@@ -49,7 +49,7 @@ def test_logits_and_gradients_match_sdpa_on_a_padded_batch(kind, side, backend):
     gradient as transformers' "sdpa" gives them. The Triton kernel (under the interpreter on
     CPU) takes the left-padded batch of the grouped-query Llama; the others take "auto" (on CPU,
     PyTorch's SDPA under our masks), quicker here, through the same registration."""
-    name = kernels.hf.register(f"lecture_{backend}", backend=backend)
+    name = lecture_flash.hf.register(f"lecture_{backend}", backend=backend)
     ours, theirs = build(kind, name), build(kind, "sdpa")
     ids, mask = padded_batch(side)
     labels = ids.masked_fill(mask == 0, -100)  # padded positions are not trained on
@@ -68,7 +68,7 @@ def test_greedy_generate_matches_sdpa(kind, cache):
     """Greedy generation of a left-padded batch (as generate pads prompts), with a dynamic and a
     static cache (whose empty slots the mask function cuts off): the same tokens, and scores
     equal to rounding."""
-    name = kernels.hf.register()
+    name = lecture_flash.hf.register()
     ours, theirs = build(kind, name).eval(), build(kind, "sdpa").eval()
     torch.manual_seed(2)
     prompts = torch.randint(1, 61, (2, 6))
@@ -89,8 +89,8 @@ def test_sliding_window_model_runs_ours_with_its_window(monkeypatch):
     window=(3, 0) (the mask function recognises the sliding-window pattern), logits on a padded
     batch and greedy generation with dynamic and static caches as "sdpa" gives them."""
     windows = []
-    real = kernels.hf.causal_attention
-    monkeypatch.setattr(kernels.hf, "causal_attention",
+    real = lecture_flash.hf.causal_attention
+    monkeypatch.setattr(lecture_flash.hf, "causal_attention",
                         lambda *a, **kw: (windows.append(kw["window"]), real(*a, **kw))[1])
 
     def mistral(impl):
@@ -102,7 +102,7 @@ def test_sliding_window_model_runs_ours_with_its_window(monkeypatch):
         model.set_attn_implementation(impl)
         return model.eval()
 
-    ours, theirs = mistral(kernels.hf.register()), mistral("sdpa")
+    ours, theirs = mistral(lecture_flash.hf.register()), mistral("sdpa")
     ids, mask = padded_batch("left")
     torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
                                theirs(ids, attention_mask=mask).logits[mask.bool()],
@@ -124,7 +124,7 @@ def test_padding_is_found_once_per_forward(monkeypatch):
     nonzero = torch.Tensor.nonzero
     monkeypatch.setattr(torch.Tensor, "nonzero",
                         lambda t, *a, **kw: (found.append(1), nonzero(t, *a, **kw))[1])
-    model = build("llama", kernels.hf.register()).eval()
+    model = build("llama", lecture_flash.hf.register()).eval()
     ids, mask = padded_batch("right")
     model(ids, attention_mask=mask)
     assert len(found) == 2  # the keys' rows and the queries', once for the model's 2 layers
@@ -133,7 +133,7 @@ def test_padding_is_found_once_per_forward(monkeypatch):
 def test_output_attentions_and_dropout_are_taken():
     """output_attentions=True runs (no weights come back, as with "sdpa"), and training-mode
     attention dropout reaches the kernel."""
-    name = kernels.hf.register()
+    name = lecture_flash.hf.register()
     model = build("llama", name, dropout=0.5)
     ids, mask = padded_batch("right")
     out = model.eval()(ids, attention_mask=mask, output_attentions=True)
@@ -147,4 +147,27 @@ def test_output_attentions_and_dropout_are_taken():
 
 def test_names_with_flash_are_refused():
     with pytest.raises(ValueError, match="must not contain 'flash'"):
-        kernels.hf.register("my_flash")
+        lecture_flash.hf.register("my_flash")
+
+
+def test_a_failing_transformers_import_reports_its_real_cause(monkeypatch):
+    """transformers present but its attention interface failing to import (here: a `kernels`
+    that is not Hugging Face's, as a folder named kernels/ on sys.path would give): the error
+    names the version, the tested ones, the shadowing module, and chains the real exception."""
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # `import` raises
+    with pytest.raises(ImportError, match=f"from transformers {transformers.__version__}") as e:
+        lecture_flash.hf.register()
+    message = str(e.value)
+    assert "tested with 4.53.3, 4.57.6, 5.25.0" in message, message
+    assert "is not Hugging Face's: a folder named kernels/ on sys.path shadows it" in message, message
+    assert isinstance(e.value.__cause__, ImportError), e.value.__cause__
+
+
+def test_a_missing_transformers_says_how_to_install_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"needs transformers \(pip install 'lecture-flash\[hf\]'"):
+        lecture_flash.hf.register()

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from helpers import check_against_oracle
-from kernels import available_backends, causal_attention
+from lecture_flash import available_backends, causal_attention
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
-hopper = pytest.importorskip("kernels.hopper")
-flash = pytest.importorskip("kernels.flash")
+hopper = pytest.importorskip("lecture_flash.hopper")
+flash = pytest.importorskip("lecture_flash.flash")
 
 # (B, H, Hk, Tq, Tk, D): tile tails, grouped-query heads, Tq < Tk, both head dims.
 SHAPES = [(1, 2, 2, 40, 40, 64), (2, 4, 2, 21, 37, 64), (1, 2, 1, 33, 33, 128)]

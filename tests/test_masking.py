@@ -4,9 +4,9 @@ its dQ) exactly as if the value were finite; a query that sees one gets NaN."""
 import pytest
 import torch
 
-from kernels import available_backends, causal_attention, decode_attention
-from kernels.reference import causal_attention_reference, naive_causal_attention
-from kernels.testing import assert_by_rule
+from lecture_flash import available_backends, causal_attention, decode_attention
+from lecture_flash.reference import causal_attention_reference, naive_causal_attention
+from lecture_flash.testing import assert_by_rule
 
 BACKENDS = ["reference", "sdpa", "auto", "triton"]
 EACH = ["reference", "sdpa", "triton"]  # "auto" is one of these (sdpa here, triton on a GPU)
@@ -78,7 +78,7 @@ def test_without_gradients_the_output_is_checked_instead(backend, where, value):
 def test_views_of_one_qkv_tensor_keep_the_contract(backend):
     """q, k, v as a fused projection gives them (views of one tensor, which the CPU check sums
     at once): a NaN in a key the early queries cannot see stays out of their outputs and dQ."""
-    from kernels.modules import split_heads
+    from lecture_flash.modules import split_heads
     torch.manual_seed(4)
     qkv = torch.randn(1, 40, 3 * 32, requires_grad=True)
     clean = attend(backend, *split_heads(qkv, 2))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig, MultiHeadAttention
-from gpt.lecture import GPTLanguageModel
-from gpt.lecture import MultiHeadAttention as LectureMHA
+from lecture_flash.gpt import GPT, GPTConfig, MultiHeadAttention
+from lecture_flash.gpt.lecture import GPTLanguageModel
+from lecture_flash.gpt.lecture import MultiHeadAttention as LectureMHA
 
 CFG = dict(vocab_size=65, block_size=32, n_embd=48, n_head=4, n_layer=2, dropout=0.0)
 
@@ -103,12 +103,12 @@ def test_compiles_with_fullgraph_and_no_graph_breaks():
 
 
 def test_presets_are_one_table_for_model_train_and_bench():
-    from gpt.model import PRESETS
-    from gpt.train import preset_settings
+    from lecture_flash.gpt.model import PRESETS
+    from lecture_flash.gpt.train import preset_settings
     assert GPTConfig.from_preset("lecture") == GPTConfig()  # the lecture's final gpt.py
     small = GPTConfig.from_preset("small", vocab_size=80)
     assert (small.block_size, small.n_embd, small.n_head, small.n_layer, small.vocab_size) == (32, 64, 4, 4, 80)
-    from gpt.model import TRAIN_DEFAULTS
+    from lecture_flash.gpt.model import TRAIN_DEFAULTS
     assert preset_settings("tiny") == {**PRESETS["tiny"]["model"], **TRAIN_DEFAULTS,
                                        **PRESETS["tiny"]["train"]}
     assert GPTConfig.from_preset("speedrun") == GPTConfig()  # the lecture's model: its checkpoints

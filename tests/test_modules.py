@@ -1,4 +1,4 @@
-"""kernels.MultiHeadAttention as the README tells a lecture user to use it: in a script named
+"""lecture_flash.MultiHeadAttention as the README tells a lecture user to use it: in a script named
 gpt.py, run from its own folder, as the lecture's is."""
 import os
 import subprocess
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from gpt import GPT, GPTConfig
+from lecture_flash.gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT = "from kernels import MultiHeadAttention"
+IMPORT = "from lecture_flash import MultiHeadAttention"
 SA_LINE = "self.sa = MultiHeadAttention(n_head, head_size, n_embd=n_embd, dropout=dropout)"
 
 # The lecture's final gpt.py, shrunk (sizes, steps, a generated text), with the README's two edits:
@@ -95,7 +95,8 @@ def test_the_readme_recipe_runs_in_a_script_named_gpt_py(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert IMPORT in readme and SA_LINE in readme  # the test runs what the README shows
     (tmp_path / "gpt.py").write_text(LECTURE_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # kernels from this checkout, gpt.py from cwd
+    env = {**os.environ}  # the installed lecture_flash, gpt.py from the script's folder
+    env.pop("PYTHONPATH", None)
     r = subprocess.run([sys.executable, "gpt.py"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -108,6 +109,6 @@ def test_the_readme_recipe_runs_in_a_script_named_gpt_py(tmp_path):
 
 
 def test_gpt_reexports_the_kernels_module():
-    import gpt
-    import kernels
-    assert gpt.MultiHeadAttention is kernels.MultiHeadAttention
+    import lecture_flash
+    import lecture_flash.gpt
+    assert lecture_flash.gpt.MultiHeadAttention is lecture_flash.MultiHeadAttention

@@ -4,9 +4,9 @@ import re
 import pytest
 import torch
 
-from gpt.lecture import Head
-from kernels import available_backends, causal_attention
-from kernels.reference import causal_attention_reference, causal_mask
+from lecture_flash.gpt.lecture import Head
+from lecture_flash import available_backends, causal_attention
+from lecture_flash.reference import causal_attention_reference, causal_mask
 
 
 def test_causal_mask_is_bottom_right_aligned():
@@ -104,7 +104,7 @@ def test_available_backends_lists_the_pure_pytorch_paths():
 
 
 def test_an_old_triton_is_named_and_auto_falls_back(monkeypatch):
-    flash = pytest.importorskip("kernels.flash")
+    flash = pytest.importorskip("lecture_flash.flash")
     monkeypatch.setattr(flash, "TOO_OLD", True)
     q = torch.randn(1, 1, 4, 16)
     assert "older than 3.3" in flash.supports(q)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import check_against_oracle
-from kernels import available_backends, causal_attention, set_defaults, settings
+from lecture_flash import available_backends, causal_attention, set_defaults, settings
 
 needs_triton = pytest.mark.skipif("triton" not in available_backends(),
                                   reason="triton is not installed on this platform")
@@ -88,7 +88,7 @@ def test_environment_sets_the_initial_defaults(monkeypatch):
 @needs_triton
 def test_triton_float32_dots_follow_the_setting(monkeypatch, matmul_precision, device):
     """What the kernels are launched with, for each way of choosing."""
-    from kernels import flash
+    from lecture_flash import flash
     seen = []
     real = flash._launch
     monkeypatch.setattr(flash, "_launch", lambda name, tiles, args, meta, **kw: (

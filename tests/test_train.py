@@ -7,19 +7,20 @@ import sys
 import pytest
 import torch
 
-from gpt.train import main as train_main
-from helpers import cli_error
+from helpers import OUTSIDE, cli_error, run_module
+from lecture_flash.gpt.train import main as train_main
 
 TINY = ["--preset", "tiny", "--n-embd", "16", "--n-layer", "1", "--batch-size", "4",
         "--block-size", "16", "--eval-iters", "2", "--no-progress", "--sample-tokens", "20"]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+def run_cli(command, *args):
+    """lecture-flash-COMMAND ARGS (python -m lecture_flash.gpt.COMMAND, from outside the repo)."""
+    return run_module(f"lecture_flash.gpt.{command}", *args)
 
 
 def test_training_lowers_the_loss(tmp_path, text_path):
-    from gpt.train import parse_args, train
+    from lecture_flash.gpt.train import parse_args, train
     base = ["--preset", "tiny", "--data", str(text_path), "--no-progress", "--sample-tokens", "0",
             "--eval-interval", "150"]
     _, before = train(parse_args([*base, "--out-dir", str(tmp_path / "a"), "--max-iters", "0"]))
@@ -40,31 +41,31 @@ def test_resume_is_exact(tmp_path, text_path):
 
 
 def test_train_and_sample_cli(tmp_path, text_path):
-    r = run_cli("gpt.train", *TINY, "--data", str(text_path), "--out-dir", str(tmp_path), "--max-iters", "3")
+    r = run_cli("train", *TINY, "--data", str(text_path), "--out-dir", str(tmp_path), "--max-iters", "3")
     assert r.returncode == 0, r.stderr
     assert "val loss" in r.stdout and (tmp_path / "ckpt.pt").is_file()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert set(ckpt) >= {"model", "optimizer", "config", "iter", "tokenizer", "rng"}
     assert set(ckpt["rng"]) == {"torch", "cuda", "data"}
-    r = run_cli("gpt.sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO", "--max-new-tokens", "30",
+    r = run_cli("sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO", "--max-new-tokens", "30",
                 "--seed", "1", "--top-k", "5", "--top-p", "0.9")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO") and len(r.stdout) >= 30 and "tokens/s" in r.stderr
-    again = run_cli("gpt.sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO", "--max-new-tokens", "30",
+    again = run_cli("sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO", "--max-new-tokens", "30",
                     "--seed", "1", "--top-k", "5", "--top-p", "0.9")
     assert again.stdout == r.stdout  # a seed reproduces the text
 
 
 def test_sample_from_a_raw_lecture_state_dict(tmp_path, text_path, capsys):
-    from gpt.data import CharTokenizer, load_text
-    from gpt.lecture import GPTLanguageModel
+    from lecture_flash.gpt.data import CharTokenizer, load_text
+    from lecture_flash.gpt.lecture import GPTLanguageModel
     vocab = CharTokenizer.from_text(load_text(text_path)).vocab_size
     torch.save(GPTLanguageModel(vocab, block_size=16, n_embd=16, n_head=2, n_layer=1).state_dict(), tmp_path / "lec.pt")
-    r = run_cli("gpt.sample", "--ckpt", str(tmp_path / "lec.pt"), "--vocab-from", str(text_path), "--block-size", "16",
+    r = run_cli("sample", "--ckpt", str(tmp_path / "lec.pt"), "--vocab-from", str(text_path), "--block-size", "16",
                 "--n-embd", "16", "--n-head", "2", "--n-layer", "1", "--max-new-tokens", "20", "--stop", "e")
     assert r.returncode == 0, r.stderr
     # The shape is read off the tensors: the size flags are not needed.
-    from gpt.sample import main as sample_main
+    from lecture_flash.gpt.sample import main as sample_main
     sample_main(["--ckpt", str(tmp_path / "lec.pt"), "--vocab-from", str(text_path),
                  "--max-new-tokens", "20", "--seed", "0"])
     assert len(capsys.readouterr().out) > 20
@@ -83,7 +84,7 @@ def test_cli_errors_are_one_line(tmp_path, text_path):
     # The first case runs the command line as a user does; the rest call its main() in this
     # process, which turns the same problems into the same one-line exit (and saves seconds).
     (args, words), *rest = cases
-    r = run_cli("gpt.train", *TINY, *args)
+    r = run_cli("train", *TINY, *args)
     assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     for args, words in rest:
@@ -163,9 +164,9 @@ def test_data_errors_name_the_file_in_one_line(tmp_path, monkeypatch):
 
 
 def test_interrupt_before_the_first_checkpoint_says_so(tmp_path, text_path):
-    p = subprocess.Popen([sys.executable, "-m", "gpt.train", *TINY, "--data", str(text_path),
+    p = subprocess.Popen([sys.executable, "-m", "lecture_flash.gpt.train", *TINY, "--data", str(text_path),
                           "--out-dir", str(tmp_path), "--max-iters", "100000", "--eval-interval", "100000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=OUTSIDE)
     assert "parameters" in p.stdout.readline()  # training has started
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -174,9 +175,9 @@ def test_interrupt_before_the_first_checkpoint_says_so(tmp_path, text_path):
 
 
 def test_sample_reports_shape_problems_usefully(tmp_path, text_path):
-    from gpt.data import CharTokenizer, load_text
-    from gpt.lecture import GPTLanguageModel
-    from gpt.sample import main as sample_main
+    from lecture_flash.gpt.data import CharTokenizer, load_text
+    from lecture_flash.gpt.lecture import GPTLanguageModel
+    from lecture_flash.gpt.sample import main as sample_main
     vocab = CharTokenizer.from_text(load_text(text_path)).vocab_size
     state = GPTLanguageModel(vocab, block_size=16, n_embd=16, n_head=2, n_layer=2).state_dict()
     del state["blocks.1.ffwd.net.0.bias"]
@@ -210,7 +211,7 @@ def test_a_newcomer_on_a_cpu_is_told_what_to_expect(tmp_path, text_path, capsys)
 
 def test_learning_rate_schedule():
     """Linear warm-up, then constant, or with min_lr nanoGPT's cosine decay to min_lr."""
-    from gpt.train import lr_at
+    from lecture_flash.gpt.train import lr_at
     hp = dict(lr=1e-3, warmup_iters=10, min_lr=1e-4, max_iters=110)
     assert lr_at(0, hp) == pytest.approx(1e-4) and lr_at(9, hp) == pytest.approx(1e-3)
     assert lr_at(10, hp) == pytest.approx(1e-3) and lr_at(60, hp) == pytest.approx(5.5e-4)
@@ -246,7 +247,7 @@ def test_captured_training_step_trains_as_the_eager_one(tmp_path, text_path):
     --resume ends bitwise where the captured run straight through ends."""
     common = [*TINY, "--data", str(text_path), "--device", "cuda", "--eval-interval", "6",
               "--warmup-iters", "3", "--min-lr", "1e-4", "--max-iters", "12", "--sample-tokens", "0"]
-    from gpt.train import parse_args, train
+    from lecture_flash.gpt.train import parse_args, train
     _, eager_losses = train(parse_args([*common, "--out-dir", str(tmp_path / "eager"), "--no-cuda-graphs"]))
     _, graph_losses = train(parse_args([*common, "--out-dir", str(tmp_path / "graph"), "--cuda-graphs"]))
     train_main([*common, "--out-dir", str(tmp_path / "split"), "--cuda-graphs", "--max-iters", "6"])
@@ -267,7 +268,7 @@ def test_captured_calls_warm_up_capture_once_and_replay(monkeypatch):
     a side stream returning their own results, then one capture on static copies of the
     arguments (with the caller's generator registered, the default one not), each later call
     copying its arguments into those copies and replaying."""
-    from gpt import step
+    from lecture_flash.gpt import step
     log = []
 
     class Stream:

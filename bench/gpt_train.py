@@ -11,12 +11,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, MultiHeadAttention
-from gpt.lecture import GPTLanguageModel
-from gpt.model import PRESETS
-from gpt.step import WARMUP_STEPS, TrainStep, adamw, autocast
+from lecture_flash.gpt import GPT, GPTConfig, MultiHeadAttention
+from lecture_flash.gpt.lecture import GPTLanguageModel
+from lecture_flash.gpt.model import PRESETS
+from lecture_flash.gpt.step import WARMUP_STEPS, TrainStep, adamw, autocast
 
-from bench.harness import (log, measure, peak_memory_mb, print_rows, profile_steps, progress,
+from harness import (log, measure, peak_memory_mb, print_rows, profile_steps, progress,
                            ratio_line, skipped_reason, sync)
 
 VOCAB = 65  # Tiny Shakespeare's characters

@@ -1,0 +1,132 @@
+"""What `pip install .` and `pip install -e .` give: one package, `lecture_flash` (with
+`lecture_flash.gpt`), importable beside Hugging Face's `kernels` from any folder; nothing
+installed under the names `kernels` or `gpt`."""
+import importlib.util
+import os
+import pkgutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import lecture_flash
+import lecture_flash.gpt
+from helpers import OUTSIDE
+
+ROOT = Path(__file__).resolve().parents[1]
+# The folders (the design's names) and the packages they install as.
+FOLDERS = {"kernels": "lecture_flash", "gpt": "lecture_flash/gpt"}
+
+
+def _modules_in(folder):
+    return {p.name for p in (ROOT / folder).glob("*.py")}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel `pip install .` would install, built from this checkout (with the setuptools
+    this Python has when it is new enough, else in pip's isolated build environment)."""
+    out = tmp_path_factory.mktemp("wheel")
+    isolation = []
+    try:
+        import setuptools
+        if int(setuptools.__version__.split(".")[0]) >= 64:
+            isolation = ["--no-build-isolation"]
+    except ImportError:
+        pass
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
+                        "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300,
+                       cwd=OUTSIDE)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [path] = out.glob("lecture_flash-*.whl")
+    return path
+
+
+def test_the_wheel_holds_lecture_flash_and_nothing_named_kernels_or_gpt(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    code = {n for n in names if ".dist-info/" not in n}
+    expected = {f"{package}/{m}" for folder, package in FOLDERS.items() for m in _modules_in(folder)}
+    assert code == expected, (sorted(code - expected), sorted(expected - code))
+    tops = {n.split("/")[0] for n in names}
+    assert not tops & {"kernels", "gpt", "bench", "tests"}, tops
+    [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "lecture-flash-train = lecture_flash.gpt.train:main" in text, text
+    assert "lecture-flash-sample = lecture_flash.gpt.sample:main" in text, text
+
+
+def test_the_editable_install_offers_the_same_modules_as_the_wheel(wheel):
+    """This process imports the package as installed here (editable in CI): the same modules,
+    from the checkout's folders, as the wheel's."""
+    in_wheel = {n[:-3].replace("/", ".") for n in zipfile.ZipFile(wheel).namelist()
+                if n.endswith(".py") and ".dist-info/" not in n}
+    here = {"lecture_flash", "lecture_flash.gpt"}
+    for package in (lecture_flash, lecture_flash.gpt):  # each package's own folder
+        here |= {m.name for m in pkgutil.iter_modules(package.__path__, package.__name__ + ".")}
+    in_wheel = {n[:-len(".__init__")] if n.endswith(".__init__") else n for n in in_wheel}
+    assert here == in_wheel, (sorted(here - in_wheel), sorted(in_wheel - here))
+
+
+def _run_outside(code, pythonpath=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=OUTSIDE, env=env)
+
+
+BESIDE_HF = """
+import kernels, transformers
+from transformers import AttentionInterface
+import lecture_flash, lecture_flash.hf
+from lecture_flash import (causal_attention, decode_attention, scaled_dot_product_attention,
+                           MultiHeadAttention, available_backends, set_defaults)
+from lecture_flash.gpt import GPT, GPTConfig
+assert "site-packages" in kernels.__file__ and not hasattr(kernels, "causal_attention"), kernels.__file__
+name = lecture_flash.hf.register()
+assert name in AttentionInterface._global_mapping, name
+print(lecture_flash.__file__)
+"""
+
+
+def test_imports_beside_hugging_face_kernels_from_outside_the_repo():
+    """transformers >= 5.25 imports Hugging Face's `kernels` (the hub-kernels loader); ours
+    imports as lecture_flash, so both load in one process, from a folder with no checkout."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (the test extras install it)")
+    if importlib.util.find_spec("kernels") is None:
+        pytest.skip("Hugging Face's `kernels` is not installed (transformers >= 5.25 requires it)")
+    r = _run_outside(BESIDE_HF)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_the_wheel_imports_and_its_commands_run(wheel, tmp_path):
+    """The wheel, unpacked where a plain install puts it, ahead of the editable finder: the
+    package imports from there, and `python -m lecture_flash.gpt.train --help` runs."""
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_outside("import lecture_flash, lecture_flash.gpt.train; print(lecture_flash.__file__);"
+                     "print(lecture_flash.gpt.train.__file__)", pythonpath=target)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(line.startswith(str(target)) for line in r.stdout.split()), r.stdout
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "lecture_flash.gpt.train", "--help"],
+                       capture_output=True, text=True, timeout=300, cwd=OUTSIDE,
+                       env={**env, "PYTHONPATH": str(target)})
+    assert r.returncode == 0 and "--preset" in r.stdout, r.stderr[-2000:]
+
+
+def test_nothing_of_ours_answers_to_the_old_names():
+    """No alias or shim: `kernels` is Hugging Face's (or absent), `gpt` absent."""
+    r = _run_outside("import importlib.util as u, lecture_flash, lecture_flash.gpt\n"
+                     "for name in ('kernels', 'gpt'):\n"
+                     "    spec = u.find_spec(name)\n"
+                     "    print(name, spec.origin if spec else None)")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in r.stdout.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(str(ROOT)), line
