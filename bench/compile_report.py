@@ -37,7 +37,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lecture_flash import flash, settings  # noqa: E402
+from lecture_flash import flash_launch, flash_tiles, settings  # noqa: E402
 
 # Shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -45,10 +45,10 @@ DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # in the input dtype
 FLOAT32 = {"LSE", "DELTA", "DQ_ACC"}
-ROWS = {"dense": flash.DENSE, "lengths": flash.KEY_LENGTHS, "cache": flash.CACHE_LENGTHS,
-        "packed": flash.PACKED}
-# Plain integer arguments that launches leave unspecialised (see flash._NO_SPECIALIZE).
-UNSPECIALISED = set(flash._NO_SPECIALIZE)
+ROWS = {"dense": flash_tiles.DENSE, "lengths": flash_tiles.KEY_LENGTHS,
+        "cache": flash_tiles.CACHE_LENGTHS, "packed": flash_tiles.PACKED}
+# Plain integer arguments that launches leave unspecialised (see flash_tiles._NO_SPECIALIZE).
+UNSPECIALISED = set(flash_tiles._NO_SPECIALIZE)
 
 
 def signature(fn, dtype, constexprs):
@@ -89,9 +89,9 @@ def signature(fn, dtype, constexprs):
 
 
 def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=True,
-                   fp32_precision="ieee", huge_scale=False, window=False, rows=flash.DENSE):
-    fn = flash._JIT[kind]
-    hd = flash._head_dim(head_dim)
+                   fp32_precision="ieee", huge_scale=False, window=False, rows=flash_tiles.DENSE):
+    fn = flash_launch._JIT[kind]
+    hd = flash_launch._head_dim(head_dim)
     # GROUP = 1 (one query head per key/value head) is a constant in real launches: Triton
     # specialises an integer argument equal to 1, so the grouped loops fold away.
     constexprs = dict(GROUP=1, WINDOW=window, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
@@ -203,7 +203,7 @@ def parse_args(argv):
                    help="compute capability x10: 90 H100/H200, 80 A100, 86/89 RTX 30/40 (default 90)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable (default bfloat16)")
     p.add_argument("--head-dim", default="64,128", help="comma-separated, 1..256 (default 64,128)")
-    p.add_argument("--kernel", action="append", choices=sorted(flash._CONFIGS), help="repeatable (default all)")
+    p.add_argument("--kernel", action="append", choices=sorted(flash_launch._CONFIGS), help="repeatable (default all)")
     p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
     p.add_argument("--nondeterministic", action="store_true",
                    help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
@@ -246,16 +246,16 @@ def main(argv=None):
     failures = 0
     show = lambda v: "?" if v is None else v  # noqa: E731
     for dtype in [DTYPES[d] for d in (args.dtype or ["bfloat16"])]:
-        for kind in args.kernel or list(flash._CONFIGS):
+        for kind in args.kernel or list(flash_launch._CONFIGS):
             for D in args.head_dims:
-                if kind == "fused" and not flash._fused_backward(0, flash._head_dim(D), TORCH_DTYPES[dtype]):
+                if kind == "fused" and not flash_launch._fused_backward(0, flash_launch._head_dim(D), TORCH_DTYPES[dtype]):
                     print(f"{kind:6s} {dtype:5s} {D:3d}  not used for this head dim and dtype "
                           "(two launches instead)")
                     continue
                 # The configs flash tries for a long sequence of this head dim and dtype, in order.
                 q = torch.empty(0, dtype=TORCH_DTYPES[dtype])
-                configs = flash._prune(flash._CONFIGS[kind], dict(
-                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash._head_dim(D)))
+                configs = flash_launch._prune(flash_launch._CONFIGS[kind], dict(
+                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash_launch._head_dim(D)))
                 loads = False
                 for c in configs:
                     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]

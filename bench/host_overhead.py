@@ -28,26 +28,27 @@ from harness import wall_ms  # noqa: E402  (first: it says how to install lectur
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lecture_flash import causal_attention, default_device, flash  # noqa: E402
+from lecture_flash import causal_attention, default_device, flash, flash_launch  # noqa: E402
 
 
 @contextlib.contextmanager
 def launches_stubbed():
-    """Every kernel launch in lecture_flash.flash becomes a no-op (outputs stay uninitialised): a
+    """Every kernel launch in lecture_flash.flash_launch becomes a no-op (outputs stay uninitialised): a
     launch plan's first call gets a stand-in config and no compiled kernel, every later call of
     a plan does nothing, and the atomic path's preprocessing does nothing."""
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    saved = flash._launch, flash._Plan.__call__, flash._bwd_preprocess
-    flash._launch = lambda name, tiles_along, args, meta, reset=None: [flash._INTERPRET_CONFIG, (1, 1, 1), None]
-    flash._Plan.__call__ = lambda self, tensors: None
-    flash._bwd_preprocess = NoLaunch()
+    launch = flash_launch
+    saved = launch._launch, launch._Plan.__call__, launch._bwd_preprocess
+    launch._launch = lambda name, tiles_along, args, meta, reset=None: [launch._INTERPRET_CONFIG, (1, 1, 1), None]
+    launch._Plan.__call__ = lambda self, tensors: None
+    launch._bwd_preprocess = NoLaunch()
     try:
         yield
     finally:
-        flash._launch, flash._Plan.__call__, flash._bwd_preprocess = saved
+        launch._launch, launch._Plan.__call__, launch._bwd_preprocess = saved
 
 
 def per_call_us(fn, calls, repeats, device):

@@ -143,13 +143,23 @@ class Net:
         return x[:, -1]
 
 
+# The module classes whose eval-mode arithmetic FlatBlock and Net reproduce exactly: PyTorch's
+# and ours here, and the model's own, which gpt/model.py adds as it defines them (flat_exact).
+FLAT_EXACT = {MultiHeadAttention, nn.Sequential, nn.Linear, nn.LayerNorm, nn.ReLU, nn.Dropout,
+              nn.Embedding}
+
+
+def flat_exact(cls):
+    """Class decorator: net_of may run modules of exactly this class as plain tensor ops."""
+    FLAT_EXACT.add(cls)
+    return cls
+
+
 def net_of(model):
     """The model as the steps run it (Net), flat where that computes exactly what the modules
-    would: the model in eval mode (no dropout), every module one of the classes gpt.model
-    builds from, none patched or hooked (those may change what a module does)."""
-    from .model import GPT, Block, FeedForward  # (gpt.model imports this module)
-    kinds = {GPT, Block, FeedForward, MultiHeadAttention, nn.Sequential, nn.Linear, nn.LayerNorm,
-             nn.ReLU, nn.Dropout, nn.Embedding}
+    would: the model in eval mode (no dropout), every module of a FLAT_EXACT class (not a
+    subclass), none patched or hooked (those may change what a module does)."""
+    kinds = FLAT_EXACT
     hooked = any(getattr(nn.modules.module, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_module_registration_hooks"))
     return Net(model, flat=not model.training and not hooked and all(

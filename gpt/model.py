@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from lecture_flash import MultiHeadAttention
 
-from .generate import generate_batch, stream_tokens
+from .generate import flat_exact, generate_batch, stream_tokens
 
 
 @dataclass
@@ -75,6 +75,7 @@ PRESETS = {
 TRAIN_DEFAULTS = dict(warmup_iters=0, min_lr=None, beta2=0.999, weight_decay=0.01, target_loss=None)
 
 
+@flat_exact
 class FeedForward(nn.Module):
     """The lecture's MLP: expand by 4, ReLU, project back, dropout."""
 
@@ -91,6 +92,7 @@ class FeedForward(nn.Module):
         return self.net(x)  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
+@flat_exact
 class Block(nn.Module):
     """Communication (attention) followed by computation (MLP), pre-norm residual."""
 
@@ -107,6 +109,7 @@ class Block(nn.Module):
         return x + self.ffwd(self.ln2(x))     # (B, T, C)
 
 
+@flat_exact
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()

@@ -1,7 +1,7 @@
 """Our causal attention inside Hugging Face transformers models (optional: transformers is not a
 requirement of this package; this module imports it when register() runs; `pip install
-"lecture-flash[hf]"` installs it). Tested with transformers 4.53.3, 4.57.6 and 5.25.0
-(TESTED_TRANSFORMERS).
+"lecture-flash[hf]"` installs it). Tested with transformers 4.57.6, 5.0.0 and 5.25.0
+(TESTED_TRANSFORMERS); 4.53.3 lacks what tests/test_hf.py uses.
 
     import lecture_flash.hf
     name = lecture_flash.hf.register()                       # "lecture_causal"
@@ -34,11 +34,11 @@ import warnings
 
 import torch
 
-from . import causal_attention
+from .dispatch import causal_attention
 
 NAME = "lecture_causal"
 # The transformers releases tests/test_hf.py has passed with; setup.py's hf extra spans them.
-TESTED_TRANSFORMERS = ("4.53.3", "4.57.6", "5.25.0")
+TESTED_TRANSFORMERS = ("4.57.6", "5.0.0", "5.25.0")
 _WARNED = set()
 
 
@@ -142,11 +142,26 @@ def _causal(mask_function, local_size):
         return False
 
 
+def _causal_call(module, query, attention_mask, is_causal):
+    """Whether transformers asks for causal self-attention. The module says so (is_causal, and
+    no cross-attention). The is_causal argument means two things: transformers 5 passes the
+    model's intent (False: full attention), 4.x's GPT-2 the flag its SDPA call would take, which
+    is False whenever a mask is given or there is one query (and then says nothing of the
+    module), so there only False with neither is full attention."""
+    if not getattr(module, "is_causal", True) or getattr(module, "is_cross_attention", False):
+        return False
+    if is_causal is False:
+        import transformers
+        full = int(transformers.__version__.split(".")[0]) >= 5
+        return not (full or (attention_mask is None and query.shape[2] > 1))
+    return True
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       backend="auto", sliding_window=None, is_causal=None, **kwargs):
     """transformers' attention-function contract: query (B, H, Tq, D), key and value (B, Hk,
     Tk, D); returns ((B, Tq, H, D), None)."""
-    if is_causal is False or not getattr(module, "is_causal", True):
+    if not _causal_call(module, query, attention_mask, is_causal):
         raise ValueError(f"{type(module).__name__} is not causal attention; lecture_flash.hf runs "
                          "causal attention only (use attn_implementation='sdpa' for this model)")
     window = None if sliding_window is None else (int(sliding_window) - 1, 0)

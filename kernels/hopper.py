@@ -3,7 +3,7 @@
     LECTURE_FLASH_HOPPER=1 python ...     # K/V (and Q) tiles loaded by TMA through descriptors
     LECTURE_FLASH_HOPPER=ws python ...    # the same, and the key loop warp-specialised
 
-What it changes against the portable forward (flash._attn_fwd), and only that: every tile is
+What it changes against the portable forward (flash_fwd._attn_fwd), and only that: every tile is
 read through a tensor descriptor (one TMA copy a tile, issued by one thread, with the bounds
 checked by the copy engine: rows past T read as zeros, so no load needs a mask), and with "ws"
 the key loop asks Triton to specialise warps (a producer that issues the copies, consumers that
@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import flash
+from . import flash_launch as launch
+from . import flash_tiles as tiles
 
 MODE = os.environ.get("LECTURE_FLASH_HOPPER", "").strip().lower()  # "", "1" or "ws"
 if MODE not in ("", "0", "1", "ws"):
@@ -44,24 +45,24 @@ except ImportError:  # Triton < 3.4: no host-side descriptors
 # specialisation does not choose). 128 x 128 x 3 stages at D = 128 is at the 227 KB limit; a
 # 64 x 128 tile of 4 warps spilled at D = 128 (compile_report.py --hopper).
 CANDIDATES = {
-    64: [flash._cfg(128, 128, 3, 8), flash._cfg(128, 64, 3, 8), flash._cfg(128, 128, 4, 8),
-         flash._cfg(128, 64, 3, 4)],
-    128: [flash._cfg(128, 128, 2, 8), flash._cfg(128, 64, 3, 8), flash._cfg(128, 128, 3, 8),
-          flash._cfg(128, 64, 2, 8)],
+    64: [launch._cfg(128, 128, 3, 8), launch._cfg(128, 64, 3, 8), launch._cfg(128, 128, 4, 8),
+         launch._cfg(128, 64, 3, 4)],
+    128: [launch._cfg(128, 128, 2, 8), launch._cfg(128, 64, 3, 8), launch._cfg(128, 128, 3, 8),
+          launch._cfg(128, 64, 2, 8)],
 }
 # Under the interpreter, small tiles keep the tests fast.
-INTERPRETED = flash._cfg(16, 16, 1, 4)
+INTERPRETED = launch._cfg(16, 16, 1, 4)
 
 
 def applies(q, k, v, dropout_p, left, rows):
     """Whether the Hopper forward runs this call (MODE set, and the call within its reach)."""
     if MODE in ("", "0") or TensorDescriptor is None:
         return False
-    if rows.mode != flash.DENSE or dropout_p > 0.0 or left >= 0:
+    if rows.mode != tiles.DENSE or dropout_p > 0.0 or left >= 0:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CANDIDATES:
         return False
-    if not flash.INTERPRET and (not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0)):
+    if not tiles.INTERPRET and (not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0)):
         return False
     # TMA: a contiguous head dim, every other stride and the base 16-byte aligned.
     for t in (q, k, v):
@@ -74,28 +75,28 @@ def applies(q, k, v, dropout_p, left, rows):
 def _tiles(acc, l_i, m_i, q, k_desc, v_desc, b, hk, offs_m, lo, hi, head,
            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
            STAGES: tl.constexpr, WS: tl.constexpr):
-    """flash._fwd_tiles for dense rows without dropout, its K/V tiles read through descriptors
+    """flash_fwd._fwd_tiles for dense rows without dropout, its K/V tiles read through descriptors
     (zeros past Tk, which only masked tiles reach and the causal mask hides)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         k_tile = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        s = flash._dot(q, k_tile.T, None, "ieee")  # (BLOCK_M, BLOCK_N), unscaled
+        s = tiles._dot(q, k_tile.T, None, "ieee")  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            s = tl.where(flash._visible(offs_m, offs_n, head), s, float("-inf"))
-        m_new = tl.maximum(m_i, flash._row_max(s, head))
-        p = flash._exp2_weights(tl.fma(s, head.qk_scale, -m_new[:, None]), head)
+            s = tl.where(tiles._visible(offs_m, offs_n, head), s, float("-inf"))
+        m_new = tl.maximum(m_i, tiles._row_max(s, head))
+        p = tiles._exp2_weights(tl.fma(s, head.qk_scale, -m_new[:, None]), head)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_tile = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         if MASKED:  # the portable kernel's guard: a masked NaN/inf value reaches no output
-            finite = flash._finite(v_tile)
+            finite = tiles._finite(v_tile)
             key_ok = tl.min(finite.to(tl.int32), 1)
             bad_keys = tl.where(key_ok == 0, offs_n, head.Tk)
             row_bad = tl.min(bad_keys, 0) <= offs_m + head.offset
             v_tile = tl.where(finite, v_tile, 0.0)
-        acc = flash._dot(flash._to(p, v_tile.dtype), v_tile, acc * alpha[:, None], "ieee")
+        acc = tiles._dot(tiles._to(p, v_tile.dtype), v_tile, acc * alpha[:, None], "ieee")
         if MASKED:
             l_i = tl.where(row_bad, float("nan"), l_i)
         m_i = m_new
@@ -110,27 +111,27 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, O, LSE, stride_o, stride_stats, H, 
                      STAGES: tl.constexpr, WS: tl.constexpr):
     # Longest row blocks first, as the portable forward launches them.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    b, h, bh = flash._batch_and_head(H)
-    head = flash._head(b, h, H, LSE, LSE, stride_stats, Tq, Tk, scale, LSE, 0.0, 0,
+    b, h, bh = tiles._batch_and_head(H)
+    head = tiles._head(b, h, H, LSE, LSE, stride_stats, Tq, Tk, scale, LSE, 0.0, 0,
                        DROPOUT=False, HUGE_SCALE=HUGE_SCALE, WINDOW=False, ROWS=0)
     b32, h32 = b.to(tl.int32), h.to(tl.int32)  # descriptor coordinates are 32-bit
     hk = h32 // GROUP
-    offs_m = flash._offsets(start_m, BLOCK_M, OFFS_64)
-    offs_d = flash._offsets(0, HEAD_DIM, OFFS_64)
+    offs_m = tiles._offsets(start_m, BLOCK_M, OFFS_64)
+    offs_d = tiles._offsets(0, HEAD_DIM, OFFS_64)
     q = q_desc.load([b32, h32, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    _, lo_full, full_end, diag_end = flash._key_stages(start_m, head, BLOCK_M, BLOCK_N)
+    _, lo_full, full_end, diag_end = tiles._key_stages(start_m, head, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_desc, v_desc, b32, hk, offs_m, lo_full, full_end,
                            head, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=False, STAGES=STAGES,
                            WS=WS)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_desc, v_desc, b32, hk, offs_m, full_end, diag_end,
                            head, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=True, STAGES=STAGES,
                            WS=WS)
-    tl.store(flash._row_stats(LSE, head) + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < head.Tq)
-    o = flash._slab(O, stride_o, b, h, 0, head.Tq)
-    flash._store_tile(o, offs_m, offs_d, HEAD_DIM, acc / l_i[:, None])
+    tl.store(tiles._row_stats(LSE, head) + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < head.Tq)
+    o = tiles._slab(O, stride_o, b, h, 0, head.Tq)
+    tiles._store_tile(o, offs_m, offs_d, HEAD_DIM, acc / l_i[:, None])
 
 
 def candidates(D, mode=None):
@@ -138,20 +139,20 @@ def candidates(D, mode=None):
     Triton 3.9 specialises the warps of a 4-warp config for sm_90, and its pass fails an
     assertion on this kernel (compile_report.py --hopper shows it); 8-warp configs compile as in
     mode 1 there. (The GPU image's Triton 3.6 is to be seen.)"""
-    if flash.INTERPRET:
+    if tiles.INTERPRET:
         return [INTERPRETED]
     mode = MODE if mode is None else mode
     return [c for c in CANDIDATES[D] if mode != "ws" or c.num_warps == 8]
 
 
 def forward(q, k, v, scale):
-    """(o, lse) as flash._fwd_impl returns them (o stored (B, T, H, D), lse (B, H, Tq) base 2),
+    """(o, lse) as flash_launch.forward returns them (o stored (B, T, H, D), lse (B, H, Tq) base 2),
     for a call applies() accepted; scale > 0."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = flash._new_output(q, flash.DENSE_ROWS)
-    lse = flash._new_stats(q, flash.DENSE_ROWS)
-    offs_64 = flash._offsets_need_64(q, k, v, o)
+    o = launch._new_output(q, launch.DENSE_ROWS)
+    lse = launch._new_stats(q, launch.DENSE_ROWS)
+    offs_64 = launch._offsets_need_64(q, k, v, o)
 
     def run(conf):
         block_m, block_n = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
@@ -164,9 +165,9 @@ def forward(q, k, v, scale):
                                BLOCK_N=block_n, STAGES=conf.num_stages, WS=MODE == "ws",
                                num_warps=conf.num_warps, num_stages=conf.num_stages)
 
-    # The portable kernels' key layout (kernel, dtype, device, flash._TUNE_KEY), so that
+    # The portable kernels' key layout (kernel, dtype, device, launch._TUNE_KEY), so that
     # flash.autotune_report() lists these choices beside theirs.
-    key = (f"fwd_hopper{'_ws' if MODE == 'ws' else ''}", q.dtype, q.device, flash._bucket(Tq),
-           flash._bucket(Tk), D, False, "ieee", None, False)
-    flash._TUNER.run(key, lambda: candidates(D), run)
+    key = (f"fwd_hopper{'_ws' if MODE == 'ws' else ''}", q.dtype, q.device, launch._bucket(Tq),
+           launch._bucket(Tk), D, False, "ieee", None, False)
+    launch._TUNER.run(key, lambda: candidates(D), run)
     return o, lse

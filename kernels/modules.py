@@ -10,7 +10,7 @@ import re
 import torch
 import torch.nn as nn
 
-from . import causal_attention  # defined in __init__.py before it imports this module
+from .dispatch import causal_attention
 
 
 def split_heads(qkv, num_heads):

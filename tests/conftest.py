@@ -114,9 +114,9 @@ def _start_compiles(request):
 def _fresh_launch_plans(monkeypatch):
     """Each test works its Triton launches out afresh: a launch plan cached by an earlier test
     would keep the config, tiles and int64 decision that a test's monkeypatching changes."""
-    flash = sys.modules.get("lecture_flash.flash")
-    if flash is not None:
-        monkeypatch.setattr(flash, "_PLANS", {})
+    launch = sys.modules.get("lecture_flash.flash_launch")
+    if launch is not None:
+        monkeypatch.setattr(launch, "_PLANS", {})
 
 
 @pytest.fixture(scope="session")

@@ -77,8 +77,8 @@ def measured(monkeypatch):
     """Measuring switched on for this machine's device, with injected timings by route:
     set ms[(route, needs_grad)]; returns (ms, routes timed, routes run)."""
     ran, timed, ms = [], [], {}
-    real_run = lecture_flash._run
-    monkeypatch.setattr(lecture_flash, "_run", lambda route, *a, **kw: (ran.append(route), real_run(route, *a, **kw))[1])
+    real_run = lecture_flash.dispatch._run
+    monkeypatch.setattr(lecture_flash.dispatch, "_run", lambda route, *a, **kw: (ran.append(route), real_run(route, *a, **kw))[1])
 
     def timer(fn):
         ran.clear()
@@ -89,9 +89,9 @@ def measured(monkeypatch):
     monkeypatch.setattr(auto, "CHOOSER", auto.Chooser(timer))
     monkeypatch.setattr(auto, "MEASURE", True)
     monkeypatch.setattr(auto, "can_measure", lambda q: True)
-    monkeypatch.setattr(lecture_flash, "_auto_backend", lambda q, measure: "measure" if measure else "triton")
-    monkeypatch.setattr(lecture_flash, "_RESOLVED", {})
-    monkeypatch.setattr(lecture_flash, "_MEASURED", {})
+    monkeypatch.setattr(lecture_flash.dispatch, "_auto_backend", lambda q, measure: "measure" if measure else "triton")
+    monkeypatch.setattr(lecture_flash.dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(lecture_flash.dispatch, "_MEASURED", {})
     return ms, timed, ran
 
 
@@ -155,12 +155,12 @@ def test_auto_while_tracing_uses_what_was_measured(measured, monkeypatch, device
     ms, timed, ran = measured
     q = torch.randn(1, 2, 20, 16, device=device)
     monkeypatch.setattr(auto, "can_measure", lambda q: False)
-    assert lecture_flash._measured_route(None, q, q, q, 0.25, 0.0) == "triton"
+    assert lecture_flash.dispatch._measured_route(None, q, q, q, 0.25, 0.0) == "triton"
     cls = auto.class_of(q, q, 0.0, False)
     auto.CHOOSER.chosen[cls] = "sdpa-cudnn"
-    assert lecture_flash._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa-cudnn"  # graph capture
+    assert lecture_flash.dispatch._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa-cudnn"  # graph capture
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert lecture_flash._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa"
+    assert lecture_flash.dispatch._measured_route(None, q, q, q, 0.25, 0.0) == "sdpa"
     assert timed == []
 
 
@@ -169,7 +169,7 @@ def test_auto_measures_on_a_gpu(monkeypatch, device):
     """With real timings: a class is measured once, the report names every route that ran,
     and the call's results hold to the rule whichever route won."""
     monkeypatch.setattr(auto, "CHOOSER", auto.Chooser())
-    monkeypatch.setattr(lecture_flash, "_MEASURED", {})
+    monkeypatch.setattr(lecture_flash.dispatch, "_MEASURED", {})
     torch.manual_seed(2)
     q, k, v = (torch.randn(8, 6, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
     check_against_oracle(q, k, v, "auto")

@@ -9,11 +9,11 @@ from lecture_flash import available_backends
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
 autotune = pytest.importorskip("lecture_flash.autotune")
-flash = pytest.importorskip("lecture_flash.flash")
+flash_launch = pytest.importorskip("lecture_flash.flash_launch")
 OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
 torch = pytest.importorskip("torch")
 
-DQ_CONFIGS = flash._CONFIGS["dq"]  # 128x64, 128x32, 64x32, 32x32
+DQ_CONFIGS = flash_launch._CONFIGS["dq"]  # 128x64, 128x32, 64x32, 32x32
 
 
 def too_big():
@@ -70,17 +70,17 @@ class _FakeKernel:
 
 
 def _gpu_launcher(monkeypatch, autotune_on, timer=None):
-    """flash._launch as it runs on a GPU (CPU tests otherwise take the interpreter's fixed tile),
+    """flash_launch._launch as it runs on a GPU (CPU tests otherwise take the interpreter's fixed tile),
     with a fake dq kernel and a fresh config cache with the given timer."""
     kernel = _FakeKernel()
-    cache = autotune.ConfigCache(flash._TUNER.key_names, autotune=autotune_on,
+    cache = autotune.ConfigCache(flash_launch._TUNER.key_names, autotune=autotune_on,
                                  timer=timer or autotune.median_ms)
-    monkeypatch.setattr(flash, "INTERPRET", False)
-    monkeypatch.setattr(flash, "_JIT", {"dq": kernel})
-    monkeypatch.setattr(flash, "_TUNER", cache)
+    monkeypatch.setattr(flash_launch, "INTERPRET", False)
+    monkeypatch.setattr(flash_launch, "_JIT", {"dq": kernel})
+    monkeypatch.setattr(flash_launch, "_TUNER", cache)
     q = torch.empty(2, 3, 300, 64, dtype=torch.bfloat16)
     meta = dict(TQ_BUCKET=512, TK_BUCKET=512, HEAD_DIM=64, DROPOUT=False, DOT_PRECISION="ieee")
-    return kernel, cache, lambda: flash._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
+    return kernel, cache, lambda: flash_launch._launch("dq", (300, "BLOCK_M", 6), (q,), meta)
 
 
 def test_untuned_launch_path(monkeypatch):
@@ -90,7 +90,7 @@ def test_untuned_launch_path(monkeypatch):
         launch()
     assert kernel.launches == [((3, 6, 1), 128, 8)] * 2  # the first dq config: 300 rows in tiles of 128
     assert list(cache.chosen.values()) == [DQ_CONFIGS[0]]
-    assert [r["timed_ms"] for r in flash.autotune_report()] == [{}]  # nothing was timed
+    assert [r["timed_ms"] for r in flash_launch.autotune_report()] == [{}]  # nothing was timed
 
 
 def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch):
@@ -110,7 +110,7 @@ def test_autotuned_launch_times_each_config_once_per_specialisation(monkeypatch)
     assert timed == [128, 128, 64, 32]  # every dq config fits 300 rows of D=64
     assert kernel.launches[-1] == ((5, 6, 1), 64, 4)  # the winner ran last: its outputs stand
     assert list(cache.chosen.values()) == [DQ_CONFIGS[2]]
-    [row] = flash.autotune_report()  # what bench/run.py records
+    [row] = flash_launch.autotune_report()  # what bench/run.py records
     assert row["kernel"] == "dq" and row["dtype"] == "bfloat16" and row["HEAD_DIM"] == 64
     assert row["chosen"] == "64x32, 4 warps, 3 stages"
     assert list(row["timed_ms"].values()) == [3.0, 3.0, 1.0, 2.0]

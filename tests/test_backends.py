@@ -134,7 +134,7 @@ def test_return_lse_and_its_gradient(monkeypatch, backend, dtype, path, device):
     with its gradient (a loss that uses both), through every backward path of the kernel."""
     skip_if_unavailable(backend, device)
     if path == "two launches":
-        monkeypatch.setattr(__import__("lecture_flash").flash, "FUSED_MAX_TK", 0)
+        monkeypatch.setattr(__import__("lecture_flash").flash_launch, "FUSED_MAX_TK", 0)
     deterministic = False if path == "atomic dQ" else None
     Tk = 45
     torch.manual_seed(Tk)
@@ -358,8 +358,8 @@ def test_sdpa_entry_runs_ours_and_means_what_pytorch_means(monkeypatch, qs, ks, 
     q = rand(*qs, dtype=torch.float32, device=device)
     k, v = (rand(*ks, dtype=torch.float32, device=device) for _ in range(2))
     ran = []
-    real = lecture_flash.causal_attention
-    monkeypatch.setattr(lecture_flash, "causal_attention", lambda *a, **kw: (ran.append(1), real(*a, **kw))[1])
+    real = lecture_flash.sdpa.causal_attention
+    monkeypatch.setattr(lecture_flash.sdpa, "causal_attention", lambda *a, **kw: (ran.append(1), real(*a, **kw))[1])
     got = _lse_free_grads(scaled_dot_product_attention, q, k, v, options)
     want = _lse_free_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v, options)
     assert ran, "causal_attention did not run"
@@ -374,7 +374,7 @@ def _lse_free_grads(sdpa, q, k, v, options):
 
 
 def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, device):
-    monkeypatch.setattr(lecture_flash, "_SAID", set())
+    monkeypatch.setattr(lecture_flash.sdpa, "_SAID", set())
     torch.manual_seed(10)
     q, k, v = (rand(2, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
     pad = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=device)
@@ -398,15 +398,15 @@ def test_sdpa_entry_hands_the_rest_to_pytorch_saying_why_once(monkeypatch, devic
 def test_sdpa_entry_runs_ours_for_a_right_padded_causal_mask(monkeypatch, batch, device):
     """The causal mask of a right-padded batch (tril & key < length) runs causal_attention with
     seqlens_k, with PyTorch's meaning on every real row; a left-padded one goes to PyTorch."""
-    monkeypatch.setattr(lecture_flash, "_SAID", set())
+    monkeypatch.setattr(lecture_flash.sdpa, "_SAID", set())
     torch.manual_seed(11)
     q, k, v = (rand(2, 2, 9, 8, dtype=torch.float32, device=device) for _ in range(3))
     lengths = torch.tensor([6, 9][2 - batch:], device=device)
     tril = torch.ones(9, 9, dtype=torch.bool, device=device).tril()
     mask = (tril & (torch.arange(9, device=device) < lengths[:, None, None]))[:, None]
     seen = []
-    real = lecture_flash.causal_attention
-    monkeypatch.setattr(lecture_flash, "causal_attention",
+    real = lecture_flash.sdpa.causal_attention
+    monkeypatch.setattr(lecture_flash.sdpa, "causal_attention",
                         lambda *a, **kw: (seen.append(kw["seqlens_k"]), real(*a, **kw))[1])
     got = _lse_free_grads(scaled_dot_product_attention, q, k, v, dict(attn_mask=mask))
     want = _lse_free_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v,
@@ -496,9 +496,9 @@ def test_key_lengths_and_packed_sequences(request, backend, dtype, kind, device)
 @pytest.fixture(params=["as-one", "padded"])
 def packed_path(request, monkeypatch):
     """Both ways the PyTorch paths attend packed sequences: as one sequence under a
-    block-diagonal mask, or padded into a batch (lecture_flash.PACKED_AS_ONE picks by size)."""
+    block-diagonal mask, or padded into a batch (lecture_flash.dispatch.PACKED_AS_ONE picks by size)."""
     import lecture_flash
-    monkeypatch.setattr(lecture_flash, "PACKED_AS_ONE", (10**9, 10**12) if request.param == "as-one" else (0, 0))
+    monkeypatch.setattr(lecture_flash.dispatch, "PACKED_AS_ONE", (10**9, 10**12) if request.param == "as-one" else (0, 0))
     return request.param
 
 

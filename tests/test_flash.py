@@ -19,6 +19,7 @@ from lecture_flash.testing import assert_by_rule
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
 flash = pytest.importorskip("lecture_flash.flash")
+from lecture_flash import flash_decode, flash_launch, flash_tiles  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, H, Tq, Tk, D): awkward on purpose. Tiles under the interpreter are 16 x 16, so these
@@ -110,11 +111,11 @@ UNEQUAL_TILES = [(32, 16), (16, 32)] + ([(64, 32)] if torch.cuda.is_available() 
 
 @contextlib.contextmanager
 def tiles(monkeypatch, block_m, block_n):
-    conf = flash._cfg(block_m, block_n, 1, 4)
+    conf = flash_launch._cfg(block_m, block_n, 1, 4)
     with monkeypatch.context() as m:
-        m.setattr(flash, "_INTERPRET_CONFIG", conf)  # under the interpreter
-        m.setattr(flash, "_CONFIGS", {name: [conf] for name in flash._CONFIGS})  # compiled
-        m.setattr(flash._TUNER, "chosen", {})
+        m.setattr(flash_launch, "_INTERPRET_CONFIG", conf)  # under the interpreter
+        m.setattr(flash_launch, "_CONFIGS", {name: [conf] for name in flash_launch._CONFIGS})  # compiled
+        m.setattr(flash_launch._TUNER, "chosen", {})
         yield
 
 
@@ -123,7 +124,7 @@ def tiles(monkeypatch, block_m, block_n):
 def test_unequal_tiles(monkeypatch, tile, variant, device):
     shapes = [(1, 2, 100, 100, 64), (1, 1, 37, 50, 112)]  # square, and Tq < Tk at a padded D
     if variant == "two-launch":
-        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+        monkeypatch.setattr(flash_launch, "FUSED_MAX_TK", 0)
     with tiles(monkeypatch, *tile), set_defaults(deterministic=variant != "atomic-dq"):
         if variant == "dropout":
             _dropout_matches_oracle((1, 2, 37, 45, 24), torch.bfloat16, device)
@@ -149,7 +150,7 @@ def test_grouped_query_heads(monkeypatch, variant, device):
     dK/dV over the group (deterministically, save atomic dQ's dQ), held to the rule. (float32
     with grouped heads: tests/test_backends.py.)"""
     if variant == "two-launch":
-        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+        monkeypatch.setattr(flash_launch, "FUSED_MAX_TK", 0)
     if variant == "dropout":
         _dropout_matches_oracle((1, 4, 20, 37, 24), torch.bfloat16, device, Hk=2)
         return
@@ -173,7 +174,7 @@ def test_sliding_window(monkeypatch, variant, device):
     i + offset; the kernels skip the key (and query) tiles outside every row's window and mask
     the ones the window's left edge crosses."""
     if variant == "two-launch":
-        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+        monkeypatch.setattr(flash_launch, "FUSED_MAX_TK", 0)
     if variant == "dropout":
         _dropout_matches_oracle((1, 2, 37, 45, 24), torch.bfloat16, device, window=(9, 0))
         return
@@ -225,7 +226,7 @@ def test_key_lengths_and_packed_sequences(monkeypatch, kind, variant, device):
     """seqlens_k and cu_seqlens through every backward path, held to the rule; a row that sees
     no key gives zeros (and zero gradients), never NaN."""
     if variant == "two-launch":
-        monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+        monkeypatch.setattr(flash_launch, "FUSED_MAX_TK", 0)
     with contextlib.ExitStack() as stack:
         stack.enter_context(set_defaults(deterministic=variant != "atomic-dq"))
         if variant == "tiles":
@@ -281,7 +282,7 @@ def test_decode_attention_kernel(monkeypatch, splits, dtype, device):
     """decode_attention through the kernel (CACHE_LENGTHS rows), whole or with its keys split
     into ranges merged after (flash-decoding): each row held to the rule against the oracle on
     its own valid keys; a row that sees no key gets zeros; NaN past a row's length unseen."""
-    monkeypatch.setattr(flash, "decode_splits", lambda *a: splits)
+    monkeypatch.setattr(flash_decode, "decode_splits", lambda *a: splits)
     torch.manual_seed(40 + splits)
     B, H, Hk, Tq, S, D = 4, 4, 2, 2, 150, 24
     q = torch.randn(B, H, Tq, D, dtype=dtype, device=device)
@@ -319,10 +320,10 @@ def test_inference_decode_steps_split_their_keys(monkeypatch, device):
     """Inference calls with a few queries per row (transformers' and gpt.generate's eager
     decode steps) take flash-decoding where B x H would leave the GPU idle: dense rows, key
     lengths and a window, with return_lse, each held against the oracle."""
-    monkeypatch.setattr(flash, "decode_splits", lambda *a: 3)
+    monkeypatch.setattr(flash_decode, "decode_splits", lambda *a: 3)
     launched = []
-    real = flash._fwd_split
-    monkeypatch.setattr(flash, "_fwd_split", lambda *a: (launched.append(1), real(*a))[1])
+    real = flash_decode.forward_split
+    monkeypatch.setattr(flash_decode, "forward_split", lambda *a: (launched.append(1), real(*a))[1])
     torch.manual_seed(19)
     q = torch.randn(2, 2, 3, 24, device=device)
     k, v = (torch.randn(2, 1, 150, 24, device=device) for _ in range(2))
@@ -388,7 +389,7 @@ def test_decode_attention_kernel_large(device):
     each row's output obeys the rule against the oracle over its valid keys."""
     torch.manual_seed(17)
     B, H, Hk, S, D = 2, 32, 8, 8192, 128
-    assert flash.decode_splits(B, H, 1, S, q_device := torch.device(device)) > 1
+    assert flash_decode.decode_splits(B, H, 1, S, q_device := torch.device(device)) > 1
     q = torch.randn(B, H, 1, D, device=q_device, dtype=torch.bfloat16)
     k, v = (torch.randn(B, Hk, S, D, device=q_device, dtype=torch.bfloat16) for _ in range(2))
     lengths = [5000, 8192]
@@ -412,8 +413,8 @@ def test_which_backward_kernels_run(monkeypatch, device):
     torch.use_deterministic_algorithms(True) overrides that. The choice is made at the forward
     and kept for its backward."""
     launched = []
-    real = flash._launch_planned
-    monkeypatch.setattr(flash, "_launch_planned",
+    real = flash_launch._launch_planned
+    monkeypatch.setattr(flash_launch, "_launch_planned",
                         lambda name, *a, **kw: (launched.append(name), real(name, *a, **kw))[1])
     q, k, v = (t.requires_grad_() for t in inputs(1, 1, 20, 20, 16, torch.float16, device))
 
@@ -437,7 +438,7 @@ def test_which_backward_kernels_run(monkeypatch, device):
     launched.clear()
     o.sum().backward()  # set back to deterministic before the backward: the forward's choice holds
     assert launched == ["dkdv"]
-    monkeypatch.setattr(flash, "FUSED_MAX_TK", 19)  # 20 keys are past it: the two-launch path
+    monkeypatch.setattr(flash_launch, "FUSED_MAX_TK", 19)  # 20 keys are past it: the two-launch path
     assert kernels() == ["fwd", "dq", "dkdv"]
     with pytest.raises(TypeError, match="deterministic must be"):
         set_defaults(deterministic=0)
@@ -449,7 +450,7 @@ def test_which_backward_kernels_run(monkeypatch, device):
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1, 8), (2, 1, 7, 7, 24), (1, 2, 100, 100, 64),
                                    (1, 1, 1, 239, 40)], ids=str)
 def test_two_launch_backward(monkeypatch, shape, dtype, device):
-    monkeypatch.setattr(flash, "FUSED_MAX_TK", 0)
+    monkeypatch.setattr(flash_launch, "FUSED_MAX_TK", 0)
     run_case(shape, dtype, device)
 
 
@@ -471,8 +472,8 @@ def test_launch_plans_are_reused_and_keyed(monkeypatch, device):
     a new plan, and every call's results hold to the rule. On a GPU with Triton >= 3.3 a plan
     launches the compiled kernel directly."""
     worked_out = []
-    real = flash._launch
-    monkeypatch.setattr(flash, "_launch", lambda name, *a, **kw: (worked_out.append(name), real(name, *a, **kw))[1])
+    real = flash_launch._launch
+    monkeypatch.setattr(flash_launch, "_launch", lambda name, *a, **kw: (worked_out.append(name), real(name, *a, **kw))[1])
     torch.manual_seed(11)
     qkv = torch.randn(1, 24, 3, 2, 16, dtype=torch.bfloat16, device=device)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # the model's layout
@@ -491,8 +492,8 @@ def test_launch_plans_are_reused_and_keyed(monkeypatch, device):
     odd = storage[1:].view(1, 2, 24, 16)
     assert new_plans(odd, k.contiguous(), v.contiguous()) == ["fused", "fwd"]
     assert new_plans(q, k, v, deterministic=False) == ["dkdv"]  # the forward's plan holds
-    if device.type == "cuda" and flash._DIRECT:
-        assert all(plan.runner is not None for plan in flash._PLANS.values())
+    if device.type == "cuda" and flash_launch._DIRECT:
+        assert all(plan.runner is not None for plan in flash_launch._PLANS.values())
 
 
 def test_inference_calls_do_not_share_outputs(device):
@@ -512,7 +513,7 @@ def test_direct_launches_match_the_jit_path(device):
     """The plans' direct launches of the compiled kernels give bitwise the results of Triton's
     own launch path (JITFunction.run) for every kernel: forward, fused and two-launch backward,
     atomic dQ."""
-    assert flash._DIRECT, f"triton {triton.__version__} has no CompiledKernel[grid] launcher"
+    assert flash_launch._DIRECT, f"triton {triton.__version__} has no CompiledKernel[grid] launcher"
     torch.manual_seed(13)
 
     def run(q, k, v, do, **kw):
@@ -524,11 +525,11 @@ def test_direct_launches_match_the_jit_path(device):
         q, k, v = inputs(4, 6, T, T, 64, torch.bfloat16, device)
         do = torch.randn_like(q)
         for kw in ({}, {"deterministic": False}):
-            flash._PLANS.clear()
+            flash_launch._PLANS.clear()
             first = run(q, k, v, do, **kw)  # works the plans out, through JITFunction.run
-            assert all(plan.runner is not None for plan in flash._PLANS.values())
+            assert all(plan.runner is not None for plan in flash_launch._PLANS.values())
             direct = run(q, k, v, do, **kw)
-            for plan in flash._PLANS.values():
+            for plan in flash_launch._PLANS.values():
                 plan.runner = None  # back to JITFunction.run, with the plan's config
             jit = run(q, k, v, do, **kw)
             for name, a, b, c in zip(["out", "dq", "dk", "dv"], first, direct, jit):
@@ -613,7 +614,7 @@ def test_dropout_mask_does_not_depend_on_tiles(device):
 @triton.jit
 def _keep_of_rows(SEED, ROWS, OUT, p, N_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.load(ROWS + tl.arange(0, N_ROWS))
-    keep = flash._keep(tl.load(SEED), tl.program_id(0), rows, 0, p, N_ROWS, BLOCK_N)  # head 0
+    keep = flash_tiles._keep(tl.load(SEED), tl.program_id(0), rows, 0, p, N_ROWS, BLOCK_N)  # head 0
     tl.store(OUT + tl.arange(0, N_ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
              keep.to(tl.int8))
 
@@ -635,9 +636,9 @@ def test_wide_offsets_path(monkeypatch, device):
     need it is decided from the shapes and strides; the int64 code is checked here on small
     shapes by lowering the limit (the real size runs in test_offsets_past_int32, on a GPU)."""
     big = torch.empty(1, 4096, 4100, 128, device="meta").transpose(1, 2)  # the model's layout
-    assert flash._offsets_need_64(big) and not flash._offsets_need_64(big.contiguous())
-    assert not flash._offsets_need_64(torch.empty(8, 4096, 64, 128, device="meta").transpose(1, 2))
-    monkeypatch.setattr(flash, "_INT32_LIMIT", 0)
+    assert flash_launch._offsets_need_64(big) and not flash_launch._offsets_need_64(big.contiguous())
+    assert not flash_launch._offsets_need_64(torch.empty(8, 4096, 64, 128, device="meta").transpose(1, 2))
+    monkeypatch.setattr(flash_launch, "_INT32_LIMIT", 0)
     torch.manual_seed(16)
     shape = (1, 2, 37, 45, 40)
     with set_defaults(fp32_precision="ieee"):

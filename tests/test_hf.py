@@ -154,14 +154,17 @@ def test_a_failing_transformers_import_reports_its_real_cause(monkeypatch):
     """transformers present but its attention interface failing to import (here: a `kernels`
     that is not Hugging Face's, as a folder named kernels/ on sys.path would give): the error
     names the version, the tested ones, the shadowing module, and chains the real exception."""
+    import importlib.machinery
     import sys
     import types
-    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
+    shadow = types.ModuleType("kernels")
+    shadow.__spec__ = importlib.machinery.ModuleSpec("kernels", None)  # find_spec reads it
+    monkeypatch.setitem(sys.modules, "kernels", shadow)
     monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # `import` raises
     with pytest.raises(ImportError, match=f"from transformers {transformers.__version__}") as e:
         lecture_flash.hf.register()
     message = str(e.value)
-    assert "tested with 4.53.3, 4.57.6, 5.25.0" in message, message
+    assert "tested with 4.57.6, 5.0.0, 5.25.0" in message, message
     assert "is not Hugging Face's: a folder named kernels/ on sys.path shadows it" in message, message
     assert isinstance(e.value.__cause__, ImportError), e.value.__cause__
 
@@ -171,3 +174,29 @@ def test_a_missing_transformers_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"needs transformers \(pip install 'lecture-flash\[hf\]'"):
         lecture_flash.hf.register()
+
+
+@pytest.mark.parametrize("version", ["4.57.6", "5.25.0"])
+def test_non_causal_calls_are_refused(monkeypatch, version):
+    """An encoder's or a cross-attention's module, or is_causal=False for full attention, is
+    refused with the reason; transformers 4.x's GPT-2 passes is_causal=False for a causal
+    module whenever it gives a mask (its SDPA flag), which must still run."""
+    import sys
+    import types
+    # (building a model can leave another transformers module object in sys.modules)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    q = k = v = torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    refused = [(types.SimpleNamespace(is_causal=False), None, None),
+               (types.SimpleNamespace(is_causal=True, is_cross_attention=True), None, None),
+               (types.SimpleNamespace(is_causal=True), None, False)]
+    if version.startswith("5."):
+        refused.append((types.SimpleNamespace(is_causal=True), mask, False))
+    for module, attention_mask, is_causal in refused:
+        with pytest.raises(ValueError, match="is not causal attention"):
+            lecture_flash.hf.attention_forward(module, q, k, v, attention_mask, is_causal=is_causal)
+    if version.startswith("4."):
+        out, _ = lecture_flash.hf.attention_forward(types.SimpleNamespace(is_causal=True), q, k, v,
+                                                    mask, is_causal=False)
+        ref = lecture_flash.causal_attention(q, k, v).transpose(1, 2)
+        torch.testing.assert_close(out, ref)

@@ -130,3 +130,63 @@ def test_nothing_of_ours_answers_to_the_old_names():
     for line in r.stdout.splitlines():
         name, origin = line.split(" ", 1)
         assert origin == "None" or not origin.startswith(str(ROOT)), line
+
+
+def _imports(package, folder):
+    """{module: the lecture_flash modules it imports (anywhere in it, function bodies too)}
+    for the .py files of `folder`, installed as `package`."""
+    import ast
+    graph = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        here = package  # the package relative imports start from
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("lecture_flash")}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                if not base.startswith("lecture_flash"):
+                    continue
+                for alias in node.names:  # a submodule by that name, else a name in base
+                    sub = f"{base}.{alias.name}"
+                    found.add(sub if _module_file(sub) else base)
+        graph[name] = found - {name}
+    return graph
+
+
+def _module_file(name):
+    parts = name.split(".")
+    if parts[:2] == ["lecture_flash", "gpt"]:
+        folder, rest = ROOT / "gpt", parts[2:]
+    else:
+        folder, rest = ROOT / "kernels", parts[1:]
+    if not rest:
+        return folder / "__init__.py"
+    return (folder / f"{rest[0]}.py") if len(rest) == 1 and (folder / f"{rest[0]}.py").exists() else None
+
+
+def test_no_import_circles_and_the_attention_never_imports_the_gpt():
+    graph = {**_imports("lecture_flash", "kernels"), **_imports("lecture_flash.gpt", "gpt")}
+    assert len(graph) == len(_modules_in("kernels")) + len(_modules_in("gpt")), sorted(graph)
+    for name, deps in graph.items():
+        if not name.startswith("lecture_flash.gpt"):
+            assert not any(d.startswith("lecture_flash.gpt") for d in deps), (name, deps)
+    # Depth-first search for a path back to where it started.
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])

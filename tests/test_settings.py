@@ -88,17 +88,17 @@ def test_environment_sets_the_initial_defaults(monkeypatch):
 @needs_triton
 def test_triton_float32_dots_follow_the_setting(monkeypatch, matmul_precision, device):
     """What the kernels are launched with, for each way of choosing."""
-    from lecture_flash import flash
+    from lecture_flash import flash_launch
     seen = []
-    real = flash._launch
-    monkeypatch.setattr(flash, "_launch", lambda name, tiles, args, meta, **kw: (
+    real = flash_launch._launch
+    monkeypatch.setattr(flash_launch, "_launch", lambda name, tiles, args, meta, **kw: (
         seen.append(meta["FP32_PRECISION"]), real(name, tiles, args, meta, **kw))[1])
-    monkeypatch.setattr(flash, "_PLANS", {})
+    monkeypatch.setattr(flash_launch, "_PLANS", {})
     q = torch.randn(1, 1, 20, 16, device=device)
 
     def precision(**kw):
         seen.clear()
-        flash._PLANS.clear()  # so that every call works its launch out (and meets _launch) again
+        flash_launch._PLANS.clear()  # so that every call works its launch out (and meets _launch) again
         causal_attention(q, q, q, backend="triton", **kw)
         return seen[0]
 
