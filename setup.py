@@ -23,9 +23,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     # Command lines that work from any folder, even one holding the lecture's own gpt.py (which
-    # `python -m gpt.train` run from there would import instead of this package).
-    entry_points={"console_scripts": ["lecture-flash-train = lecture_flash.gpt.train:main",
-                                      "lecture-flash-sample = lecture_flash.gpt.sample:main"]},
+    # `python -m gpt.train` run from there would import instead of ours). They import their
+    # module inside (gpt/cli.py), so that a Ctrl-C while torch loads ends in one line.
+    entry_points={"console_scripts": ["lecture-flash-train = lecture_flash.gpt.cli:train",
+                                      "lecture-flash-sample = lecture_flash.gpt.cli:sample"]},
     extras_require={
         # pytest-xdist: the suite runs on two processes (tests/conftest.py); transformers:
         # tests/test_hf.py builds tiny models to check lecture_flash.hf against.

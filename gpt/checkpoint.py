@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-# What gpt.train writes; a file without these is not one of its checkpoints.
+# What lecture-flash-train writes; a file without these is not one of its checkpoints.
 TRAIN_KEYS = ("model", "optimizer", "config", "iter", "tokenizer", "rng", "train_args")
 
 
@@ -92,16 +92,40 @@ def load(path):
 
 
 def load_train_checkpoint(path):
-    """A checkpoint written by gpt.train, checked for everything a resume needs."""
+    """A checkpoint written by lecture-flash-train, checked for everything a resume needs."""
     obj = load(path)
     missing = [k for k in TRAIN_KEYS if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise CheckpointError(f"{path} is not a gpt.train checkpoint: it has no "
+        raise CheckpointError(f"{path} is not a lecture-flash-train checkpoint: it has no "
                               + ", ".join(repr(k) for k in missing))
     return obj
 
 
 def _unreadable(path, e):
-    text = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
-    return (f"{path} is not a whole file written by torch.save (cut short, or something else): "
-            f"{type(e).__name__}{': ' + text if text else ''}")
+    """One line saying why torch.load could not read `path`: the file's kind where it is not
+    what torch.save writes (a zip archive, or a legacy pickle), else the innermost error's
+    first sentence (torch's weights_only errors wrap it in a paragraph about that option)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        text = head.decode("utf-8", errors="replace")
+        if text.strip() and "".join(text.split()).isprintable():
+            reason = f"it holds text ({text.splitlines()[0][:40]!r}...), not a zip archive"
+        else:
+            reason = "its first bytes are not those of a zip archive"
+    else:
+        cause = e.__context__ if "Weights only load failed" in str(e) and e.__context__ else e
+        reason = f"{type(cause).__name__}: {_first_sentence(str(cause))}".rstrip(": ")
+    return f"{path} is not a whole file written by torch.save (cut short, or something else): {reason}"
+
+
+def _first_sentence(text, limit=160):
+    """The first line of text up to its first sentence's end, or cut at a word within `limit`
+    characters (never mid-word)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    end = line.find(". ", 0, limit)
+    if end > 0:
+        return line[:end + 1]
+    return line[:line.rfind(" ", 0, limit)] + " ..."

@@ -1,9 +1,9 @@
 """Sample from a trained GPT: lecture-flash-sample --ckpt PATH [--prompt TEXT] ...
-(or python -m gpt.sample ...).
+(or python -m lecture_flash.gpt.sample ...).
 
-PATH is a checkpoint written by gpt.train, or a raw state dict saved by the lecture's gpt.py
-(torch.save(model.state_dict(), ...)); for the latter, pass --vocab-from with the text it was
-trained on (to rebuild its tokenizer). The model's shape is read off the state dict's tensors.
+PATH is a checkpoint written by lecture-flash-train, or a raw state dict saved by the lecture's
+gpt.py (torch.save(model.state_dict(), ...)); for the latter, pass --vocab-from with the text it
+was trained on (to rebuild its tokenizer). The model's shape is read off the state dict's tensors.
 Checkpoints are loaded with torch.load(weights_only=True): a file that holds anything but
 tensors and plain values is refused, so a crafted file cannot run code.
 """
@@ -27,7 +27,7 @@ SHAPE_KEYS = ("vocab_size", "block_size", "n_embd", "n_head", "n_layer")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=prog_name("sample"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="ckpt.pt from gpt.train, or a lecture state dict")
+    p.add_argument("--ckpt", required=True, help="ckpt.pt from lecture-flash-train, or a lecture state dict")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -73,7 +73,7 @@ def shape_of_state_dict(state, n_head=None):
 
 
 def load_model(args, device):
-    """(model, tokenizer) from a gpt.train checkpoint or a raw lecture state dict."""
+    """(model, tokenizer) from a lecture-flash-train checkpoint or a raw lecture state dict."""
     obj = checkpoint.load(args.ckpt)
     if isinstance(obj, dict) and "model" in obj and "config" in obj and "tokenizer" in obj:
         tok = CharTokenizer.from_state_dict(obj["tokenizer"])
@@ -102,7 +102,7 @@ def load_model(args, device):
             raise UsageError(f"{args.ckpt}: {e} (pass --n-head)") from None
         state = obj
     else:
-        raise DataError(f"{args.ckpt} is neither a gpt.train checkpoint nor a model state dict")
+        raise DataError(f"{args.ckpt} is neither a lecture-flash-train checkpoint nor a model state dict")
     model = GPT(cfg)
     try:
         model.load_state_dict(state)

@@ -1,12 +1,12 @@
 """Train the lecture's GPT: lecture-flash-train --preset lecture|small|tiny|speedrun [overrides]
-(or python -m gpt.train ...).
+(or python -m lecture_flash.gpt.train ...).
 
 Checkpoints (OUT_DIR/ckpt.pt) hold the model, optimizer, config, tokenizer, iteration and every
 random state, so --resume continues exactly where the run stopped.
 
-More than one GPU (or CPU process): torchrun --nproc_per_node=N -m gpt.train ... trains with
-DistributedDataParallel (NCCL on CUDA, gloo on CPU; several nodes through torchrun's usual
---nnodes/--rdzv options). --batch-size is per process: N processes at batch B train on what one
+More than one GPU (or CPU process): torchrun --nproc_per_node=N -m lecture_flash.gpt.train ...
+trains with DistributedDataParallel (NCCL on CUDA, gloo on CPU; several nodes through torchrun's
+usual --nnodes/--rdzv options). --batch-size is per process: N processes at batch B train on what one
 at N * B would. Rank 0 alone evaluates, logs and writes the checkpoint; --resume restores every
 rank.
 """
@@ -48,9 +48,9 @@ class Diverged(Exception):
 
 
 def prog_name(command):
-    """How the user started us: lecture-flash-<command> (the console script) or python -m gpt.<command>."""
+    """How the user started us: lecture-flash-<command> (the console script) or python -m lecture_flash.gpt.<command>."""
     name = os.path.basename(sys.argv[0])
-    return name if name.startswith("lecture-flash-") else f"python -m gpt.{command}"
+    return name if name.startswith("lecture-flash-") else f"python -m lecture_flash.gpt.{command}"
 
 
 def parse_args(argv=None):
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="lecture",
                    help="model shape and training run (default: %(default)s, the lecture's final "
                         "gpt.py: hours on a CPU; tiny trains in seconds)")
-    p.add_argument("--data", help="training text (default: $GPT_DATA, else Tiny Shakespeare)")
+    p.add_argument("--data", help="training text, UTF-8 (default: $GPT_DATA, else Tiny Shakespeare, "
+                   "downloaded once into ~/.cache/lecture-flash; offline, pass --data)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="bfloat16 runs the model under autocast (default float32; the speedrun "
@@ -293,15 +294,35 @@ def train(args, build_model=GPT, report=None):
     build_model(cfg) -> the model (bench/speedrun.py passes nanoGPT-style attention); report, a
     dict, gets "target_step", "target_seconds" and "target_val" where the target was reached."""
     device = check_args(args)
+    t_start = time.perf_counter()  # the speedrun's clock: data, model, compile and training
+    text = load_text(args.data)  # first: a missing --data is the first thing to say
+    created = not Path(args.out_dir).exists()
     ddp = Distributed(device)
     try:
-        return _train(args, ddp, build_model, {} if report is None else report)
+        return _train(args, ddp, build_model, {} if report is None else report, text, t_start)
+    except BaseException:
+        if created:  # a failed start leaves no empty out-dir behind
+            with contextlib.suppress(OSError):
+                Path(args.out_dir).rmdir()  # only if empty
+        raise
     finally:
         ddp.close()
 
 
-def _train(args, ddp, build_model, report):
-    t_start = time.perf_counter()  # the speedrun's clock: data, model, compile and training
+def finished(ckpt, hp):
+    """Why the run a checkpoint holds is finished for these hyperparameters, or None: it reached
+    --max-iters, or the --target-loss (no stricter one asked now)."""
+    if ckpt["iter"] >= hp["max_iters"]:
+        return (f"iteration {ckpt['iter']} of --max-iters {hp['max_iters']}; a larger "
+                "--max-iters trains it further")
+    val = ckpt.get("reached_val")
+    if val is not None and hp["target_loss"] is not None and val <= hp["target_loss"]:
+        return (f"its val loss {val:.4f} reached --target-loss {hp['target_loss']} at iteration "
+                f"{ckpt['iter']}; a lower --target-loss trains it further")
+    return None
+
+
+def _train(args, ddp, build_model, report, text, t_start):
     device = ddp.device
     out_dir = prepare_out_dir(args.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
@@ -316,12 +337,15 @@ def _train(args, ddp, build_model, report):
                          "--overwrite starts over")
     hp = resolve(args, ckpt)
     say = print if ddp.main else (lambda *a, **k: None)  # rank 0 alone logs
+    done_why = ckpt and finished(ckpt, hp)
+    if done_why:  # nothing to train: say so and change nothing (no evaluation, save, sample)
+        say(f"{ckpt_path} holds a finished run, nothing to do: {done_why}", flush=True)
+        return None, None
     if device.type == "cpu" and args.preset == "lecture" and not args.resume:
         say("note: the lecture preset takes hours on a CPU; --preset tiny trains in seconds",
             flush=True)
     torch.manual_seed(args.seed + ddp.rank)  # dropout draws differ between processes
 
-    text = load_text(args.data)
     tok = CharTokenizer.from_state_dict(ckpt["tokenizer"]) if ckpt else CharTokenizer.from_text(text)
     try:
         data = tok.encode(text)
@@ -392,8 +416,9 @@ def _train(args, ddp, build_model, report):
                 else "no checkpoint was written")
         raise Diverged(f"{what} at iteration {it}: stopped, {kept} (a smaller --lr may help)")
 
-    def save(it):
-        """Every rank calls it (their random states are gathered); rank 0 writes."""
+    def save(it, losses=None):
+        """Every rank calls it (their random states are gathered); rank 0 writes. losses: the
+        evaluation that reached --target-loss, which marks the run finished."""
         rng = rng_state(batches)
         ranks = ddp.gather({"torch": rng["torch"], "cuda": rng["cuda"]})
         if not ddp.main:
@@ -405,7 +430,8 @@ def _train(args, ddp, build_model, report):
         checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "backend"},
-            "iter": it, "tokenizer": tok.state_dict(), "rng": rng, "train_args": hp})
+            "iter": it, "tokenizer": tok.state_dict(), "rng": rng, "train_args": hp,
+            **({"reached_val": losses["val"]} if losses else {})})
         nonlocal saved_at
         saved_at = it
 
@@ -451,9 +477,10 @@ def _train(args, ddp, build_model, report):
     for it in range(start, hp["max_iters"]):
         if it % hp["eval_interval"] == 0 and (it != start or start == 0):
             losses = evaluate(it)  # a resumed run was evaluated at `start` before it stopped
-            if it > 0:
-                save(it)
-            if reached(it, losses):
+            hit = reached(it, losses)
+            if it > 0 or hit:  # (a new run's step 0 is its random start: kept only as a result)
+                save(it, losses if hit else None)
+            if hit:
                 stopped = it
                 break
         if scheduled:
@@ -481,8 +508,9 @@ def _train(args, ddp, build_model, report):
         say(f"{done} steps, {rate:,.0f} tokens/s", flush=True)
     if stopped is None:
         losses = evaluate(hp["max_iters"])
-        save(hp["max_iters"])
-        if hp["target_loss"] is not None and not reached(hp["max_iters"], losses):
+        hit = reached(hp["max_iters"], losses)
+        save(hp["max_iters"], losses if hit else None)
+        if hp["target_loss"] is not None and not hit:
             say(f"the val loss did not reach {hp['target_loss']} in {hp['max_iters']} steps",
                 flush=True)
     say(f"checkpoint written to {ckpt_path}", flush=True)

@@ -17,8 +17,9 @@ from .masking import guarded_causal, guarded_masked
 from .packing import block_diagonal_mask, pad, unpad, unpad_rows
 from .reference import (attention_with_mask, causal_attention_reference, causal_mask,
                         key_length_mask, masked_lse, masked_scores, packed_mask)
-from .validation import (check_attention_args, check_backend, check_packed_args, check_seqlens_k,
-                         check_window, kv_heads_expanded, with_positive_scale)
+from .validation import (check_attention_args, check_backend, check_length_values,
+                         check_packed_args, check_seqlens_k, check_window, kv_heads_expanded,
+                         with_positive_scale)
 
 try:
     from . import flash
@@ -431,7 +432,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
         k_cache, v_cache: (B, Hk, S, D), S >= Tq slots (Hk dividing H: grouped-query heads),
             of which row b's first cache_seqlens[b] hold keys and values (the new ones
             included); the rest are never seen (they may hold anything, NaN included).
-        cache_seqlens: (B,) integer tensor on q's device, values in [0, S] (clamped).
+        cache_seqlens: (B,) integer tensor on q's device, values in [0, S] (checked on CPU;
+            clamped on a GPU, where a check would read the device and break graph capture).
         scale: multiplier of q @ k^T; default D ** -0.5.
         backend: "auto" (the Triton kernel on CUDA, else PyTorch's SDPA), "triton", "sdpa" or
             "reference".
@@ -457,7 +459,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
     scale = D ** -0.5 if scale is None else float(scale)
-    lengths = cache_seqlens.to(torch.int32).contiguous()  # the kernel reads it by index
+    S = k_cache.shape[2]
+    lengths = check_length_values("cache_seqlens", cache_seqlens, f"the cache's {S} slots", S)
+    lengths = lengths.to(torch.int32).contiguous()  # the kernel reads it by index
     backend = _backend_for(q, backend, measure=False)
     if backend == "triton":
         return flash.decode_attention(q, k_cache, v_cache, lengths, scale)

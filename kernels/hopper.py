@@ -16,8 +16,8 @@ It runs where the portable forward would run dense causal rows without dropout o
 float16 or bfloat16 at head dims 64 and 128, with 16-byte aligned tensors whose head dim is
 contiguous (TMA's rules); on an sm_90 GPU, or under Triton's interpreter (the tests). Everything
 else takes the portable kernel. Nothing here is the default: a GPU session has to run the GPU
-tests and `bench/run.py --only attention` with it first (README, "Hopper"), and its notes go to
-docs/hopper-notes.md.
+tests and `bench/run.py --only attention` with it first; docs/hopper-notes.md says how, and
+holds its notes.
 """
 import os
 

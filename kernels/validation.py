@@ -129,10 +129,17 @@ def check_seqlens_k(seqlens_k, q4, k4):
     outside [0, Tk] are clamped (checked here only where that needs no device sync: on CPU)."""
     B, Tk = q4.shape[0], k4.shape[2]
     lengths = _check_index_tensor("seqlens_k", seqlens_k, (B,), q4.device)
-    if lengths.device.type == "cpu" and B and not torch.compiler.is_compiling():
+    return check_length_values("seqlens_k", lengths, f"Tk={Tk}", Tk)
+
+
+def check_length_values(name, lengths, what, limit):
+    """lengths (a 1-D integer tensor), after checking its values lie in [0, limit] where that
+    needs no device sync (on CPU, not while torch.compile traces); on a GPU the kernels clamp
+    them instead."""
+    if lengths.device.type == "cpu" and lengths.numel() and not torch.compiler.is_compiling():
         lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0 or hi > Tk:
-            raise ValueError(f"seqlens_k must lie in [0, Tk={Tk}], got values from {lo} to {hi}")
+        if lo < 0 or hi > limit:
+            raise ValueError(f"{name} must lie in [0, {what}], got values from {lo} to {hi}")
     return lengths
 
 

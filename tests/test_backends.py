@@ -319,6 +319,10 @@ def test_decode_attention_traces_without_reading_lengths_on_the_host(device):
     ([3, 3], TypeError, "cache_seqlens must be a torch.Tensor"),
     (torch.tensor([3.0, 3.0]), ValueError, r"cache_seqlens must be a \(2,\) integer tensor"),
     (torch.tensor([3]), ValueError, r"cache_seqlens must be a \(2,\) integer tensor"),
+    # Past the cache (checked on CPU; a GPU clamps, since reading the values would sync).
+    (torch.tensor([6, 3]), ValueError, r"cache_seqlens must lie in \[0, the cache's 5 slots\], "
+                                       "got values from 3 to 6"),
+    (torch.tensor([-1, 3]), ValueError, r"cache_seqlens must lie in \[0, the cache's 5 slots\]"),
 ])
 def test_decode_attention_bad_lengths_are_named(seqlens, error, words):
     q, k = torch.randn(2, 1, 1, 8), torch.randn(2, 1, 5, 8)

@@ -40,7 +40,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, text_path):
     (lambda p: p.mkdir(), "is a directory"),
     (lambda p: (torch.save({"a": torch.ones(1000)}, p),
                 p.write_bytes(p.read_bytes()[:200])), "not a whole file written by torch.save"),
-    (lambda p: torch.save([1, 2, 3], p), "neither a gpt.train checkpoint nor a model state dict"),
+    (lambda p: torch.save([1, 2, 3], p), "neither a lecture-flash-train checkpoint nor a model state dict"),
 ], ids=["empty", "text", "directory", "truncated", "a list"])
 def test_sample_names_a_bad_checkpoint_in_one_line(tmp_path, make, words):
     path = tmp_path / "ckpt.pt"
@@ -48,9 +48,27 @@ def test_sample_names_a_bad_checkpoint_in_one_line(tmp_path, make, words):
     assert words in cli_error(sample_main, "--ckpt", path)
 
 
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_text("0.5 1.5\nnot a checkpoint\n"), "it holds text ('0.5 1.5'...), not a zip archive"),
+    (lambda p: p.write_bytes(bytes(range(256))), "its first bytes are not those of a zip archive"),
+    (lambda p: (torch.save({"a": torch.ones(1000)}, p), p.write_bytes(p.read_bytes()[:200])),
+     "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
+     "directory."),
+], ids=["text", "binary", "truncated"])
+def test_an_unreadable_checkpoint_is_named_with_a_whole_reason(tmp_path, make, reason):
+    """Not PyTorch's paragraph about weights_only cut at 100 characters mid-word: what the file
+    is, or the first sentence of the innermost error."""
+    path = tmp_path / "ckpt.pt"
+    make(path)
+    line = cli_error(sample_main, "--ckpt", path)
+    assert line.endswith(f"is not a whole file written by torch.save (cut short, or something "
+                         f"else): {reason}"), line
+    assert "\n" not in line and "weights_only" not in line, line
+
+
 def test_resume_needs_a_train_checkpoint(tmp_path):
     torch.save({"model": {}, "iter": 3}, tmp_path / "ckpt.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="not a gpt.train checkpoint: it has no 'optimizer'"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a lecture-flash-train checkpoint: it has no 'optimizer'"):
         checkpoint.load_train_checkpoint(tmp_path / "ckpt.pt")
 
 

@@ -4,6 +4,7 @@ installed under the names `kernels` or `gpt`."""
 import importlib.util
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,6 +30,13 @@ def wheel(tmp_path_factory):
     """The wheel `pip install .` would install, built from this checkout (with the setuptools
     this Python has when it is new enough, else in pip's isolated build environment)."""
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what the build reads: setuptools builds in the source folder, and
+    # would leave build/ and *.egg-info behind in the checkout.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("kernels", "gpt"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     isolation = []
     try:
         import setuptools
@@ -37,7 +45,7 @@ def wheel(tmp_path_factory):
     except ImportError:
         pass
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
-                        "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300,
+                        "-w", str(out), str(src)], capture_output=True, text=True, timeout=300,
                        cwd=OUTSIDE)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     [path] = out.glob("lecture_flash-*.whl")
@@ -53,8 +61,8 @@ def test_the_wheel_holds_lecture_flash_and_nothing_named_kernels_or_gpt(wheel):
     assert not tops & {"kernels", "gpt", "bench", "tests"}, tops
     [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "lecture-flash-train = lecture_flash.gpt.train:main" in text, text
-    assert "lecture-flash-sample = lecture_flash.gpt.sample:main" in text, text
+    assert "lecture-flash-train = lecture_flash.gpt.cli:train" in text, text
+    assert "lecture-flash-sample = lecture_flash.gpt.cli:sample" in text, text
 
 
 def test_the_editable_install_offers_the_same_modules_as_the_wheel(wheel):

@@ -1,5 +1,6 @@
 """Training, checkpoints, exact resume, and the command lines, run as a user runs them."""
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -172,6 +173,87 @@ def test_interrupt_before_the_first_checkpoint_says_so(tmp_path, text_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "before the first checkpoint was written: nothing to resume" in err, err
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+# A Ctrl-C that arrives while torch is being imported, at the start of a command line: an audit
+# hook raises KeyboardInterrupt at that import, as the signal would (no timing involved).
+INTERRUPTED_IMPORT = """
+import sys
+def interrupt(event, args):
+    if event == "import" and args[0] == "torch":
+        raise KeyboardInterrupt
+sys.addaudithook(interrupt)
+sys.argv = ["lecture-flash-{command}", "--preset", "tiny", "--out-dir", {out!r}]
+from lecture_flash.gpt.cli import {command}
+sys.exit({command}())
+"""
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_ctrl_c_while_starting_prints_one_line(tmp_path, command):
+    """The console scripts' entry points (lecture_flash.gpt.cli) import torch inside, so a Ctrl-C
+    during those seconds ends with one line, not Python's traceback of the import; and no
+    out-dir is left behind."""
+    out = str(tmp_path / "out")
+    code = INTERRUPTED_IMPORT.format(command=command, out=out)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=OUTSIDE, env=env)
+    assert r.returncode == 1 and r.stderr == "interrupted while starting: nothing was written\n", r.stderr
+    assert not os.path.exists(out)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, text_path, capsys):
+    """--resume on a run that reached --max-iters says so and writes, evaluates and samples
+    nothing; a larger --max-iters continues it."""
+    args = [*TINY, "--data", text_path, "--out-dir", tmp_path, "--max-iters", "3"]
+    train_main([str(a) for a in args])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    train_main([str(a) for a in [*args, "--resume"]])
+    out = capsys.readouterr().out
+    assert out == (f"{tmp_path / 'ckpt.pt'} holds a finished run, nothing to do: iteration 3 of "
+                   "--max-iters 3; a larger --max-iters trains it further\n"), out
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    train_main([str(a) for a in [*args, "--resume", "--max-iters", "5", "--sample-tokens", "0"]])
+    assert ckpt_iter(tmp_path / "ckpt.pt") == 5
+
+
+def test_resume_of_a_run_that_reached_its_target_changes_nothing(tmp_path, text_path, capsys):
+    """A run stopped by --target-loss is finished too (its checkpoint says what it reached); a
+    stricter target continues it."""
+    args = [*TINY, "--data", text_path, "--out-dir", tmp_path, "--max-iters", "50",
+            "--eval-interval", "5", "--target-loss", "10", "--sample-tokens", "0"]
+    train_main([str(a) for a in args])  # a random start's loss (about 4.2) is below 10: step 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == 0 and saved["reached_val"] <= 10
+    capsys.readouterr()
+    train_main([str(a) for a in [*args, "--resume"]])
+    out = capsys.readouterr().out
+    assert "holds a finished run, nothing to do: its val loss" in out and "reached --target-loss 10" in out, out
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    train_main([str(a) for a in [*args, "--resume", "--target-loss", "0.5"]])  # not reached: all 50
+    assert ckpt_iter(tmp_path / "ckpt.pt") == 50
+
+
+def test_a_missing_data_file_is_reported_before_the_checkpoint(tmp_path, text_path):
+    """An out-dir holding a checkpoint and a data file that is not there: the data is what to
+    fix first (--resume would need it too)."""
+    args = [*TINY, "--out-dir", tmp_path, "--max-iters", "2", "--sample-tokens", "0"]
+    train_main([str(a) for a in [*args, "--data", text_path]])
+    assert "data file" in cli_error(train_main, *args, "--data", tmp_path / "nowhere.txt")
+
+
+def test_a_failed_start_leaves_no_empty_out_dir(tmp_path, text_path):
+    """An out-dir the run created is removed again when the run fails before writing to it; one
+    that was there before is left as it was."""
+    bad = [*TINY, "--data", text_path, "--n-embd", "30", "--n-head", "4"]  # 30 % 4 != 0
+    assert "divisible" in cli_error(train_main, *bad, "--out-dir", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert "divisible" in cli_error(train_main, *bad, "--out-dir", tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_sample_reports_shape_problems_usefully(tmp_path, text_path):
