@@ -14,7 +14,7 @@ from lecture_flash import available_backends, causal_attention
 from lecture_flash.reference import naive_causal_attention
 
 from harness import (check_forward, fmt, never_ran, print_never_ran, progress, time_pass,
-                           time_point)
+                     time_point)
 
 LECTURE_SHAPE = dict(B=64, H=6, T=256, D=64)
 SLOW_COMPILE = "compiling takes longer than --quick allows on a CPU"

@@ -4,7 +4,6 @@ IMPLS is the registry: name -> Impl(build(cfg) -> model, compiled). Every implem
 the same model shape from the same seed on the same batch; tokens/s and MFU per dtype.
 """
 import dataclasses
-import statistics
 import time
 from typing import Callable
 
@@ -16,8 +15,8 @@ from lecture_flash.gpt.lecture import GPTLanguageModel
 from lecture_flash.gpt.model import PRESETS
 from lecture_flash.gpt.step import WARMUP_STEPS, TrainStep, adamw, autocast
 
-from harness import (log, measure, peak_memory_mb, print_rows, profile_steps, progress,
-                           ratio_line, skipped_reason, sync)
+from harness import (log, measure, median_p20_p80, peak_memory_mb, print_rows, profile_steps,
+                     progress, ratio_line, skipped_reason, sync)
 
 VOCAB = 65  # Tiny Shakespeare's characters
 
@@ -143,16 +142,18 @@ def run(opts, rows, save):
                 steps[name] = make_step(impl, cfg, B, device, amp)
             except Exception as e:
                 skipped[name] = skipped_reason(e)
-        times = {name: [] for name in steps}
+        timed = {}  # name -> (median, p20, p80) ms
         if device.type == "cuda":
             for name, (step, _) in steps.items():
-                times[name] = [measure(step, device)[0]]
+                timed[name] = measure(step, device)
         else:  # round-robin, so that drift on a shared CPU hits every implementation alike
+            times = {name: [] for name in steps}
             for _ in range(5 if quick else 10):
                 for name, (step, _) in steps.items():
                     t0 = time.perf_counter()
                     step()
                     times[name].append((time.perf_counter() - t0) * 1e3)
+            timed = {name: median_p20_p80(t) for name, t in times.items()}
         for name in IMPLS:
             bar.update(1)
             if name in skipped:
@@ -160,11 +161,11 @@ def run(opts, rows, save):
                                  skipped=skipped[name]))
                 continue
             step, n_params = steps[name]
-            ms = statistics.median(times[name])
+            ms, p20, p80 = timed[name]
             flops_per_token = 6 * n_params + 12 * L * H * (cfg.n_embd // H) * T  # PaLM's, as nanoGPT
             tok_s = B * T / (ms / 1e3)
             rows.append(dict(impl=name, dtype=dtype_name, preset=preset_name, tokens_per_s=tok_s,
-                             ms_per_iter=ms,
+                             ms_per_iter=ms, ms_p20=p20, ms_p80=p80,
                              mfu=flops_per_token * tok_s / (peak * 1e12) if peak else None,
                              peak_mem_mb=peak_memory_mb(step, device), B=B, T=T,
                              mfu_peak=f"measured 8192^3 {dtype_name} matmul: {peak:.0f} TFLOP/s"

@@ -45,8 +45,47 @@ def wall_ms(fn, device, min_time=0.5, max_reps=50, min_reps=3):
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+    return median_p20_p80(times)
+
+
+def median_p20_p80(times):
+    """(median, 20th, 80th percentile) of a list of timings."""
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return statistics.median(times), q[1], q[7]
+
+
+# A timing whose middle repeats (20th to 80th percentile) span more than this fraction of its
+# median was taken while the machine did something else: its ratios to other rows mean little.
+NOISY_SPREAD = 0.25
+
+
+def untrusted(report, sections):
+    """Lines naming the timings not to trust, each marked in its row ("noisy": why): a spread
+    past NOISY_SPREAD, or a forward slower than the same implementation's forward+backward at
+    the same point (which only a busy machine produces)."""
+    lines = []
+    for section in sections:
+        rows = report[section]
+        for r in rows:
+            ms = r.get("ms", r.get("ms_per_iter"))
+            if ms and r.get("ms_p20") is not None and (r["ms_p80"] - r["ms_p20"]) > NOISY_SPREAD * ms:
+                r["noisy"] = (f"repeats spread from {r['ms_p20']:.3g} to {r['ms_p80']:.3g} ms "
+                              f"(20th-80th percentile) around {ms:.3g}")
+        both = {}
+        for r in rows:
+            if r.get("pass") in ("fwd", "fwd+bwd") and r.get("ms"):
+                key = tuple(sorted((k, str(v)) for k, v in r.items() if k in KEY_FIELDS + ("impl",)
+                                   and k != "pass"))
+                both.setdefault(key, {})[r["pass"]] = r
+        for pair in both.values():
+            if len(pair) == 2 and pair["fwd"]["ms"] > pair["fwd+bwd"]["ms"]:
+                pair["fwd"]["noisy"] = (f"forward {pair['fwd']['ms']:.3g} ms, slower than its "
+                                        f"forward+backward {pair['fwd+bwd']['ms']:.3g} ms")
+        for r in rows:
+            if "noisy" in r:
+                where = " ".join(f"{k}={r[k]}" for k in KEY_FIELDS if k in r)
+                lines.append(f"  {section} {r['impl']} {where}: {r['noisy']}")
+    return lines
 
 
 def measure(fn, device):
@@ -127,6 +166,22 @@ def versions():
         tv = None
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": tv,
             "cuda": torch.version.cuda}
+
+
+def commit(root):
+    """The checkout's commit (short hash, "+changes" if the working tree differs from it), or
+    None outside a git checkout."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def device_name(device):

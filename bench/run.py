@@ -1,7 +1,7 @@
 """Throughput report: this project next to what a user would otherwise pick, in one run.
 
-    python bench/run.py                 # the default grid for this machine's device
-    python bench/run.py --quick         # a small grid (under 2 minutes on 2 CPU cores)
+    python bench/run.py                 # the small grid on a CPU (under 2 minutes), the full on CUDA
+    python bench/run.py --full          # the full grid on a CPU too (several minutes)
     python bench/run.py --only attention --dtype bfloat16 --out bench/out
     python bench/run.py --only gpt_train --profile   # where each training step's time goes
 
@@ -69,7 +69,11 @@ def parse_args(argv=None):
                         "float32 (default both on CUDA, float32 on CPU)")
     p.add_argument("--only", choices=sorted(SECTIONS), action="append",
                    help="run only this section (repeatable)")
-    p.add_argument("--quick", action="store_true", help="a small grid")
+    p.add_argument("--quick", action="store_true",
+                   help="the small grid (the default on a CPU: under 2 minutes on 2 cores)")
+    p.add_argument("--full", action="store_true",
+                   help="the full grid (the default on CUDA; on a CPU several minutes, the "
+                        "compiled rows included)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="folder for results.json/csv/png")
     p.add_argument("--profile", action="store_true",
                    help="also profile each training step: OUT/profile-*.txt, and GPU-busy and "
@@ -82,6 +86,10 @@ def main(argv=None):
     device = default_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no CUDA device")
+    if args.quick and args.full:
+        sys.exit("error: --quick and --full ask for two grids; pass one")
+    # The small grid unless --full, on a CPU (a newcomer's first run); the full one on CUDA.
+    args.quick = args.quick or (device.type == "cpu" and not args.full)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else (
         [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32])
     sections = args.only or list(SECTIONS)
@@ -92,6 +100,7 @@ def main(argv=None):
                                  dtypes_given=bool(args.dtype),
                                  profile_dir=out_dir if args.profile else None)
     report = {"device": harness.device_name(device), "versions": harness.versions(),
+              "commit": harness.commit(ROOT),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "settings": {"quick": args.quick, "sections": sections,
                            "dtypes": [str(d).replace("torch.", "") for d in dtypes],
@@ -116,8 +125,8 @@ def main(argv=None):
         report["complete"] = final
         harness.write_report(report, SECTIONS, paths)
 
-    print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}",
-          flush=True)
+    print(f"device: {report['device']}; versions: {report['versions']}; date: {report['date']}; "
+          f"commit: {report['commit']}", flush=True)
     if report["settings"]["hopper"]:
         print(f"LECTURE_FLASH_HOPPER={report['settings']['hopper']}: the triton rows' forward is "
               "kernels/hopper.py's where it applies", flush=True)
@@ -133,6 +142,16 @@ def main(argv=None):
         except ImportError:
             harness.log("matplotlib is not installed: no attention.png (pip install -e '.[plot]')")
 
+    noisy = harness.untrusted(report, SECTIONS)
+    timed = sum(1 for name in SECTIONS for r in report[name] if r.get("ms", r.get("ms_per_iter")))
+    if noisy:
+        save(final=True)  # the rows now say which timings are noisy
+        print(f"\n== noisy timings: {len(noisy)} of {timed} ==\n"
+              f"The machine was busy during these (their repeats spread past "
+              f"{harness.NOISY_SPREAD:.0%} of the median, or a forward outlasted its "
+              "forward+backward), so ratios that involve them are not to be trusted; rerun on a "
+              "quiet machine:")
+        print("\n".join(noisy))
     verdicts = [line for name in SECTIONS for line in SECTIONS[name].verdict(report[name], opts)]
     if verdicts:
         print("\n== verdict ==")

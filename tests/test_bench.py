@@ -30,10 +30,10 @@ def bench_module(name):
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
-    """One run of `bench/run.py --quick --profile` on the CPU, shared by the checks below (a
-    second subprocess run would cost as much again)."""
+    """One run of `bench/run.py --profile` on the CPU (the small grid, a CPU's default), shared
+    by the checks below (a second subprocess run would cost as much again)."""
     out = tmp_path_factory.mktemp("bench")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--device", "cpu",
                         "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r, out
@@ -48,6 +48,8 @@ def test_quick_bench_writes_the_schema(quick_report):
     assert set(report["versions"]) >= {"python", "torch", "triton", "cuda"}
     assert isinstance(report["autotune"], list)  # tile choices; empty where nothing was tuned
     assert report["complete"] is True
+    assert report["settings"]["quick"] is True  # a CPU's default: the small grid
+    assert report["commit"] is None or isinstance(report["commit"], str)  # None outside git
     fields = {"attention": ("impl", "pass", "dtype", "B", "H", "T", "D"),
               "gpt_train": ("impl", "dtype"), "generate": ("impl",)}
     metrics = {"attention": ("ms", "ms_p20", "ms_p80", "tflops"),
@@ -94,6 +96,31 @@ def test_profile_flag_writes_where_the_step_time_goes(quick_report):
         assert row["profile_wall_ms"] > 0
         table = (out / f"profile-gpt_train-float32-{row['impl']}.txt").read_text()
         assert "Self CPU" in table and "aten::" in table
+
+
+def test_noisy_timings_are_named():
+    """A timing whose middle repeats spread past NOISY_SPREAD of its median, or a forward slower
+    than the same implementation's forward+backward at the same point, is marked in its row and
+    named in a line; steady ones are not."""
+    harness = bench_module("harness")
+    point = dict(dtype="float32", B=64, H=6, T=256, D=64)
+    report = {
+        "attention": [
+            dict(impl="lecture", **{"pass": "fwd"}, **point, ms=515.0, ms_p20=500.0, ms_p80=530.0),
+            dict(impl="lecture", **{"pass": "fwd+bwd"}, **point, ms=157.0, ms_p20=150.0, ms_p80=160.0),
+            dict(impl="sdpa-math", **{"pass": "fwd"}, **point, ms=10.0, ms_p20=6.0, ms_p80=14.0),
+            dict(impl="sdpa-math", **{"pass": "fwd+bwd"}, **point, ms=30.0, ms_p20=29.0, ms_p80=31.0),
+            dict(impl="triton", **{"pass": "fwd"}, **point, skipped="needs a CUDA GPU"),
+        ],
+        "gpt_train": [dict(impl="project", dtype="float32", ms_per_iter=10.0, ms_p20=9.9, ms_p80=10.1)],
+    }
+    lines = harness.untrusted(report, ["attention", "gpt_train"])
+    noisy = [(r["impl"], r["pass"]) for r in report["attention"] if "noisy" in r]
+    assert noisy == [("lecture", "fwd"), ("sdpa-math", "fwd")], report
+    assert "slower than its forward+backward 157 ms" in report["attention"][0]["noisy"]
+    assert "repeats spread from 6 to 14 ms" in report["attention"][2]["noisy"]
+    assert len(lines) == 2 and lines[0].startswith("  attention lecture pass=fwd dtype=float32 B=64")
+    assert "noisy" not in report["gpt_train"][0]
 
 
 def test_attention_section_runs_grouped_query_points(monkeypatch, capsys):
