@@ -1,28 +1,41 @@
 """What the compiler makes of the Triton kernels for a GPU, on any machine, GPU or not.
 
     python bench/compile_report.py                        # H100 (sm_90), bf16, D 64 and 128
-    python bench/compile_report.py --arch 80 --dtype float16 --head-dim 64 --dropout
-    python bench/compile_report.py --fixed                # only the configs used untuned
+    python bench/compile_report.py --arch 75 --dtype float16 --head-dim 64 --dropout
+    python bench/compile_report.py --arch gfx942 --fixed  # an MI300, the configs used untuned
+    python bench/compile_report.py --portability          # every GPU our users have: a verdict each
+    python bench/compile_report.py --hopper               # the opt-in sm_90 forward
 
-Triton compiles ahead of time for a named target without a device (its bundled ptxas makes the
-cubin). For each kernel (fwd, dkdv, dq) and autotune config this prints registers per thread,
-stack bytes (spilled registers live there), shared memory against the target's per-block limit,
-whether the K/V loads are software-pipelined (async copies), the SASS instruction count, and
-which tensor-core instructions the dots became (on sm_90, a dot left on mma.sync forgoes wgmma).
+Triton compiles ahead of time for a named target without a device (NVIDIA: its bundled ptxas
+makes the cubin; AMD: its linker runs in-process). For each kernel and config this prints
+registers per thread, spilled bytes (stack/scratch), shared memory against the target's
+per-block limit (kernels/devices.py), whether the K/V loads are software-pipelined, the
+instruction count, and which matrix instructions the dots became: NVIDIA's mma.sync (sm_80-89,
+sm_120), Hopper's wgmma, Blackwell's tcgen05 (sm_100), AMD's mfma. Kernels: the forward, the
+backward's dK/dV, dQ, the one-launch short-sequence backward and the atomic path's delta
+preprocess, and flash-decoding's split forward and its merge.
+
+--portability compiles, for every target of devices.PORTABILITY, the configs the runtime would
+choose there (kernels/flash_configs.py: first fit by the shared-memory estimate) for the lecture's
+training step (T = 256: the forward and the backward it takes) and a decode step, in fp16, bf16
+and fp32 at D 64 and 128 (--head-dim for more), and prints one verdict line per target: runs,
+falls back to SDPA (where the runtime sends the call to PyTorch, and why), or would fail (a
+compile error, or a chosen config over the target's shared memory: the runtime would then
+compile another). It exits 1 on "would fail". The compile seconds are those the first training
+step of a process pays there (CPU time of the ahead-of-time compiles).
 
 These are static facts, not timings: a config that spills or does not pipeline is slow, but
-which of the clean ones is fastest only a GPU can say (bench/run.py). A config that needs more
-shared memory than the target has is skipped, as the autotuner and the untuned launcher skip
-it. The exit status is 1 if any variant fails to compile or no config of a kernel fits, so CI
-can hold every kernel to "it builds for a GPU" without one.
+which of the clean ones is fastest only a GPU can say (bench/run.py).
 """
 import argparse
 import collections
+import concurrent.futures
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -37,18 +50,30 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lecture_flash import flash_launch, flash_tiles, settings  # noqa: E402
+from lecture_flash import devices, flash_configs, flash_decode, flash_launch, flash_tiles, settings  # noqa: E402
 
-# Shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # in the input dtype
-FLOAT32 = {"LSE", "DELTA", "DQ_ACC"}
+FLOAT32 = {"LSE", "DELTA", "DQ_ACC", "O_PART", "LSE_PART"}
 ROWS = {"dense": flash_tiles.DENSE, "lengths": flash_tiles.KEY_LENGTHS,
         "cache": flash_tiles.CACHE_LENGTHS, "packed": flash_tiles.PACKED}
 # Plain integer arguments that launches leave unspecialised (see flash_tiles._NO_SPECIALIZE).
 UNSPECIALISED = set(flash_tiles._NO_SPECIALIZE)
+# Kernels beyond the autotuned four: flash-decoding's split forward (the forward kernel with
+# SPLIT and a decode cache's rows, on the forward's configs), its merge, and the preprocess of
+# the atomic-dQ backward; the last two launch with fixed tiles.
+KERNELS = (*flash_configs.CONFIGS, "decode", "combine", "preprocess")
+FIXED_TILES = {"combine": flash_configs._cfg(1, 1, 1, 4), "preprocess": flash_configs._cfg(64, 1, 3, 4)}
+DECODE_SPLITS = 16  # the split count a batch-1 decode step compiles (SPLITS, a power of two)
+
+
+def parse_arch(text):
+    """75 (sm_75) or "gfx942"."""
+    text = str(text)
+    arch = text if text.startswith("gfx") else int(text.removeprefix("sm_"))
+    devices.target(arch)  # raises for an unknown arch, naming the known ones
+    return arch
 
 
 def signature(fn, dtype, constexprs):
@@ -88,24 +113,38 @@ def signature(fn, dtype, constexprs):
     return sig, attrs
 
 
-def compile_kernel(kind, dtype, head_dim, config, dropout, arch, deterministic=True,
+def gpu_target(target):
+    return GPUTarget(target.backend, target.arch, target.warp_size)
+
+
+def compile_kernel(kind, dtype, head_dim, config, target, dropout=False, deterministic=True,
                    fp32_precision="ieee", huge_scale=False, window=False, rows=flash_tiles.DENSE):
-    fn = flash_launch._JIT[kind]
+    """One kernel (KERNELS) compiled for `target` with `config`, as the runtime launches it."""
     hd = flash_launch._head_dim(head_dim)
-    # GROUP = 1 (one query head per key/value head) is a constant in real launches: Triton
-    # specialises an integer argument equal to 1, so the grouped loops fold away.
-    constexprs = dict(GROUP=1, WINDOW=window, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout, HUGE_SCALE=huge_scale,
-                      FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
-                      OFFS_64=False, ROWS=rows,
-                      **config.kwargs)
-    if "SPLIT" in fn.arg_names:  # flash-decoding's split keys: the decode step only
-        constexprs["SPLIT"] = False
-    if "DETERMINISTIC" in fn.arg_names:
-        constexprs["DETERMINISTIC"] = deterministic
-    if "DELTA_OFFSET" in fn.arg_names:  # the lse's own gradient: only where a caller uses lse
-        constexprs["DELTA_OFFSET"] = False
+    if kind == "combine":
+        fn = flash_decode._combine_splits
+        constexprs = dict(D=head_dim, HEAD_DIM=triton.next_power_of_2(head_dim), SPLITS=DECODE_SPLITS)
+    elif kind == "preprocess":
+        fn = flash_launch._bwd_preprocess
+        constexprs = dict(D=head_dim, HEAD_DIM=hd, ROWS=rows, OFFS_64=False, DELTA_OFFSET=False,
+                          BLOCK_M=config.kwargs["BLOCK_M"])
+    else:
+        fn = flash_launch._JIT["fwd" if kind == "decode" else kind]
+        # GROUP = 1 (one query head per key/value head) is a constant in real launches: Triton
+        # specialises an integer argument equal to 1, so the grouped loops fold away.
+        constexprs = dict(GROUP=1, WINDOW=window, D=head_dim, HEAD_DIM=hd, DROPOUT=dropout,
+                          HUGE_SCALE=huge_scale, OFFS_64=False,
+                          FP32_PRECISION=fp32_precision if dtype == "fp32" else "ieee",
+                          ROWS=flash_tiles.CACHE_LENGTHS if kind == "decode" else rows,
+                          **config.kwargs)
+        if "SPLIT" in fn.arg_names:  # flash-decoding's split keys: the decode step only
+            constexprs["SPLIT"] = kind == "decode"
+        if "DETERMINISTIC" in fn.arg_names:
+            constexprs["DETERMINISTIC"] = deterministic
+        if "DELTA_OFFSET" in fn.arg_names:  # the lse's own gradient: only where a caller uses lse
+            constexprs["DELTA_OFFSET"] = False
     sig, attrs = signature(fn, dtype, constexprs)
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=gpu_target(target),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
@@ -131,6 +170,7 @@ def hopper_report(dtypes, head_dims, fixed):
     """One line per (dtype, head dim, config, mode) of the Hopper forward (fixed: the first
     config only, its choice with autotuning off); the number of failures."""
     from lecture_flash import hopper
+    limit = devices.target(90).shared_memory
     print(f"{'kernel':10s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
           f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'TMA':>4s} {'WS':>3s} {'SASS':>6s} {'mma':>8s}")
     failures = 0
@@ -149,8 +189,8 @@ def hopper_report(dtypes, head_dims, fixed):
                     failures += 1
                     print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")
                     continue
-                f = inspect(kernel)
-                if f["shared"] > SMEM_LIMIT[90]:
+                f = inspect(kernel, devices.target(90))
+                if f["shared"] > limit:
                     print(f"{head}  too much shared memory for sm_90 ({f['shared']} bytes): skipped")
                     continue
                 sass = _cuobjdump(kernel, "-sass") or ""
@@ -160,7 +200,7 @@ def hopper_report(dtypes, head_dims, fixed):
                 specialised = "yes" if "ttg.warp_specialize" in kernel.asm.get("ttgir", "") else "no"
                 show = lambda v: "?" if v is None else v  # noqa: E731
                 print(f"{head} {show(f['regs']):>4} {show(f['stack']):>5} {f['shared']:7d} {tma:>4s} "
-                      f"{specialised:>3s} {show(f['sass']):>6} {show(f['mma']):>8}"
+                      f"{specialised:>3s} {show(f['instructions']):>6} {show(f['mma']):>8}"
                       f"{'  spills' if f['stack'] else ''}")
     return failures
 
@@ -176,13 +216,24 @@ def _cuobjdump(kernel, *args):
     return r.stdout if r.returncode == 0 else None
 
 
-def inspect(kernel):
-    """registers, stack bytes, shared bytes, pipelined, SASS instruction count, and which
-    tensor-core instructions the dots became: Hopper's wgmma (HGMMA), the older warp-level
-    mma.sync (HMMA), both, or none (None: unknown)."""
-    facts = dict(regs=None, stack=None, shared=kernel.metadata.shared, sass=None, mma=None)
+def inspect(kernel, target):
+    """registers, spilled bytes (stack, or AMD's scratch), shared bytes, pipelined, instruction
+    count, and which matrix instructions the dots became (None: unknown)."""
+    facts = dict(regs=None, stack=None, shared=kernel.metadata.shared, instructions=None, mma=None)
     ttgir = kernel.asm.get("ttgir", "")
-    facts["pipelined"] = "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir
+    facts["pipelined"] = any(op in ttgir for op in ("async_copy_global_to_local", "async_tma_copy",
+                                                    "buffer_load_to_local"))
+    if target.backend == "hip":
+        amd = kernel.asm.get("amdgcn", "")
+        field = lambda name: int(m.group(1)) if (m := re.search(r"\." + name + r":\s+(\d+)", amd)) else None  # noqa: E731
+        facts["regs"], facts["stack"] = field("vgpr_count"), field("private_segment_fixed_size")
+        facts["pipelined"] = facts["pipelined"] or (ttgir.count("ttg.local_alloc") > 0
+                                                    and kernel.metadata.num_stages > 1)
+        ops = re.findall(r"^\s+([a-z][a-z0-9_]*)\s", amd, re.M)
+        facts["instructions"] = sum(1 for op in ops if op.split("_")[0] in
+                                    ("v", "s", "ds", "global", "buffer", "flat", "scratch"))
+        facts["mma"] = "mfma" if any(op.startswith("v_mfma") for op in ops) else "none"
+        return facts
     usage = _cuobjdump(kernel, "-res-usage") or ""
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if m:
@@ -191,19 +242,204 @@ def inspect(kernel):
     if sass is not None:
         ops = collections.Counter(m.group(1) for m in re.finditer(
             r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
-        facts["sass"] = sum(ops.values())
-        kinds = [name for op, name in (("HGMMA", "wgmma"), ("HMMA", "mma.sync")) if ops[op]]
+        facts["instructions"] = sum(ops.values())
+        # tcgen05.mma (sm_100) lowers to UTCHMMA / UTCQMMA / UTCIMMA ...; wgmma to HGMMA.
+        tcgen05 = any(op.startswith("UTC") and "MMA" in op for op in ops)
+        kinds = [name for present, name in ((ops["HGMMA"], "wgmma"), (tcgen05, "tcgen05"),
+                                            (ops["HMMA"], "mma.sync")) if present]
         facts["mma"] = "+".join(kinds) or "none"
     return facts
 
 
+# ----------------------------------------------------------------------------------------------
+# Per-target report: every config of each kernel
+# ----------------------------------------------------------------------------------------------
+
+def configs_of(kind, dtype, head_dim, target):
+    """(configs to show, the one the runtime would choose there) for a long sequence."""
+    es = TORCH_DTYPES[dtype].itemsize
+    hd = flash_launch._head_dim(head_dim)
+    if kind in FIXED_TILES:
+        return [FIXED_TILES[kind]], FIXED_TILES[kind]
+    base = "fwd" if kind == "decode" else kind  # a decode step: one query row, 64k keys
+    tq = 1 if kind == "decode" else 1 << 16
+    chosen = flash_configs.candidates(base, TORCH_DTYPES[dtype], hd, es, tq, 1 << 16, target)
+    chosen = chosen[0] if chosen else None
+    if kind == "decode":
+        return [chosen] if chosen is not None else [], chosen
+    shown = [c for c in flash_configs.CONFIGS[base]
+             if flash_configs.fits_problem(c, hd, es, tq, 1 << 16)]
+    return shown, chosen
+
+
+def report(args, target):
+    limit = target.shared_memory
+    print(f"triton {triton.__version__}, target {target.label}, shared memory limit {limit} bytes "
+          "per block")
+    print(f"{'kernel':10s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
+          f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'pipelined':>9s} {'instr':>6s} {'mma':>14s}  note")
+    failures = 0
+    show = lambda v: "?" if v is None else v  # noqa: E731
+    for dtype in [DTYPES[d] for d in (args.dtype or ["bfloat16"])]:
+        for kind in args.kernel or KERNELS:
+            for D in args.head_dims:
+                hd = flash_launch._head_dim(D)
+                if kind == "fused" and not flash_launch._fused_backward(0, hd, TORCH_DTYPES[dtype]):
+                    print(f"{kind:10s} {dtype:5s} {D:3d}  not used for this head dim and dtype "
+                          "(two launches instead)")
+                    continue
+                shown, chosen = configs_of(kind, dtype, D, target)
+                if args.fixed:
+                    shown = [chosen] if chosen is not None else []
+                if chosen is None:
+                    print(f"{kind:10s} {dtype:5s} {D:3d}  no config fits this target: the runtime "
+                          "sends such calls to PyTorch")
+                for c in shown:
+                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                    head = (f"{kind:10s} {dtype:5s} {D:3d} {f'{bm}x{bn}':>7s} {c.num_warps:5d} "
+                            f"{c.num_stages:6d}")
+                    try:
+                        f = inspect(compile_kernel(kind, dtype, D, c, target, args.dropout,
+                                                   not args.nondeterministic, args.fp32_precision,
+                                                   args.huge_scale, args.window, ROWS[args.rows]),
+                                    target)
+                    except Exception as e:  # report every variant, then fail at the end
+                        failures += 1
+                        print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")
+                        continue
+                    notes = []
+                    if f["shared"] > limit:
+                        notes.append("too much shared memory for this target")
+                        if c is chosen:
+                            failures += 1  # the estimate let it through: it would fail to load
+                    if c is chosen:
+                        notes.append("the untuned choice")
+                    if f["stack"]:
+                        notes.append("spills")
+                    print(f"{head} {show(f['regs']):>4} {show(f['stack']):>5} {f['shared']:7d} "
+                          f"{'yes' if f['pipelined'] else 'no':>9s} {show(f['instructions']):>6} "
+                          f"{show(f['mma']):>14}  {', '.join(notes)}")
+    if failures:
+        print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Portability: the runtime's choices on every target, with a verdict each
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_T = 256  # the lecture's block size: its training step's sequence length
+
+
+def runtime_plan(target, dtype, head_dim):
+    """(why the runtime sends the call to PyTorch, or None; [(kernel, config)] it compiles for
+    the lecture's training step and a decode step) on `target`, as flash.supports(),
+    flash.declines() and flash_launch choose on the device."""
+    tdtype, hd = TORCH_DTYPES[dtype], flash_launch._head_dim(head_dim)
+    es = tdtype.itemsize
+    why = (flash_configs.declined(target)
+           or flash_configs.unsupported(target, str(tdtype).replace("torch.", ""), hd, es))
+    if why is not None:
+        return why, []
+    bucket = flash_launch._bucket(TRAIN_T)
+
+    def first(kernel, tq=bucket, tk=bucket):
+        return flash_configs.candidates(kernel, tdtype, hd, es, tq, tk, target)[0]
+    plan = [("fwd", first("fwd"))]
+    fused = flash_configs.candidates("fused", tdtype, hd, es, bucket, bucket, target)
+    if TRAIN_T <= flash_launch.FUSED_MAX_TK and hd <= 64 and es == 2 and fused:
+        plan.append(("fused", fused[0]))
+    else:
+        plan += [("dq", first("dq")), ("dkdv", first("dkdv"))]
+    plan += [("decode", first("fwd", tq=1)), ("combine", FIXED_TILES["combine"])]
+    return None, plan
+
+
+def _compile_one(job):
+    """(job, facts or the error, compile seconds): one compile, in a worker process."""
+    arch, kind, dtype, head_dim, shape = job
+    target = devices.target(arch)
+    bm, bn, warps, stages = shape
+    t0 = time.process_time()
+    try:
+        kernel = compile_kernel(kind, dtype, head_dim, flash_configs._cfg(bm, bn, stages, warps),
+                                target)
+        return job, inspect(kernel, target), time.process_time() - t0
+    except Exception as e:
+        return job, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}", 0.0
+
+
+def portability(head_dims, jobs):
+    plans = {}
+    work = []
+    for arch in devices.PORTABILITY:
+        target = devices.target(arch)
+        for dtype in ("fp16", "bf16", "fp32"):
+            for D in head_dims:
+                why, plan = runtime_plan(target, dtype, D)
+                plans[(arch, dtype, D)] = (why, plan)
+                work += [(arch, kind, dtype, D, flash_configs._shape(c)) for kind, c in plan]
+    results = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        for job, facts, seconds in pool.map(_compile_one, work):
+            results[job] = (facts, seconds)
+    print(f"triton {triton.__version__}: the configs the runtime chooses on each target, for the "
+          f"lecture's training step (T = {TRAIN_T}) and a decode step")
+    print(f"{'target':7s} {'dtype':5s} {'D':>3s} {'kernel':10s} {'BMxBN':>7s} {'warps':>5s} "
+          f"{'stages':>6s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'limit':>7s} {'mma':>9s} "
+          f"{'compile s':>9s}")
+    failing, verdicts = 0, []
+    for arch in devices.PORTABILITY:
+        target = devices.target(arch)
+        runs, falls, fails, seconds = [], [], [], 0.0
+        for dtype in ("fp16", "bf16", "fp32"):
+            for D in head_dims:
+                why, plan = plans[(arch, dtype, D)]
+                if why is not None:
+                    falls.append(f"{dtype} D {D}")
+                    print(f"{target.label:7s} {dtype:5s} {D:3d} falls back to SDPA: {why}")
+                    continue
+                failed = []
+                for kind, c in plan:
+                    facts, s = results[(arch, kind, dtype, D, flash_configs._shape(c))]
+                    seconds += s
+                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                    head = (f"{target.label:7s} {dtype:5s} {D:3d} {kind:10s} {f'{bm}x{bn}':>7s} "
+                            f"{c.num_warps:5d} {c.num_stages:6d}")
+                    if isinstance(facts, str):
+                        failed.append(f"{kind} does not compile ({facts})")
+                        print(f"{head}  FAILED to compile: {facts}")
+                        continue
+                    over = facts["shared"] > target.shared_memory
+                    if over:
+                        failed.append(f"{kind} needs {facts['shared']} bytes of shared memory")
+                    show = lambda v: "?" if v is None else v  # noqa: E731
+                    print(f"{head} {show(facts['regs']):>4} {show(facts['stack']):>5} "
+                          f"{facts['shared']:7d} {target.shared_memory:7d} {show(facts['mma']):>9} "
+                          f"{s:9.1f}{'  OVER THE LIMIT' if over else ''}")
+                (fails if failed else runs).append(f"{dtype} D {D}" + (f" ({'; '.join(failed)})"
+                                                                        if failed else ""))
+        verdict = f"{target.label}: runs {', '.join(runs) or 'nothing'}"
+        if falls:
+            verdict += f"; falls back to SDPA for {', '.join(falls)}"
+        if fails:
+            verdict += f"; would fail: {', '.join(fails)}"
+            failing += 1
+        verdicts.append(verdict + f"; {seconds:.0f} s of compiling")
+    print("\n== verdict ==")
+    print("\n".join(verdicts))
+    return 1 if failing else 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT),
-                   help="compute capability x10: 90 H100/H200, 80 A100, 86/89 RTX 30/40 (default 90)")
+    p.add_argument("--arch", type=parse_arch, default=90,
+                   help="compute capability x10 (75 T4, 80 A100, 86/89 RTX 30/40, 90 H100, 100 "
+                        "B200, 120 RTX 50) or an AMD gfx name (gfx90a, gfx942); default 90")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable (default bfloat16)")
-    p.add_argument("--head-dim", default="64,128", help="comma-separated, 1..256 (default 64,128)")
-    p.add_argument("--kernel", action="append", choices=sorted(flash_launch._CONFIGS), help="repeatable (default all)")
+    p.add_argument("--head-dim", default=None,
+                   help="comma-separated, 1..256 (default 64,128; with --portability 64,128,256)")
+    p.add_argument("--kernel", action="append", choices=KERNELS, help="repeatable (default all)")
     p.add_argument("--dropout", action="store_true", help="the kernels with dropout compiled in")
     p.add_argument("--nondeterministic", action="store_true",
                    help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
@@ -218,11 +454,18 @@ def parse_args(argv):
                    default=settings.resolve_fp32_precision(),
                    help="float32 dots (default: what a call gets now, %(default)s)")
     p.add_argument("--fixed", action="store_true",
-                   help="stop at the config each kernel uses with autotuning off (the first that fits)")
+                   help="only the config each kernel uses with autotuning off (the first that fits)")
     p.add_argument("--hopper", action="store_true",
                    help="instead, the opt-in sm_90 forward (kernels/hopper.py), with and without "
                         "warp specialisation: TMA loads, registers, spills")
+    p.add_argument("--portability", action="store_true",
+                   help="instead, every target of devices.PORTABILITY: the runtime's choices for the "
+                        "lecture's training step and decode, and a verdict per target")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="compile processes for --portability (default: one per core)")
     args = p.parse_args(argv)
+    if args.head_dim is None:
+        args.head_dim = "64,128,256" if args.portability else "64,128"
     try:
         args.head_dims = [int(d) for d in args.head_dim.split(",")]
     except ValueError:
@@ -239,55 +482,11 @@ def main(argv=None):
         failures = hopper_report([DTYPES[d] for d in (args.dtype or ["bfloat16"])], args.head_dims,
                                  args.fixed)
         return 1 if failures else 0
-    limit = SMEM_LIMIT[args.arch]
-    print(f"triton {triton.__version__}, target sm_{args.arch}, shared memory limit {limit} bytes per block")
-    print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'BMxBN':>7s} {'warps':>5s} {'stages':>6s} "
-          f"{'regs':>4s} {'stack':>5s} {'shared':>7s} {'pipelined':>9s} {'SASS':>6s} {'mma':>14s}  note")
-    failures = 0
-    show = lambda v: "?" if v is None else v  # noqa: E731
-    for dtype in [DTYPES[d] for d in (args.dtype or ["bfloat16"])]:
-        for kind in args.kernel or list(flash_launch._CONFIGS):
-            for D in args.head_dims:
-                if kind == "fused" and not flash_launch._fused_backward(0, flash_launch._head_dim(D), TORCH_DTYPES[dtype]):
-                    print(f"{kind:6s} {dtype:5s} {D:3d}  not used for this head dim and dtype "
-                          "(two launches instead)")
-                    continue
-                # The configs flash tries for a long sequence of this head dim and dtype, in order.
-                q = torch.empty(0, dtype=TORCH_DTYPES[dtype])
-                configs = flash_launch._prune(flash_launch._CONFIGS[kind], dict(
-                    Q=q, TQ_BUCKET=1 << 16, TK_BUCKET=1 << 16, HEAD_DIM=flash_launch._head_dim(D)))
-                loads = False
-                for c in configs:
-                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                    head = (f"{kind:6s} {dtype:5s} {D:3d} {f'{bm}x{bn}':>7s} {c.num_warps:5d} "
-                            f"{c.num_stages:6d}")
-                    try:
-                        f = inspect(compile_kernel(kind, dtype, D, c, args.dropout, args.arch,
-                                                   not args.nondeterministic, args.fp32_precision,
-                                                   args.huge_scale, args.window,
-                                                   ROWS[args.rows]))
-                    except Exception as e:  # report every variant, then fail at the end
-                        failures += 1
-                        print(f"{head}  FAILED to compile: {type(e).__name__}: {str(e).strip()[:200]}")
-                        continue
-                    notes = []
-                    if f["shared"] > limit:  # the autotuner and the untuned launcher move on
-                        notes.append("too much shared memory for this target: skipped")
-                    elif not loads:
-                        loads = True
-                        notes.append("the untuned choice")
-                    if f["stack"]:
-                        notes.append("spills")
-                    print(f"{head} {show(f['regs']):>4} {show(f['stack']):>5} {f['shared']:7d} "
-                          f"{'yes' if f['pipelined'] else 'no':>9s} {show(f['sass']):>6} {show(f['mma']):>14}  {', '.join(notes)}")
-                    if args.fixed and loads:
-                        break
-                if not loads:
-                    failures += 1
-                    print(f"{kind:6s} {dtype:5s} {D:3d}  no config fits this target")
-    if failures:
-        print(f"{failures} failure(s)")
-    return 1 if failures else 0
+    if args.portability:
+        return portability(args.head_dims, args.jobs)
+    if isinstance(args.arch, str) and args.fp32_precision == "tf32":
+        args.fp32_precision = "ieee"  # AMD's Triton has no tf32 dots: the runtime takes "ieee"
+    return report(args, devices.target(args.arch))
 
 
 if __name__ == "__main__":

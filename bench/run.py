@@ -75,6 +75,10 @@ def parse_args(argv=None):
                    help="the full grid (the default on CUDA; on a CPU several minutes, the "
                         "compiled rows included)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="folder for results.json/csv/png")
+    p.add_argument("--autotune", action="store_true",
+                   help="time every config at each kernel specialisation's first launch and keep "
+                        "the fastest (the report's \"autotune\" section; bench/tuned_configs.py "
+                        "makes kernels/flash_tuned.py of such GPU reports)")
     p.add_argument("--profile", action="store_true",
                    help="also profile each training step: OUT/profile-*.txt, and GPU-busy and "
                         "attention-kernel ms per step in the gpt_train rows")
@@ -93,6 +97,12 @@ def main(argv=None):
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else (
         [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32])
     sections = args.only or list(SECTIONS)
+    if args.autotune:
+        try:
+            from lecture_flash import flash_launch
+            flash_launch._TUNER.autotune = True
+        except ImportError:
+            sys.exit("error: --autotune tunes the Triton kernels, and triton is not installed")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 
     out_dir = Path(args.out)
@@ -102,7 +112,7 @@ def main(argv=None):
     report = {"device": harness.device_name(device), "versions": harness.versions(),
               "commit": harness.commit(ROOT),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "settings": {"quick": args.quick, "sections": sections,
+              "settings": {"quick": args.quick, "sections": sections, "autotune": args.autotune,
                            "dtypes": [str(d).replace("torch.", "") for d in dtypes],
                            # the opt-in Hopper forward (kernels/hopper.py), where it applies
                            "hopper": os.environ.get("LECTURE_FLASH_HOPPER") or None},

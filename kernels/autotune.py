@@ -14,12 +14,19 @@ lookup).
 
 The timer is a constructor argument, so tests pass a fake one and need no GPU.
 """
+import torch
 import triton
 
-# A config the GPU cannot hold (more shared memory than it has, or registers ptxas cannot
-# allocate) fails when it is loaded, before anything runs.
-TOO_BIG = tuple(getattr(triton.runtime.errors, n) for n in ("OutOfResources", "PTXASError")
-                if hasattr(triton.runtime.errors, n))
+try:
+    from triton.errors import TritonError
+except ImportError:  # Triton < 3.4
+    from triton.compiler.errors import TritonError
+
+# A config the GPU cannot hold (more shared memory than it has, registers ptxas cannot
+# allocate) fails when it is loaded, before anything runs; one Triton cannot build for this
+# architecture fails to compile (a TritonError, or a RuntimeError from an MLIR pass). Either
+# way the next config is tried.
+CANNOT_RUN = (TritonError, RuntimeError)
 
 
 def median_ms(fn):
@@ -34,7 +41,9 @@ def first_that_loads(configs, run):
         try:
             run(conf)
             return conf
-        except TOO_BIG:
+        except CANNOT_RUN as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
             continue  # an A100 or RTX card has less shared memory than an H100: next, smaller
     run(configs[-1])
     return configs[-1]
@@ -49,7 +58,9 @@ def fastest(configs, run, timer=median_ms):
     for conf in configs:
         try:
             timed.append((conf, timer(lambda: run(conf))))
-        except TOO_BIG:
+        except CANNOT_RUN as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
             continue
     if not timed:
         return first_that_loads(configs[-1:], run), timed  # raises the last config's error

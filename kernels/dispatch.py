@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import auto, settings
+from . import auto, devices, settings
 from .masking import guarded_causal, guarded_masked
 from .packing import block_diagonal_mask, pad, unpad, unpad_rows
 from .reference import (attention_with_mask, causal_attention_reference, causal_mask,
@@ -47,13 +47,30 @@ def default_device(device=None):
     return torch.device(device)
 
 
+class Backends(list):
+    """available_backends()' list of names, which also says where it looked: `platform`
+    ("cuda", "rocm" or "cpu") and `device` (the GPU's name and arch, e.g. "NVIDIA A10 (sm_86)",
+    or the device type)."""
+
+    def __init__(self, names, platform, device):
+        super().__init__(names)
+        self.platform, self.device = platform, device
+
+    def __repr__(self):
+        return f"Backends({list(self)!r}, platform={self.platform!r}, device={self.device!r})"
+
+
 def available_backends(device=None):
-    """The backends that can run on `device` (default: CUDA if present, else CPU), best first."""
+    """The backends that can run on `device` (default: CUDA if present, else CPU), best first,
+    as a list that also names the platform found (Backends)."""
     device = default_device(device)
     names = ["sdpa", "reference"]
     if flash is not None and not flash.TOO_OLD and (device.type == "cuda" or flash.INTERPRET):
         names.insert(0, "triton")
-    return names
+    platform, where = device.type, device.type
+    if device.type == "cuda" and torch.cuda.is_available():
+        platform, where = devices.platform(), devices.target_of(device).describe()
+    return Backends(names, platform, where)
 
 
 def _overlaps(t):
@@ -103,7 +120,7 @@ def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None, mask=None):
 
 
 def _auto_backend(q, measure):
-    if q.device.type == "cuda" and _triton_unavailable(q) is None:
+    if q.device.type == "cuda" and _triton_unavailable(q) is None and flash.declines(q) is None:
         # measure: the call leaves the options to the process defaults; then the fastest path
         # for this class of calls is measured (kernels/auto.py), else it is Triton.
         return "measure" if measure and auto.MEASURE else "triton"
@@ -259,6 +276,7 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             if len(_RESOLVED) >= 4096:  # e.g. a decode loop whose Tk grows: keep it bounded
                 _RESOLVED.clear()
             _RESOLVED[signature] = resolved
+    strict = backend == "triton"  # asked for by name: a kernel that cannot run here raises
     backend, scale, three_d, left = resolved
     q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
     # Each call's lengths are its own (their values are checked on CPU, where that is free).
@@ -269,13 +287,14 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         if backend == "triton":
             out, lse = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic,
                                              fp32_precision, return_lse=True, window_left=left,
-                                             rows=_key_rows(lengths))
+                                             rows=_key_rows(lengths), strict=strict)
         else:  # the PyTorch paths: the reference's log-sum-exp beside their output
             out = _run(backend, q4, k4, v4, scale, dropout_p, left=left, lengths=lengths)
             mask = None if lengths is None else key_length_mask(q4, k4, lengths, left)
             lse = _masked_lse(q4, k4, scale, left, mask)
         return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
-    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left, lengths)
+    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left, lengths,
+               strict)
     return out.squeeze(1) if three_d else out
 
 
@@ -304,10 +323,12 @@ def _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_pr
                                            max_seqlen_q, max_seqlen_k)
     left = check_window(window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    strict = backend == "triton"
     backend = _backend_for(q, backend, measure=False)
     if backend == "triton":  # the kernels read the packed rows in place
         return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
-                                     return_lse, left, flash.Rows(flash.PACKED, cu_q, cu_k, Tq, Tk))
+                                     return_lse, left, flash.Rows(flash.PACKED, cu_q, cu_k, Tq, Tk),
+                                     strict)
     # The PyTorch paths. Where its scores are few enough, the packed rows attend as one sequence
     # under a block-diagonal mask: views, one masked attention, no copies.
     total_q, total_k = q.shape[0], k.shape[0]
@@ -347,14 +368,15 @@ def _check_bthd(layout, q, k, v):
 
 
 def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None, left=None,
-         lengths=None):
+         lengths=None, strict=False):
     """Attention of validated 4-D tensors by one route: "triton", "reference", "sdpa" or an
-    SDPA pinned to one backend (auto.ROUTES); lengths: per-row key lengths (int32) or None.
-    masking.py keeps masked positions out of the PyTorch paths' outputs; the kernel does it in
-    its tiles."""
+    SDPA pinned to one backend (auto.ROUTES); lengths: per-row key lengths (int32) or None;
+    strict: Triton raises where its kernels cannot run (else the guard in flash.py computes the
+    call). masking.py keeps masked positions out of the PyTorch paths' outputs; the kernel does
+    it in its tiles."""
     if route == "triton":
         return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
-                                     window_left=left, rows=_key_rows(lengths))
+                                     window_left=left, rows=_key_rows(lengths), strict=strict)
     if lengths is not None:
         return _run_masked(route, q, k, v, scale, dropout_p, key_length_mask(q, k, lengths, left))
     if route == "reference":
@@ -406,14 +428,29 @@ def _measured_route(signature, q, k, v, scale, dropout_p):
         if torch.compiler.is_compiling() and auto.ROUTES[route] is not None:
             route = "sdpa"  # traced without sdpa_kernel's context: inductor picks SDPA's kernel
         return route
-    passes = {r: auto.one_pass(lambda a, b, c, r=r: _run(r, a, b, c, scale, dropout_p), q, k, v,
-                               needs_grad) for r in auto.ROUTES}
+    # strict: a Triton kernel that cannot run here raises, and the chooser leaves Triton out.
+    passes = {r: auto.one_pass(lambda a, b, c, r=r: _run(r, a, b, c, scale, dropout_p, strict=True),
+                               q, k, v, needs_grad) for r in auto.ROUTES}
     route = auto.CHOOSER.choose(cls, passes, devices=[q.device] if q.is_cuda else [])
     if signature is not None:
         if len(_MEASURED) >= 4096:
             _MEASURED.clear()
         _MEASURED[(signature, needs_grad)] = route
     return route
+
+
+def _forget_routes():
+    """A Triton specialisation failed to compile or load (flash.py's guard): calls resolve and
+    measure afresh, so that supports() sends that specialisation elsewhere."""
+    _RESOLVED.clear()
+    _MEASURED.clear()
+    for cls, route in list(auto.CHOOSER.chosen.items()):
+        if route == "triton":
+            del auto.CHOOSER.chosen[cls]
+
+
+if flash is not None:
+    flash.on_failure(_forget_routes)
 
 
 def auto_report():
@@ -462,8 +499,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     S = k_cache.shape[2]
     lengths = check_length_values("cache_seqlens", cache_seqlens, f"the cache's {S} slots", S)
     lengths = lengths.to(torch.int32).contiguous()  # the kernel reads it by index
+    strict = backend == "triton"
     backend = _backend_for(q, backend, measure=False)
     if backend == "triton":
-        return flash.decode_attention(q, k_cache, v_cache, lengths, scale)
+        return flash.decode_attention(q, k_cache, v_cache, lengths, scale, strict)
     mask = key_length_mask(q, k_cache, lengths, cache=True)
     return _run_masked(backend, q, k_cache, v_cache, scale, 0.0, mask)

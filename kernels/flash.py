@@ -14,15 +14,22 @@ The Triton code, by role, each file read top to bottom:
 Notation: B batch, H heads, Tq queries, Tk keys (Tq <= Tk), D head dim. The causal mask is
 bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq).
 """
+import os
+import sys
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 
-from . import flash_decode, flash_launch, hopper, settings
-from .flash_launch import DENSE_OP_ROWS, DENSE_ROWS, Rows, _cdiv, _new_output, autotune_report  # noqa: F401
+from . import devices, flash_configs, flash_decode, flash_launch, hopper, settings
+from .flash_launch import (DENSE_OP_ROWS, DENSE_ROWS, LOG2E, Rows, _cdiv, _new_output,  # noqa: F401
+                           autotune_report)
 from .flash_tiles import (CACHE_LENGTHS, DENSE, INTERPRET, KEY_LENGTHS, PACKED,  # noqa: F401
                           _dropout_mask_kernel)
+from .masking import guarded_masked
+from .packing import pad, unpad, unpad_rows
+from .reference import attention_with_mask, causal_mask, key_length_mask, packed_mask
 from .validation import with_positive_scale
 
 LN2 = 0.6931471805599453
@@ -32,21 +39,135 @@ TOO_OLD = TRITON_VERSION < (3, 3)
 
 
 # ----------------------------------------------------------------------------------------------
-# Registration as torch custom ops (so torch.compile(fullgraph=True) traces through them)
+# The guard: a kernel that cannot compile or load here never crashes a call
 # ----------------------------------------------------------------------------------------------
 
+# (device, dtype, head dim) -> why the kernels cannot run it on this device: one of them failed
+# to compile or load at its first launch. From then on the dispatch sends such calls to
+# PyTorch's SDPA (supports() says why); a call already past it (the failing one itself, or a
+# compiled graph's op) is computed by the reference's arithmetic. Warned once; never retried.
+FAILED = {}
+_ON_FAILURE = []  # what to forget when a specialisation fails (dispatch.py's cached routes)
+
+
+def on_failure(forget):
+    """Call forget() whenever a specialisation joins FAILED."""
+    _ON_FAILURE.append(forget)
+
+
+def _where(device):
+    if device.type != "cuda":
+        return f"{device.type} (Triton's interpreter)"
+    return devices.target_of(device).describe()
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.sep + "torch" + os.sep
+
+
+def _caller_level():
+    """warnings.warn's stacklevel for _failure's caller: the first frame outside this package
+    and torch (the user's code)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or _TORCH in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _failure(q, error, strict):
+    """Record that q's specialisation cannot run here (warning once), then raise ValueError if
+    the caller asked for the Triton backend by name (strict)."""
+    key = (q.device, q.dtype, q.shape[-1])
+    if key not in FAILED:
+        FAILED[key] = (f"on {_where(q.device)}, {str(q.dtype).replace('torch.', '')} at head dim "
+                       f"{q.shape[-1]}, {error}")
+        warnings.warn(f"lecture_flash: the Triton kernels cannot run here ({FAILED[key]}); such "
+                      "calls go to PyTorch's attention from now on", stacklevel=_caller_level())
+        for forget in _ON_FAILURE:
+            forget()
+    if strict:
+        raise ValueError(f"backend='triton' cannot run here: {FAILED[key]}") from error
+
+
+def _math_forward(q, k, v, seed, scale, dropout_p, left, rows):
+    """(o, lse in base 2) as the kernels define them, by the reference's arithmetic (float32),
+    for a call the kernels cannot run: any rows, window, grouped heads, and the very dropout
+    mask the kernels draw from `seed` (so a backward recomputing it matches)."""
+    window = None if left < 0 else left
+    packed = rows.mode == PACKED
+    qm, km, vm = q, k, v
+    if packed:  # as padded sequences: (B, H, longest, D)
+        qm = pad(q, rows.seq_q, rows.max_q)
+        km, vm = pad(k, rows.seq_k, rows.max_k), pad(v, rows.seq_k, rows.max_k)
+        mask = packed_mask(rows.seq_q, rows.seq_k, rows.max_q, rows.max_k, window)
+    elif rows.mode == DENSE:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device, window)
+    else:
+        mask = key_length_mask(q, k, rows.seq_k, window, cache=rows.mode == CACHE_LENGTHS)
+    keep = None
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, qm.shape[0], qm.shape[1], qm.shape[2], km.shape[2], dropout_p)
+    found = {}
+
+    def attend(a, b, c):
+        out, found["lse"] = attention_with_mask(a, b, c, mask, scale, dropout_p, keep)
+        return out
+    o = guarded_masked(attend, qm, km, vm, mask)
+    lse = found["lse"].float() * LOG2E
+    if packed:
+        o, lse = unpad(o, rows.seq_q, q.shape[0]), unpad_rows(lse, rows.seq_q, q.shape[0])
+    return o, lse
+
+
+def _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows):
+    """dq, dk, dv of _math_forward (with dlse, the gradient of its base-2 lse, where used)."""
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        o, lse = _math_forward(*inputs, seed, scale, dropout_p, left, rows)
+        outputs, grads = [o], [do]
+        if dlse is not None:
+            outputs.append(lse)
+            grads.append(dlse)
+        return torch.autograd.grad(outputs, inputs, grads)
+
+
 def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=True,
-              rows=DENSE_ROWS, splits=1):
+              rows=DENSE_ROWS, splits=1, strict=False):
     """(o, lse) of the forward (flash_launch.forward has the details), by the kernel that takes
     the call: flash-decoding for splits > 1 (flash_decode.py), the opt-in Hopper forward where
-    it applies (hopper.py), else the portable one (flash_fwd.py)."""
-    q, scale = with_positive_scale(q, scale)  # the forward kernels need scale > 0
-    if splits > 1:
-        return flash_decode.forward_split(q, k, v, scale, fp32_precision, left, rows, splits)
-    if hopper.applies(q, k, v, dropout_p, left, rows):  # opt-in: LECTURE_FLASH_HOPPER
-        return hopper.forward(q, k, v, scale)
-    return flash_launch.forward(q, k, v, seed, scale, dropout_p, fp32_precision, left, keep_lse,
-                                rows)
+    it applies (hopper.py), else the portable one (flash_fwd.py); by _math_forward where the
+    kernels cannot run (the guard above)."""
+    if (q.device, q.dtype, q.shape[-1]) not in FAILED:
+        try:
+            qs, s = with_positive_scale(q, scale)  # the forward kernels need scale > 0
+            if splits > 1:
+                return flash_decode.forward_split(qs, k, v, s, fp32_precision, left, rows, splits)
+            if hopper.applies(qs, k, v, dropout_p, left, rows):  # opt-in: LECTURE_FLASH_HOPPER
+                return hopper.forward(qs, k, v, s)
+            return flash_launch.forward(qs, k, v, seed, s, dropout_p, fp32_precision, left,
+                                        keep_lse, rows)
+        except flash_launch.KernelUnavailable as e:
+            _failure(q, e, strict)
+    return _math_forward(q, k, v, seed, scale, dropout_p, left, rows)
+
+
+def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
+              dlse=None, left=-1, rows=DENSE_ROWS, strict=False):
+    """dq, dk, dv by the backward kernels (flash_launch.backward), or where they cannot run by
+    _math_backward (the guard above)."""
+    if (q.device, q.dtype, q.shape[-1]) not in FAILED:
+        try:
+            return flash_launch.backward(do, q, k, v, o, lse, seed, scale, dropout_p,
+                                         fp32_precision, deterministic, dlse, left, rows)
+        except flash_launch.KernelUnavailable as e:
+            _failure(q, e, strict)
+    return _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration as torch custom ops (so torch.compile(fullgraph=True) traces through them)
+# ----------------------------------------------------------------------------------------------
 
 
 # The ops take a Rows as its tensors (seq_q, seq_k; None where unused) and [mode, max_q, max_k].
@@ -81,7 +202,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             dlse: Optional[torch.Tensor], left: int, seq_q: Optional[torch.Tensor],
             seq_k: Optional[torch.Tensor], rows: List[int]
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return flash_launch.backward(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
+    return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
                      dlse, left, _rows_of(seq_q, seq_k, rows))
 
 
@@ -106,13 +227,14 @@ def _backward(ctx, do, dlse, bwd=None):
     q, k, v, o, lse, seed, seq_q, seq_k = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    if bwd is flash_launch.backward:
-        rows = (_rows_of(seq_q, seq_k, ctx.rows),)
+    args = (do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.fp32_precision,
+            ctx.deterministic, dlse, ctx.left)
+    if bwd is _bwd_impl:
+        dq, dk, dv = _bwd_impl(*args, _rows_of(seq_q, seq_k, ctx.rows),
+                               strict=getattr(ctx, "strict", False))
     else:
-        rows = (seq_q, seq_k, ctx.rows)
-    dq, dk, dv = (bwd or _bwd_op)(do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p,
-                                  ctx.fp32_precision, ctx.deterministic, dlse, ctx.left, *rows)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        dq, dk, dv = (bwd or _bwd_op)(*args, seq_q, seq_k, ctx.rows)
+    return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -131,11 +253,12 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left,
-                seq_q, seq_k, rows):
+                seq_q, seq_k, rows, strict):
         o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left,
-                           rows=_rows_of(seq_q, seq_k, rows))
+                           rows=_rows_of(seq_q, seq_k, rows), strict=strict)
         _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left,
                              seq_q, seq_k, rows), (o, lse))
+        ctx.strict = strict  # backend="triton" by name: a kernel that cannot run raises
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
         return o, lse
 
@@ -143,7 +266,7 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         # With create_graph=True, through the custom op, so that differentiating these gradients
         # again fails loudly (the op has no derivative) instead of treating them as constants.
-        return _backward(ctx, do, dlse, _bwd_op if torch.is_grad_enabled() else flash_launch.backward)
+        return _backward(ctx, do, dlse, _bwd_op if torch.is_grad_enabled() else _bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +284,33 @@ def supports(q):
     if q.device.type != "cuda" and not INTERPRET:
         return (f"tensors are on {q.device.type}; the Triton kernel needs CUDA "
                 "(or TRITON_INTERPRET=1, set before triton is imported, for the CPU interpreter)")
-    return None
+    failed = FAILED.get((q.device, q.dtype, q.shape[-1]))  # a kernel failed to load here
+    if failed is not None or q.device.type != "cuda":
+        return failed
+    return flash_configs.unsupported(devices.target_of(q.device), str(q.dtype).replace("torch.", ""),
+                                     flash_launch._head_dim(q.shape[-1]), q.element_size())
+
+
+def declines(q):
+    """Why backend="auto" leaves the Triton kernels out for q though they can run it, or None
+    (flash_configs.declined: sm_75)."""
+    return flash_configs.declined(devices.target_of(q.device)) if q.device.type == "cuda" else None
+
+
+def _precision(q, fp32_precision=None):
+    """The dot precision of one call: for float32 inputs the call's, else the process default
+    (settings.py); 16-bit inputs always take the one kernel. On ROCm "ieee" where the default
+    would be tf32: AMD's Triton has no tf32 dots (its float32 dots take "ieee", "bf16x3" or
+    "bf16x6"), and a call asking for tf32 by name there is refused."""
+    if q.dtype != torch.float32:
+        return "ieee"
+    precision = settings.resolve_fp32_precision(fp32_precision)
+    if precision == "tf32" and torch.version.hip is not None:
+        if fp32_precision == "tf32":
+            raise ValueError("fp32_precision='tf32': ROCm's Triton has no tf32 dots; pass 'ieee' "
+                             "(or leave it: PyTorch's 'high' precision maps to 'ieee' there)")
+        return "ieee"
+    return precision
 
 
 def draw_seed(device):
@@ -170,30 +319,34 @@ def draw_seed(device):
 
 
 def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None,
-                    return_lse=False, window_left=None, rows=DENSE_ROWS):
+                    return_lse=False, window_left=None, rows=DENSE_ROWS, strict=False):
     """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels (or
     with rows packed, (total, H, D) ones: see Rows).
     deterministic, fp32_precision: None for the process default (kernels/settings.py).
     return_lse: also return each row's log-sum-exp of its scaled scores, (B, H, Tq) float32
     ((H, total) packed), natural log, differentiable; -inf for a row that sees no key.
     window_left: query i sees keys from i + offset - window_left on (None: every key up to its
-    own position)."""
+    own position).
+    strict: a kernel that cannot compile or load here raises ValueError (backend="triton" by
+    name) instead of the call being computed by PyTorch (the guard)."""
     left = -1 if window_left is None else int(window_left)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
-    # The precision matters to float32 inputs only; 16-bit ones always take the one kernel.
-    precision = settings.resolve_fp32_precision(fp32_precision) if q.dtype == torch.float32 else "ieee"
-    args = (seed, float(scale), float(dropout_p), precision)
+    args = (seed, float(scale), float(dropout_p), _precision(q, fp32_precision))
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad)):
-        op = _fwd_op if torch.compiler.is_compiling() else _EagerAttention.apply
-        o, lse = op(q, k, v, *args, settings.resolve_deterministic(deterministic), left,
-                    rows.seq_q, rows.seq_k, [rows.mode, rows.max_q, rows.max_k])
+        rows_args = (rows.seq_q, rows.seq_k, [rows.mode, rows.max_q, rows.max_k])
+        deterministic = settings.resolve_deterministic(deterministic)
+        if torch.compiler.is_compiling():
+            o, lse = _fwd_op(q, k, v, *args, deterministic, left, *rows_args)
+        else:
+            o, lse = _EagerAttention.apply(q, k, v, *args, deterministic, left, *rows_args, strict)
     else:  # inference (sampling): no autograd bookkeeping at all
         splits = flash_decode.inference_splits(q, k, dropout_p, rows)
         if splits > 1 and rows.mode == DENSE:  # the same mask, as lengths the split path reads
             rows = Rows(KEY_LENGTHS, None, flash_decode.all_keys(q.shape[0], k.shape[2], q.device),
                         0, 0)
-        o, lse = _fwd_impl(q, k, v, *args, left, keep_lse=return_lse, rows=rows, splits=splits)
+        o, lse = _fwd_impl(q, k, v, *args, left, keep_lse=return_lse, rows=rows, splits=splits,
+                           strict=strict)
     # The kernels keep lse in base 2 (log2(e) times the natural one).
     return (o, lse * LN2) if return_lse else o
 
@@ -201,7 +354,7 @@ def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_prec
 # torch.compile runs it as it is (a graph break): it launches the kernels itself, outside the
 # custom ops, and Dynamo cannot trace a launch.
 @torch.compiler.disable
-def decode_attention(q, k_cache, v_cache, lengths, scale):
+def decode_attention(q, k_cache, v_cache, lengths, scale, strict=False):
     """Attention of the newest Tq queries of each row to a cache (validated 4-D tensors, scale
     a float) whose row b holds lengths[b] (int32, on the device) valid keys, the queries the
     last Tq of them: the forward kernel with CACHE_LENGTHS rows, its keys split into ranges
@@ -209,9 +362,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale):
     idle. Fixed shapes, no host read: a CUDA graph can capture it."""
     B, H, Tq, _ = q.shape
     splits = flash_decode.decode_splits(B, H, Tq, k_cache.shape[2], q.device)
-    precision = settings.resolve_fp32_precision(None) if q.dtype == torch.float32 else "ieee"
-    o, _ = _fwd_impl(q, k_cache, v_cache, None, float(scale), 0.0, precision, keep_lse=False,
-                     rows=Rows(CACHE_LENGTHS, None, lengths, 0, 0), splits=splits)
+    o, _ = _fwd_impl(q, k_cache, v_cache, None, float(scale), 0.0, _precision(q), keep_lse=False,
+                     rows=Rows(CACHE_LENGTHS, None, lengths, 0, 0), splits=splits, strict=strict)
     return o
 
 

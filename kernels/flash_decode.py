@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .flash_launch import (_aligned, _cdiv, _common, _launch_planned, _new_output, _next_pow2,
-                           _offsets_need_64, _or, _rows_key)
+                           _offsets_need_64, _or, _rows_key, first_launch)
 from .flash_tiles import DENSE, INTERPRET, KEY_LENGTHS
 
 
@@ -79,8 +79,9 @@ def forward_split(q, k, v, scale, fp32_precision, left, rows, splits):
     _launch_planned("fwd", key, (q, k, v, o_part, lse_part, lse_part, _or(rows.seq_q, lse_part),
                                  _or(rows.seq_k, lse_part)), first)
     o, lse = _new_output(q, rows), q.new_empty(B, H, Tq, dtype=torch.float32)
-    _combine_splits[(B * H * Tq,)](o_part, lse_part, o, lse, o.stride(), H, Tq, B * H * Tq, splits,
-                                   D, HEAD_DIM=_next_pow2(D), SPLITS=_next_pow2(splits))
+    first_launch("combine", lambda: _combine_splits[(B * H * Tq,)](
+        o_part, lse_part, o, lse, o.stride(), H, Tq, B * H * Tq, splits, D,
+        HEAD_DIM=_next_pow2(D), SPLITS=_next_pow2(splits)))
     return o, lse
 
 

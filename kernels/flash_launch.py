@@ -14,12 +14,41 @@ from collections import namedtuple
 import torch
 import triton
 
-from . import autotune
+from . import autotune, devices, flash_configs
+from .flash_configs import _cfg
 from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_fused, _bwd_preprocess
 from .flash_fwd import _attn_fwd
 from .flash_tiles import DENSE, INTERPRET, PACKED
 
 LOG2E = 1.4426950408889634
+
+try:  # Triton's own errors (compilation, out of resources, ptxas) derive from TritonError
+    from triton.errors import TritonError
+except ImportError:  # Triton < 3.4 keeps it here
+    from triton.compiler.errors import TritonError
+
+
+class KernelUnavailable(RuntimeError):
+    """A kernel failed to compile or load for this GPU at its first launch: its config needs
+    more than the device has, or Triton cannot build it for this architecture. flash.py's
+    guard sends the call elsewhere (`kernel`: which one; the cause is chained)."""
+
+    def __init__(self, kernel, cause):
+        first = (str(cause).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        super().__init__(f"the {kernel} kernel failed to compile or load: "
+                         f"{type(cause).__name__}{': ' + first[:200] if first else ''}")
+        self.kernel = kernel
+
+
+def first_launch(kernel, launch):
+    """launch(), with what a compile or load can raise turned into KernelUnavailable: Triton's
+    errors, and the RuntimeErrors of MLIR passes and backends (not out-of-memory)."""
+    try:
+        return launch()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (TritonError, RuntimeError) as e:
+        raise KernelUnavailable(kernel, e) from e
 
 # Plain integer helpers for the launch path: triton.cdiv and triton.next_power_of_2 are
 # constexpr functions in recent Triton, each call from Python a few microseconds.
@@ -36,44 +65,6 @@ _TUNE_KEY = ("TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "DROPOUT", "FP32_PRECISION", 
              "SPLIT")
 
 
-def _fits(conf, args):
-    """Configs worth trying: tiles no larger than the problem, small enough for head dim 256
-    (two K/V stages of a 128 x 256 tile would not fit in shared memory), and the register-hungry
-    ones only for 2-byte rows of at most 64 (wider, they spill: bench/compile_report.py)."""
-    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    if bm > max(32, args["TQ_BUCKET"]) or bn > max(32, args["TK_BUCKET"]):
-        return False
-    if getattr(conf, "narrow_rows_only", False) and args["HEAD_DIM"] * args["Q"].element_size() > 128:
-        return False
-    return args["HEAD_DIM"] < 256 or bm * bn <= 64 * 32
-
-
-def _prune(configs, args):
-    """The configs that fit `args` (Q and the _TUNE_KEY values), in order; never none."""
-    return [c for c in configs if _fits(c, args)] or configs[-1:]
-
-
-def _cfg(bm, bn, stages, warps, narrow_rows_only=False):
-    conf = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
-    conf.narrow_rows_only = narrow_rows_only
-    return conf
-
-
-# Few configs on purpose: each costs a compile per (dtype, head dim). The first that fits is
-# the fixed choice when autotuning is off; the last fits everything. Registers and spills of
-# each, for any GPU target, from a CPU: python bench/compile_report.py
-_CONFIGS = {
-    # Forward: wide query tiles amortise the Q load.
-    "fwd": [_cfg(128, 64, 3, 8), _cfg(128, 128, 3, 8), _cfg(128, 64, 3, 4), _cfg(64, 64, 3, 4),
-            _cfg(64, 32, 2, 4)],
-    # dK/dV holds two (BLOCK_N, D) accumulators and streams narrow query tiles.
-    "dkdv": [_cfg(64, 128, 2, 8, narrow_rows_only=True),
-             _cfg(32, 128, 2, 8), _cfg(32, 64, 3, 4), _cfg(32, 32, 1, 4)],
-    # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles.
-    "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
-    # The short-sequence backward runs both passes with one pair of tiles.
-    "fused": [_cfg(64, 64, 2, 8), _cfg(64, 64, 2, 4), _cfg(64, 128, 2, 8), _cfg(32, 32, 1, 4)],
-}
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "fused": _attn_bwd_fused}
 # Keys up to which the deterministic backward is one launch, one program per (batch, head)
 # (_attn_bwd_fused); longer sequences take two (dQ, then dK/dV), spread over tiles. A first
@@ -83,14 +74,21 @@ _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "fused": _
 FUSED_MAX_TK = 256
 
 
-def _fused_backward(Tk, head_dim, dtype):
+def _fused_backward(Tk, head_dim, dtype, device=None):
     """Whether the deterministic backward of Tk keys, this (padded) head dim and this input
-    dtype is one launch."""
-    return Tk <= FUSED_MAX_TK and head_dim <= 64 and dtype in (torch.float16, torch.bfloat16)
+    dtype is one launch (on `device`'s GPU, where a config of the fused kernel fits)."""
+    if not (Tk <= FUSED_MAX_TK and head_dim <= 64 and dtype in (torch.float16, torch.bfloat16)):
+        return False
+    target = None if device is None else _target(device)
+    return target is None or bool(flash_configs.candidates(
+        "fused", dtype, head_dim, 2, _bucket(Tk), _bucket(Tk), target))
 # Under the interpreter, one small fixed tile for every kernel: the test shapes then cross
 # several tiles, tails and diagonals (a test swaps in unequal tiles, as the GPU configs have).
 _INTERPRET_CONFIG = _cfg(16, 16, 1, 4)
-AUTOTUNE = not INTERPRET and os.environ.get("LECTURE_FLASH_AUTOTUNE", "1") != "0"
+# Timing every candidate at a specialisation's first launch compiles every one of them (tens of
+# seconds on a small GPU): opt-in. Off, the first candidate that fits this GPU is compiled
+# alone (flash_configs.candidates).
+AUTOTUNE = not INTERPRET and os.environ.get("LECTURE_FLASH_AUTOTUNE", "0") == "1"
 
 # One config per specialisation, chosen at its first launch (kernels/autotune.py).
 _TUNER = autotune.ConfigCache(("kernel", "dtype", "device") + _TUNE_KEY, autotune=AUTOTUNE)
@@ -116,9 +114,25 @@ def _launch(name, tiles_along, args, meta, reset=None):
     if INTERPRET:
         run(_INTERPRET_CONFIG)
     else:
-        key = (name, args[0].dtype, args[0].device, *(meta.get(k) for k in _TUNE_KEY))
-        _TUNER.run(key, lambda: _prune(_CONFIGS[name], {"Q": args[0], **meta}), run)
+        q = args[0]
+        key = (name, q.dtype, q.device, *(meta.get(k) for k in _TUNE_KEY))
+        _TUNER.run(key, lambda: _candidates(name, q, meta), run)
     return last
+
+
+def _candidates(name, q, meta):
+    """The configs kernel `name` may take for this launch on q's GPU (flash_configs.py); a
+    kernel none of whose configs fits is not launched."""
+    found = flash_configs.candidates(name, q.dtype, meta["HEAD_DIM"], q.element_size(),
+                                     meta["TQ_BUCKET"], meta["TK_BUCKET"], _target(q.device))
+    if not found:
+        raise KernelUnavailable(name, ValueError(
+            f"no config fits this GPU ({_target(q.device).describe()})"))
+    return found
+
+
+def _target(device):
+    return devices.target_of(device) if device.type == "cuda" else None
 
 
 # CompiledKernel[grid](*every argument) launches a compiled kernel directly (Triton >= 3.3):
@@ -164,8 +178,9 @@ def _launch_planned(name, key, tensors, first, reset=None):
     plan = _PLANS.get((name, key))
     if plan is None:
         tiles_along, fixed, meta = first()
-        _PLANS[(name, key)] = _Plan(name, len(tensors), fixed, meta,
-                                    _launch(name, tiles_along, tensors + fixed, meta, reset=reset))
+        launched = first_launch(name, lambda: _launch(name, tiles_along, tensors + fixed, meta,
+                                                      reset=reset))
+        _PLANS[(name, key)] = _Plan(name, len(tensors), fixed, meta, launched)
         return
     if reset is not None:
         reset()
@@ -183,9 +198,14 @@ def _aligned(*tensors):
 
 def autotune_report():
     """What this process's launches chose: one dict per specialisation (kernel, dtype, the
-    autotune key's values, the config chosen, and with autotuning on each timed config's median
-    milliseconds). bench/run.py puts it in its report."""
-    return _TUNER.report()
+    device and its arch, the autotune key's values, the config chosen, and with autotuning on
+    each timed config's median milliseconds). bench/run.py puts it in its report, and
+    bench/tuned_configs.py makes flash_tuned.py of such reports."""
+    rows = _TUNER.report()
+    for row in rows:
+        device = torch.device(row["device"])
+        row["arch"] = _target(device).label if device.type == "cuda" else None
+    return rows
 
 
 def _head_dim(D):
@@ -349,7 +369,7 @@ def backward(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, determ
         m["OFFS_64"] = _offsets_need_64(qv, kv, vv, ov, dov, dqv, dkv, dvv)
         return {**m, **kernel_flags}
 
-    if deterministic and _fused_backward(Tk, head_dim, q.dtype):  # one launch
+    if deterministic and _fused_backward(Tk, head_dim, q.dtype, q.device):  # one launch
         _launch_planned("fused", key, (qv, kv, vv, dov, ov, dqv, dkv, dvv, lse, delta, seed, *seqs),
                         lambda: ((1, None, B * Hk),
                                  (qv.stride(), kv.stride(), vv.stride(), dov.stride(), ov.stride(),
@@ -362,10 +382,10 @@ def backward(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, determ
                                      ov.stride(), dqv.stride(), stats), meta(DELTA_OFFSET=has_dlse)))
     else:
         pre_block = 64 if not INTERPRET else 16
-        _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
+        first_launch("preprocess", lambda: _bwd_preprocess[(_cdiv(Tq, pre_block), B * H)](
             ov, dov, delta, *seqs, ov.stride(), dov.stride(), stats, H, Tq, Tk, D,
             HEAD_DIM=head_dim, ROWS=rows.mode, OFFS_64=_offsets_need_64(ov, dov),
-            DELTA_OFFSET=has_dlse, BLOCK_M=pre_block)
+            DELTA_OFFSET=has_dlse, BLOCK_M=pre_block))
     _launch_planned("dkdv", key + (deterministic,), (qv, kv, vv, dov, dkv, dvv, lse, delta, seed,
                     lse if deterministic else dq_acc, *seqs), lambda: (
         (Tk, "BLOCK_N", B * Hk), (qv.stride(), kv.stride(), vv.stride(), dov.stride(),

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from . import flash_launch as launch
 from . import flash_tiles as tiles
+from .flash_configs import _cfg
 
 MODE = os.environ.get("LECTURE_FLASH_HOPPER", "").strip().lower()  # "", "1" or "ws"
 if MODE not in ("", "0", "1", "ws"):
@@ -45,13 +46,13 @@ except ImportError:  # Triton < 3.4: no host-side descriptors
 # specialisation does not choose). 128 x 128 x 3 stages at D = 128 is at the 227 KB limit; a
 # 64 x 128 tile of 4 warps spilled at D = 128 (compile_report.py --hopper).
 CANDIDATES = {
-    64: [launch._cfg(128, 128, 3, 8), launch._cfg(128, 64, 3, 8), launch._cfg(128, 128, 4, 8),
-         launch._cfg(128, 64, 3, 4)],
-    128: [launch._cfg(128, 128, 2, 8), launch._cfg(128, 64, 3, 8), launch._cfg(128, 128, 3, 8),
-          launch._cfg(128, 64, 2, 8)],
+    64: [_cfg(128, 128, 3, 8), _cfg(128, 64, 3, 8), _cfg(128, 128, 4, 8),
+         _cfg(128, 64, 3, 4)],
+    128: [_cfg(128, 128, 2, 8), _cfg(128, 64, 3, 8), _cfg(128, 128, 3, 8),
+          _cfg(128, 64, 2, 8)],
 }
 # Under the interpreter, small tiles keep the tests fast.
-INTERPRETED = launch._cfg(16, 16, 1, 4)
+INTERPRETED = _cfg(16, 16, 1, 4)
 
 
 def applies(q, k, v, dropout_p, left, rows):
@@ -62,7 +63,9 @@ def applies(q, k, v, dropout_p, left, rows):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CANDIDATES:
         return False
-    if not tiles.INTERPRET and (not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0)):
+    # NVIDIA's sm_90 only: ROCm reports some AMD GPUs (MI200) as capability 9.0 as well.
+    if not tiles.INTERPRET and (not q.is_cuda or torch.version.hip is not None
+                                or torch.cuda.get_device_capability(q.device) != (9, 0)):
         return False
     # TMA: a contiguous head dim, every other stride and the base 16-byte aligned.
     for t in (q, k, v):
@@ -169,5 +172,5 @@ def forward(q, k, v, scale):
     # flash.autotune_report() lists these choices beside theirs.
     key = (f"fwd_hopper{'_ws' if MODE == 'ws' else ''}", q.dtype, q.device, launch._bucket(Tq),
            launch._bucket(Tk), D, False, "ieee", None, False)
-    launch._TUNER.run(key, lambda: candidates(D), run)
+    launch.first_launch("fwd_hopper", lambda: launch._TUNER.run(key, lambda: candidates(D), run))
     return o, lse

@@ -117,6 +117,9 @@ def _fresh_launch_plans(monkeypatch):
     launch = sys.modules.get("lecture_flash.flash_launch")
     if launch is not None:
         monkeypatch.setattr(launch, "_PLANS", {})
+    flash = sys.modules.get("lecture_flash.flash")
+    if flash is not None:  # and forgets what a test's failing kernels left in the guard
+        monkeypatch.setattr(flash, "FAILED", {})
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,11 @@ pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
 autotune = pytest.importorskip("lecture_flash.autotune")
 flash_launch = pytest.importorskip("lecture_flash.flash_launch")
+from lecture_flash import flash_configs  # noqa: E402
 OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
 torch = pytest.importorskip("torch")
 
-DQ_CONFIGS = flash_launch._CONFIGS["dq"]  # 128x64, 128x32, 64x32, 32x32
+DQ_CONFIGS = flash_configs.CONFIGS["dq"]  # 128x64, 128x32, 64x32, 32x32
 
 
 def too_big():

@@ -183,7 +183,9 @@ def start_compile_reports():
     """The compile_report processes, started on the first call (once per session)."""
     if not _COMPILE_PROCS:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        runs = {name: ["--fixed", *flags] for name, (flags, _) in COMPILES.items()}
+        # The autotuned four (compile_report --portability, in CI, covers the decode kernels).
+        four = [arg for kernel in ("fwd", "dkdv", "dq", "fused") for arg in ("--kernel", kernel)]
+        runs = {name: ["--fixed", *four, *flags] for name, (flags, _) in COMPILES.items()}
         runs["hopper"] = ["--hopper", "--fixed", "--head-dim", "64,128"]  # kernels/hopper.py, bf16
         _COMPILE_PROCS.update({name: subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "compile_report.py"), *flags], env=env,
@@ -283,3 +285,30 @@ def test_speedrun_section_times_both_models_to_the_target(monkeypatch, text_path
     speedrun.print_table(rows, opts)
     assert "to val loss 3.0" in capsys.readouterr().out
     assert speedrun.verdict(rows, opts)[0].startswith("speedrun: project reaches val loss 3.0 in")
+
+
+def test_tuned_configs_are_written_from_autotuned_reports(tmp_path):
+    """bench/tuned_configs.py keeps the tuned choices of GPU reports (not untuned ones, not
+    dropout or split variants, not rows without an arch), the newest report winning, and writes
+    a table kernels/flash_configs.py reads."""
+    tuned = bench_module("tuned_configs")
+    row = dict(kernel="dq", dtype="bfloat16", device="cuda:0", arch="sm_86", TQ_BUCKET=4096,
+               TK_BUCKET=4096, HEAD_DIM=64, DROPOUT=False, FP32_PRECISION="ieee",
+               DETERMINISTIC=True, SPLIT=False, chosen="128x32, 4 warps, 3 stages",
+               timed_ms={"128x64, 8 warps, 2 stages": 1.2, "128x32, 4 warps, 3 stages": 1.0})
+    older = dict(date="2026-12-01", autotune=[{**row, "chosen": "64x32, 4 warps, 3 stages"}])
+    newer = dict(date="2026-12-02", autotune=[row, {**row, "DROPOUT": True, "HEAD_DIM": 128},
+                                             {**row, "arch": None, "HEAD_DIM": 32},
+                                             {**row, "timed_ms": {}, "HEAD_DIM": 16}])
+    paths = []
+    for i, report in enumerate((newer, older)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "flash_tuned.py"
+    assert tuned.main([*map(str, paths), "--out", str(out)]) == 0
+    scope = {}
+    exec(out.read_text(), scope)
+    assert scope["TUNED"] == {("sm_86", "dq", "bfloat16", 64, 4096, 4096): (128, 32, 4, 3)}
+    from lecture_flash.flash_tuned import TUNED  # the committed table: written by the script
+    assert (ROOT / "kernels" / "flash_tuned.py").read_text().startswith(tuned.DOC)
+    assert all(len(key) == 6 and len(value) == 4 for key, value in TUNED.items())

@@ -19,7 +19,7 @@ from lecture_flash.testing import assert_by_rule
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="triton is not installed on this platform")
 flash = pytest.importorskip("lecture_flash.flash")
-from lecture_flash import flash_decode, flash_launch, flash_tiles  # noqa: E402
+from lecture_flash import flash_configs, flash_decode, flash_launch, flash_tiles  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, H, Tq, Tk, D): awkward on purpose. Tiles under the interpreter are 16 x 16, so these
@@ -111,10 +111,10 @@ UNEQUAL_TILES = [(32, 16), (16, 32)] + ([(64, 32)] if torch.cuda.is_available() 
 
 @contextlib.contextmanager
 def tiles(monkeypatch, block_m, block_n):
-    conf = flash_launch._cfg(block_m, block_n, 1, 4)
+    conf = flash_configs._cfg(block_m, block_n, 1, 4)
     with monkeypatch.context() as m:
         m.setattr(flash_launch, "_INTERPRET_CONFIG", conf)  # under the interpreter
-        m.setattr(flash_launch, "_CONFIGS", {name: [conf] for name in flash_launch._CONFIGS})  # compiled
+        m.setattr(flash_configs, "CONFIGS", {name: [conf] for name in flash_configs.CONFIGS})  # compiled
         m.setattr(flash_launch._TUNER, "chosen", {})
         yield
 
