@@ -391,7 +391,7 @@ def portability(head_dims, jobs):
     failing, verdicts = 0, []
     for arch in devices.PORTABILITY:
         target = devices.target(arch)
-        runs, falls, fails, seconds = [], [], [], 0.0
+        runs, falls, fails, seconds, lecture = [], [], [], 0.0, None
         for dtype in ("fp16", "bf16", "fp32"):
             for D in head_dims:
                 why, plan = plans[(arch, dtype, D)]
@@ -400,9 +400,11 @@ def portability(head_dims, jobs):
                     print(f"{target.label:7s} {dtype:5s} {D:3d} falls back to SDPA: {why}")
                     continue
                 failed = []
+                step = 0.0  # the training step's kernels (not decode's)
                 for kind, c in plan:
                     facts, s = results[(arch, kind, dtype, D, flash_configs._shape(c))]
                     seconds += s
+                    step += s if kind not in ("decode", "combine") else 0.0
                     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                     head = (f"{target.label:7s} {dtype:5s} {D:3d} {kind:10s} {f'{bm}x{bn}':>7s} "
                             f"{c.num_warps:5d} {c.num_stages:6d}")
@@ -419,13 +421,18 @@ def portability(head_dims, jobs):
                           f"{s:9.1f}{'  OVER THE LIMIT' if over else ''}")
                 (fails if failed else runs).append(f"{dtype} D {D}" + (f" ({'; '.join(failed)})"
                                                                         if failed else ""))
+                if (dtype, D) == ("bf16", 64):  # the lecture's model, trained under autocast
+                    lecture = step
         verdict = f"{target.label}: runs {', '.join(runs) or 'nothing'}"
         if falls:
             verdict += f"; falls back to SDPA for {', '.join(falls)}"
         if fails:
             verdict += f"; would fail: {', '.join(fails)}"
             failing += 1
-        verdicts.append(verdict + f"; {seconds:.0f} s of compiling")
+        verdict += f"; {seconds:.0f} s of compiling in all"
+        if lecture is not None:
+            verdict += f", {lecture:.1f} s for the lecture's first training step (bf16, D 64)"
+        verdicts.append(verdict)
     print("\n== verdict ==")
     print("\n".join(verdicts))
     return 1 if failing else 0

@@ -22,9 +22,12 @@ import triton
 from .devices import Target
 
 
-def _cfg(bm, bn, stages, warps, narrow_rows_only=False):
+def _cfg(bm, bn, stages, warps, narrow_rows_only=False, wide_rows_need_wgmma=False):
+    """A config; narrow_rows_only: for rows of at most 128 bytes (D 64 in 16-bit) anywhere;
+    wide_rows_need_wgmma: wider rows only where the dots are wgmma or tcgen05 (sm_90, sm_100),
+    which keep their accumulators out of the registers mma.sync spills."""
     conf = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
-    conf.narrow_rows_only = narrow_rows_only
+    conf.narrow_rows_only, conf.wide_rows_need_wgmma = narrow_rows_only, wide_rows_need_wgmma
     return conf
 
 
@@ -38,9 +41,12 @@ CONFIGS = {
             _cfg(64, 32, 2, 4)],
     # dK/dV holds two (BLOCK_N, D) accumulators and streams narrow query tiles.
     "dkdv": [_cfg(64, 128, 2, 8, narrow_rows_only=True),
-             _cfg(32, 128, 2, 8), _cfg(32, 64, 3, 4), _cfg(32, 32, 1, 4)],
-    # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles.
-    "dq": [_cfg(128, 64, 2, 8), _cfg(128, 32, 3, 4), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
+             _cfg(32, 128, 2, 8, wide_rows_need_wgmma=True), _cfg(32, 64, 3, 4),
+             _cfg(32, 32, 1, 4)],
+    # dQ holds one (BLOCK_M, D) accumulator and streams narrow key tiles. The wide ones at D 128
+    # on mma.sync GPUs: 32 registers and 4.6 KB of stack, 696 bytes (sm_80, compile_report).
+    "dq": [_cfg(128, 64, 2, 8, wide_rows_need_wgmma=True),
+           _cfg(128, 32, 3, 4, wide_rows_need_wgmma=True), _cfg(64, 32, 3, 4), _cfg(32, 32, 1, 4)],
     # The short-sequence backward runs both passes with one pair of tiles.
     "fused": [_cfg(64, 64, 2, 8), _cfg(64, 64, 2, 4), _cfg(64, 128, 2, 8), _cfg(32, 32, 1, 4)],
 }
@@ -93,12 +99,17 @@ def shared_estimate(kernel, conf, head_dim, element_size, target):
 
 
 def fits_device(kernel, conf, head_dim, element_size, target):
-    """Whether `conf` of `kernel` fits the target's shared memory, by the estimate (always,
+    """Whether `conf` of `kernel` suits the target: within its shared memory by the estimate,
+    and for wide rows on GPUs whose dots are mma.sync, not a config that spills there (always,
     without a target: the interpreter). Tiles of head dim 256 must be small as well."""
     if head_dim >= 256 and conf.kwargs["BLOCK_M"] * conf.kwargs["BLOCK_N"] > 64 * 32:
         return False
-    return target is None or shared_estimate(kernel, conf, head_dim, element_size,
-                                             target) <= target.shared_memory
+    if target is None:
+        return True
+    if (getattr(conf, "wide_rows_need_wgmma", False) and head_dim * element_size > 128
+            and not (target.backend == "cuda" and target.arch in (90, 100, 103))):
+        return False
+    return shared_estimate(kernel, conf, head_dim, element_size, target) <= target.shared_memory
 
 
 def fits_problem(conf, head_dim, element_size, tq_bucket, tk_bucket):

@@ -312,3 +312,20 @@ def test_tuned_configs_are_written_from_autotuned_reports(tmp_path):
     from lecture_flash.flash_tuned import TUNED  # the committed table: written by the script
     assert (ROOT / "kernels" / "flash_tuned.py").read_text().startswith(tuned.DOC)
     assert all(len(key) == 6 and len(value) == 4 for key, value in TUNED.items())
+
+
+@pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no GPU backends to compile with")
+def test_compile_report_reads_amd_and_blackwell_builds():
+    """compile_report on an MI300 (AMD: registers and scratch from the code object's notes,
+    mfma) and a B200 (tcgen05 in the SASS), on the merge kernel and the preprocess, which
+    compile in a second: the fields every target's row needs are read."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for arch, mma in (("gfx942", "none"), ("100", "none")):
+        r = subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--arch", arch, "--fixed",
+                            "--kernel", "combine", "--kernel", "preprocess", "--head-dim", "64"],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("combine", "preprocess"))]
+        assert len(rows) == 2, r.stdout
+        for row in rows:  # kernel dtype D BMxBN warps stages regs stack shared pipelined instr mma
+            assert row[6].isdigit() and row[7].isdigit() and int(row[10]) > 0 and row[11] == mma, r.stdout
