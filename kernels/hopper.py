@@ -39,8 +39,8 @@ except ImportError:  # Triton < 3.4: no host-side descriptors
     TensorDescriptor = None
 
 # The configs tried per head dim, each compiled once per dtype the first time it is tried; the
-# first is the choice with autotuning off (LECTURE_FLASH_AUTOTUNE=0), and with it on the
-# fastest is kept per length bucket (kernels/autotune.py, as the portable kernels choose).
+# first is the choice with autotuning off (the default), and with it on (LECTURE_FLASH_AUTOTUNE=1)
+# the fastest is kept per length bucket (kernels/autotune.py, as the portable kernels choose).
 # First: FlashAttention-3's causal tile for D = 128 (hopper/tile_size.h: 128 x 128); D = 64
 # keeps 128 query rows (FA3 runs 192 with three consumer warp groups, which Triton's automatic
 # specialisation does not choose). 128 x 128 x 3 stages at D = 128 is at the 227 KB limit; a
