@@ -11,9 +11,9 @@ never launched: the call goes to PyTorch (flash.supports).
 What Triton allocates in shared memory depends on the architecture and its own version
 (pipeline buffers, operand tiles of wgmma, layout conversions through shared memory), so the
 estimate is an upper bound: the tiles each pipeline stage streams, the tiles a program holds
-and the score tile a conversion may stage, times a margin per architecture family fitted over
-compiles for every portability target (bench/compile_report.py --portability checks it on the
-configs the runtime chooses).
+and, where the architecture stages it, the score tile, times a margin per architecture family
+and element size fitted over compiles for every portability target (bench/compile_report.py
+--portability checks it on the configs the runtime chooses).
 """
 import functools
 
@@ -68,34 +68,45 @@ def _streamed_and_held(kernel, bm, bn, head_dim, element_size):
     return 2 * max(row_m, row_n), 2 * max(row_m, row_n)
 
 
-# Shared memory Triton 3.9 gave the configs of the four kernels, over the estimate's tiles, at
-# most: sm_75 1.45, sm_80-sm_89 and sm_120 1.00, sm_90 and sm_100 1.24, gfx90a/gfx942 0.76 (269
-# compiles drawn at random from every kernel, config, fp16 and fp32, head dims 32 to 256, and
-# the nine portability targets). bench/compile_report.py --portability checks the configs the
-# runtime chooses. Unknown architectures take the largest margin.
-_MARGIN = {"sm_75": 1.5, "ampere": 1.05, "hopper": 1.3, "amd": 1.0}
+# Per architecture family and element size: whether the score tile counts, and the margin. The
+# smallest bound covering every compile measured (269 drawn at random from every kernel and
+# config, fp16 and fp32, head dims 32 to 256 and the nine portability targets, Triton 3.9),
+# with a little room: the largest ratio seen, over the same tiles, is in the comment.
+# bench/compile_report.py --portability checks the configs the runtime chooses.
+_FIT = {
+    ("sm_75", 2): (True, 1.5),     # 1.455
+    ("sm_75", 4): (True, 1.05),    # 1.000
+    ("mma.sync", 2): (False, 1.02),  # 1.000 (sm_80-sm_89, sm_120)
+    ("mma.sync", 4): (True, 1.02),   # 1.000
+    ("wgmma", 2): (True, 1.3),     # 1.240 (sm_90, sm_100)
+    ("wgmma", 4): (True, 1.05),    # 1.000
+    ("amd", 2): (False, 1.05),     # 1.010
+    ("amd", 4): (True, 1.0),       # 0.727
+}
 
 
-def _margin(target):
+def _family(target):
+    """The kind of matrix instructions `target`'s dots become (None: an unknown architecture)."""
     if target.backend == "hip":
-        return _MARGIN["amd"]
-    arch = target.arch
-    if arch == 75:
-        return _MARGIN["sm_75"]
-    if arch in (80, 86, 87, 89, 120):
-        return _MARGIN["ampere"]
-    if arch in (90, 100, 103):
-        return _MARGIN["hopper"]
-    return max(_MARGIN.values())
+        return "amd"
+    if target.arch < 80:
+        return "sm_75"
+    if target.arch in (90, 100, 103):
+        return "wgmma"
+    return "mma.sync" if target.arch in (80, 86, 87, 89, 120) else None
 
 
 def shared_estimate(kernel, conf, head_dim, element_size, target):
     """An upper bound of the shared memory, in bytes, that `kernel` with `conf` takes at this
-    (padded) head dim and element size on `target`: see the module docstring."""
+    (padded) head dim and element size on `target`: see the module docstring. An architecture
+    of no known family takes the widest bound."""
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
     streamed, held = _streamed_and_held(kernel, bm, bn, head_dim, element_size)
     scores = bm * bn * element_size  # P or dS staged for a layout conversion
-    return int(_margin(target) * (conf.num_stages * streamed + held + scores))
+    family = _family(target)
+    with_scores, margin = (_FIT[(family, 2 if element_size == 2 else 4)] if family
+                           else (True, max(m for _, m in _FIT.values())))
+    return int(margin * (conf.num_stages * streamed + held + (scores if with_scores else 0)))
 
 
 def fits_device(kernel, conf, head_dim, element_size, target):
@@ -107,7 +118,7 @@ def fits_device(kernel, conf, head_dim, element_size, target):
     if target is None:
         return True
     if (getattr(conf, "wide_rows_need_wgmma", False) and head_dim * element_size > 128
-            and not (target.backend == "cuda" and target.arch in (90, 100, 103))):
+            and _family(target) != "wgmma"):
         return False
     return shared_estimate(kernel, conf, head_dim, element_size, target) <= target.shared_memory
 
@@ -149,10 +160,10 @@ def unsupported(target: Target, dtype_name, head_dim, element_size):
 
 def declined(target):
     """Why backend="auto" leaves the Triton kernels out on `target` though they run there, or
-    None. Triton (3.9, and the versions before it) gives sm_75 (Turing: T4, RTX 20xx) no
-    tensor-core instructions, in any dtype: its dots become FMA loops that spill (compile_report
-    shows 255 registers and hundreds of bytes of stack), where PyTorch's SDPA kernels use the
-    tensor cores. backend="triton" still runs them there."""
+    None. Triton 3.9 (the version checked) gives sm_75 (Turing: T4, RTX 20xx) no tensor-core
+    instructions, in any dtype: its dots become FMA loops that spill (compile_report shows 255
+    registers and hundreds of bytes of stack), where PyTorch's SDPA kernels use the tensor
+    cores. backend="triton" still runs them there."""
     if target is not None and target.backend == "cuda" and target.arch < 80:
         return (f"Triton compiles no tensor-core instructions for {target.describe()}: "
                 "backend='auto' takes PyTorch's SDPA there")
