@@ -98,6 +98,7 @@ def key_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
     from transformers import masking_utils as mu
 
     kwargs.pop("allow_is_causal_skip", None)
+    refuse_unsupported(kwargs.get("config"))
     if not _causal(mask_function, local_size):
         return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                             q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
@@ -109,6 +110,12 @@ def key_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
     else:
         end = int(q_offset) + q_length  # q_offset is a tensor for static caches
     used = end - kv_offset  # key slots holding a position up to the last query's
+    if attention_mask is not None and kv_offset > 0 and attention_mask.shape[-1] == used:
+        # Our own (B, used) mask coming back (generate prepares the masks once and hands them
+        # to the forward, which asks again): a user's mask spans every position from 0, which
+        # is more than `used` once the cache slides. Slicing it again would leave nothing.
+        attention_mask = attention_mask.to(torch.bool)
+        return None if used == kv_length and bool(attention_mask.all()) else attention_mask
     if attention_mask is not None:
         attention_mask = attention_mask.to(torch.bool)[:, kv_offset:end]
         if attention_mask.shape[1] < used:  # positions past the 2-D mask count as real
@@ -121,6 +128,52 @@ def key_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
         return None
     device = cache_position.device if cache_position is not None else kwargs.get("device")
     return torch.ones(batch_size, used, dtype=torch.bool, device=device)
+
+
+# Model features the attention function would have to honour and does not (yet): refused with
+# one line rather than ignored. config attribute or model type -> what it is.
+_UNSUPPORTED_CONFIG = (
+    (lambda c: getattr(c, "attn_logit_softcapping", None) is not None,
+     "attention logit softcapping (config.attn_logit_softcapping, Gemma 2)"),
+    (lambda c: getattr(c, "model_type", None) == "gpt_oss",
+     "attention sinks (gpt-oss's s_aux)"),
+)
+# What the attention function may be passed: honoured here, or transformers' own bookkeeping
+# that changes nothing about attention. Any other argument with a value is refused.
+_UNDERSTOOD = {"sliding_window", "is_causal", "position_ids", "use_cache", "output_attentions",
+               "output_router_logits", "cache_position", "past_key_values", "layer_idx"}
+_UNSUPPORTED_ARGS = {"softcap": "attention logit softcapping (softcap)",
+                     "s_aux": "attention sinks (s_aux)", "head_mask": "a head mask (head_mask)"}
+
+
+def refuse_unsupported(config):
+    """Raise NotImplementedError, one line naming the feature, for a model whose attention
+    lecture_flash.hf cannot compute as the model defines it: its attention code does not go
+    through transformers' attention interface (MPT, Bloom, Falcon: their own code, ALiBi), or
+    it needs logit softcapping or sinks."""
+    if config is None:
+        return
+    model = _causal_lm_class(config)
+    if model is not None and not getattr(model, "_supports_attention_backend", True):
+        raise NotImplementedError(
+            f"{model.__name__} computes attention in its own code, not through transformers' "
+            "attention interface: lecture_flash.hf cannot serve it (attn_implementation='sdpa' "
+            "or 'eager')")
+    for applies, feature in _UNSUPPORTED_CONFIG:
+        if applies(config):
+            raise NotImplementedError(f"{type(config).__name__} uses {feature}, which "
+                                      "lecture_flash.hf does not implement yet "
+                                      "(attn_implementation='sdpa' or 'eager')")
+
+
+def _causal_lm_class(config):
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        import transformers
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+        return getattr(transformers, name, None) if name else None
+    except ImportError:
+        return None
 
 
 def _causal(mask_function, local_size):
@@ -164,6 +217,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if not _causal_call(module, query, attention_mask, is_causal):
         raise ValueError(f"{type(module).__name__} is not causal attention; lecture_flash.hf runs "
                          "causal attention only (use attn_implementation='sdpa' for this model)")
+    for arg, given in kwargs.items():  # nothing accepted and ignored
+        if given is None or arg in _UNDERSTOOD:
+            continue
+        feature = _UNSUPPORTED_ARGS.get(arg, f"the argument {arg!r}")
+        raise NotImplementedError(f"{type(module).__name__} passes {feature}, which "
+                                  "lecture_flash.hf does not implement (attn_implementation="
+                                  "'sdpa' or 'eager')")
     window = None if sliding_window is None else (int(sliding_window) - 1, 0)
     options = dict(scale=scaling, dropout_p=float(dropout), backend=backend, window=window)
     if attention_mask is not None and attention_mask.dim() != 2:  # key_mask gave a dense mask
