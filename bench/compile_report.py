@@ -58,7 +58,7 @@ from lecture_flash import devices, flash_configs, flash_decode, flash_launch, fl
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # in the input dtype
-FLOAT32 = {"LSE", "DELTA", "DQ_ACC", "O_PART", "LSE_PART"}
+FLOAT32 = {"LSE", "DELTA", "DQ_ACC", "O_PART", "LSE_PART", "SINKS"}
 ROWS = {"dense": flash_tiles.DENSE, "lengths": flash_tiles.KEY_LENGTHS,
         "cache": flash_tiles.CACHE_LENGTHS, "packed": flash_tiles.PACKED}
 # Plain integer arguments that launches leave unspecialised (see flash_tiles._NO_SPECIALIZE).
@@ -105,7 +105,7 @@ def signature(fn, dtype, constexprs):
             sig[name] = "*i64"
         elif name in ("SEQ_Q", "SEQ_K"):  # per-row lengths or cumulative lengths
             sig[name] = "*i32"
-        elif name in ("scale", "dropout_p"):
+        elif name in ("scale", "dropout_p", "CAP"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -121,8 +121,11 @@ def gpu_target(target):
 
 
 def compile_kernel(kind, dtype, head_dim, config, target, dropout=False, deterministic=True,
-                   fp32_precision="ieee", huge_scale=False, window=False, rows=flash_tiles.DENSE):
-    """One kernel (KERNELS) compiled for `target` with `config`, as the runtime launches it."""
+                   fp32_precision="ieee", huge_scale=False, window=False, rows=flash_tiles.DENSE,
+                   right=False, softcap=False, sinks=False):
+    """One kernel (KERNELS) compiled for `target` with `config`, as the runtime launches it;
+    right, softcap, sinks: the specialisations a window's right side (or full attention),
+    softcapping and attention sinks get."""
     hd = flash_launch._head_dim(head_dim)
     if kind == "combine":
         fn = flash_decode._combine_splits
@@ -146,6 +149,10 @@ def compile_kernel(kind, dtype, head_dim, config, target, dropout=False, determi
             constexprs["DETERMINISTIC"] = deterministic
         if "DELTA_OFFSET" in fn.arg_names:  # the lse's own gradient: only where a caller uses lse
             constexprs["DELTA_OFFSET"] = False
+        # By default the causal mask, no softcap, no sinks: what every causal call takes.
+        constexprs.update(RIGHT=right, SOFTCAP=softcap)
+        if "HAS_SINKS" in fn.arg_names:
+            constexprs["HAS_SINKS"] = sinks
     sig, attrs = signature(fn, dtype, constexprs)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=gpu_target(target),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
@@ -304,7 +311,8 @@ def report(args, target):
                     try:
                         f = inspect(compile_kernel(kind, dtype, D, c, target, args.dropout,
                                                    not args.nondeterministic, args.fp32_precision,
-                                                   args.huge_scale, args.window, ROWS[args.rows]),
+                                                   args.huge_scale, args.window, ROWS[args.rows],
+                                                   args.right, args.softcap, args.sinks),
                                     target)
                     except Exception as e:  # report every variant, then fail at the end
                         failures += 1
@@ -459,6 +467,10 @@ def parse_args(argv):
                    help="the dK/dV kernel of the deterministic=False backward (adds dQ atomically)")
     p.add_argument("--window", action="store_true",
                    help="the kernels a sliding window (causal_attention(window=...)) gets")
+    p.add_argument("--right", action="store_true",
+                   help="the kernels full attention or a window's right side gets (causal=False)")
+    p.add_argument("--softcap", action="store_true", help="the kernels softcapping gets")
+    p.add_argument("--sinks", action="store_true", help="the forward attention sinks get")
     p.add_argument("--rows", choices=["dense", "lengths", "cache", "packed"], default="dense",
                    help="how rows are found: dense (default), per-row key lengths (seqlens_k), "
                         "a decode cache's lengths, or packed sequences (cu_seqlens)")

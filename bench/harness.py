@@ -218,6 +218,31 @@ def never_ran(rows):
             if all("skipped" in r for r in rs)}
 
 
+def row_groups(rows, fields, absent=()):
+    """The rows grouped by their values of `fields` (a missing field reads None), in the order
+    first seen, leaving out the implementations in `absent`: one table block per group."""
+    groups = {}
+    for r in rows:
+        if r["impl"] not in absent:
+            groups.setdefault(tuple(r.get(f) for f in fields), []).append(r)
+    return list(groups.values())
+
+
+def timing_cells(r, base, cuda):
+    """(heads, ms, TFLOP/s, "vs base") of a row as a table prints them: heads "H" or "H/Hk";
+    TFLOP/s only on CUDA (else ""); the ratio base / ms, or "-" where either is missing."""
+    ms = r.get("ms")
+    heads = f"{r['H']}/{r['Hk']}" if "Hk" in r else str(r["H"])
+    tf = f" {fmt(r.get('tflops'), '8.1f')}" if cuda else ""
+    return heads, fmt(ms, "9.3f"), tf, (f"{base / ms:.2f}x" if ms and base else "-")
+
+
+def timed_groups(rows, p, fields):
+    """[{impl: ms}] of pass p's timed rows, one dict per point (its values of `fields`)."""
+    timed = [r for r in rows if r["pass"] == p and "ms" in r]
+    return [{r["impl"]: r["ms"] for r in rs} for rs in row_groups(timed, fields)]
+
+
 def print_never_ran(rows):
     why = {}
     for impl, reason in never_ran(rows).items():

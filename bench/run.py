@@ -36,17 +36,17 @@ import harness  # noqa: E402  (first: it says how to install lecture_flash if it
 
 import torch  # noqa: E402
 
-import attention, generate, gpt_train, harness, speedrun, varlen  # noqa: E402
+import attention, flash_api, generate, gpt_train, harness, speedrun, varlen  # noqa: E402
 import lecture_flash  # noqa: E402
 from lecture_flash import default_device  # noqa: E402
 
 # Section name -> module with run(opts, rows, save), print_table(rows, opts) and verdict(rows,
 # opts) (plain summary lines), in the report's order.
-SECTIONS = {"attention": attention, "varlen": varlen, "gpt_train": gpt_train, "generate": generate,
-            "speedrun": speedrun}
+SECTIONS = {"attention": attention, "varlen": varlen, "flash_api": flash_api,
+            "gpt_train": gpt_train, "generate": generate, "speedrun": speedrun}
 # The short sections run first, so a run cut short in the long attention grid still has them
 # (the speedrun, minutes on a GPU and skipped elsewhere, last).
-RUN_ORDER = ("gpt_train", "generate", "varlen", "attention", "speedrun")
+RUN_ORDER = ("gpt_train", "generate", "varlen", "flash_api", "attention", "speedrun")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

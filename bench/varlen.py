@@ -19,7 +19,8 @@ from lecture_flash.testing import rule_failures
 
 import attention
 from attention import _geomean, _gqa, flex
-from harness import fmt, never_ran, print_never_ran, progress, time_pass, time_point
+from harness import (never_ran, print_never_ran, progress, row_groups, time_pass, time_point,
+                     timed_groups, timing_cells)
 
 # Document lengths summing to 16384 tokens (the GPU point), from 480 to 4096 of them.
 DOC_LENGTHS = (4096, 2048, 3000, 1000, 3584, 512, 1024, 640, 480)
@@ -152,22 +153,13 @@ def print_table(rows, opts):
     flops = f" {'TFLOP/s':>8}" if cuda else ""
     print(f"{'dtype':9} {'pass':8} {'H':>5} {'D':>4} {'tokens':>7} {'docs':>4}  {'impl':14} "
           f"{'ms':>9}{flops} {'vs best alternative':>19}  note")
-    groups = {}
-    for r in rows:
-        if r["impl"] not in absent:
-            key = (r["dtype"], r["pass"], r["H"], r.get("Hk"), r["D"], r["tokens"])
-            groups.setdefault(key, []).append(r)
-    for rs in groups.values():
+    for rs in row_groups(rows, ("dtype", "pass", "H", "Hk", "D", "tokens"), absent):
         others = [r["ms"] for r in rs if r["impl"] not in ("triton", "project-auto") and "ms" in r]
         best = min(others) if others else None
         for r in rs:
-            ms = r.get("ms")
-            vs = f"{best / ms:.2f}x" if ms and best else "-"
-            tf = f" {fmt(r.get('tflops'), '8.1f')}" if cuda else ""
-            heads = f"{r['H']}/{r['Hk']}" if "Hk" in r else str(r["H"])
+            heads, ms, tf, vs = timing_cells(r, best, cuda)
             print(f"{r['dtype']:9} {r['pass']:8} {heads:>5} {r['D']:>4} {r['tokens']:>7} "
-                  f"{r['docs']:>4}  {r['impl']:14} {fmt(ms, '9.3f')}{tf} {vs:>19}  "
-                  f"{r.get('skipped', '')}")
+                  f"{r['docs']:>4}  {r['impl']:14} {ms}{tf} {vs:>19}  {r.get('skipped', '')}")
         print()
     print_never_ran(rows)
 
@@ -176,13 +168,8 @@ def verdict(rows, opts):
     """Per pass: ours against the fastest alternative, geometric mean over the points."""
     ours, lines = attention._ours(opts.device.type), []
     for p in ("fwd", "fwd+bwd"):
-        groups = {}
-        for r in rows:
-            if r["pass"] == p and "ms" in r:
-                key = (r["dtype"], r["H"], r.get("Hk"), r["D"], r["tokens"])
-                groups.setdefault(key, {})[r["impl"]] = r["ms"]
         ratios = [min(v for k, v in ms.items() if k not in ("triton", "project-auto")) / ms[ours]
-                  for ms in groups.values()
+                  for ms in timed_groups(rows, p, ("dtype", "H", "Hk", "D", "tokens"))
                   if ours in ms and any(k not in ("triton", "project-auto") for k in ms)]
         if ratios:
             lines.append(f"varlen {p}: {ours} {_geomean(ratios):.2f}x the fastest alternative "

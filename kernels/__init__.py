@@ -6,7 +6,8 @@ multi-head module on it.
     sa = MultiHeadAttention(n_head, head_size, n_embd=n_embd, dropout=dropout)  # the lecture's module
 
 Where things are: dispatch.py (causal_attention, decode_attention: checks and routes), sdpa.py
-(scaled_dot_product_attention, SDPA's signature), flash.py and its flash_*.py siblings (the
+(scaled_dot_product_attention, SDPA's signature), flash_attn_interface.py (flash-attn's
+functions: `from lecture_flash import flash_attn_interface as flash_attn`), flash.py and its flash_*.py siblings (the
 Triton kernels), reference.py (the oracle), modules.py (MultiHeadAttention), hf.py (Hugging Face
 transformers), settings.py (process defaults). The lecture's GPT is lecture_flash.gpt.
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from . import auto, devices, settings
-from .masking import guarded_causal, guarded_masked
+from .masking import guarded_attention_with_mask, guarded_causal, guarded_masked
 from .packing import block_diagonal_mask, pad, unpad, unpad_rows
 from .reference import (attention_with_mask, causal_attention_reference, causal_mask,
                         key_length_mask, masked_lse, masked_scores, packed_mask)
 from .validation import (check_attention_args, check_backend, check_length_values,
-                         check_packed_args, check_seqlens_k, check_window, kv_heads_expanded,
-                         with_positive_scale)
+                         check_packed_args, check_seqlens_k, check_sinks, check_softcap,
+                         check_window, kv_heads_expanded, with_positive_scale)
 
 try:
     from . import flash
@@ -95,14 +95,15 @@ def _overlapping(shape, strides):
     return False
 
 
-def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None, mask=None):
+def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None, mask=None, right=0):
     """PyTorch's SDPA with our mask convention; pinned: the name of the one SDPBackend to use;
-    left: a sliding window's reach (passed as a boolean mask); mask: a boolean mask to use
-    instead of the causal one (True where a query sees a key)."""
+    left, right: a window's reach on either side of the diagonal (packing.visible; passed as a
+    boolean mask, and none at all for full attention); mask: a boolean mask to use instead
+    (True where a query sees a key)."""
     if pinned is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([getattr(SDPBackend, pinned)]):
-            return _sdpa(q, k, v, scale, dropout_p, left=left, mask=mask)
+            return _sdpa(q, k, v, scale, dropout_p, left=left, mask=mask, right=right)
     Tq, Tk = q.shape[-2], k.shape[-2]
     q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
@@ -110,13 +111,36 @@ def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None, mask=None):
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if mask is not None:
         return _torch_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, **gqa)
+    if left is None and right is None:  # full attention
+        return _torch_sdpa(q, k, v, dropout_p=dropout_p, scale=scale, **gqa)
+    if right != 0:
+        return _torch_sdpa(q, k, v, attn_mask=_window_mask(Tq, Tk, q.device, left, right),
+                           dropout_p=dropout_p, scale=scale, **gqa)
     if left is None and Tq == Tk:
         return _torch_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa)
     if left is None and Tq == 1:  # one new query sees every key: no mask at all
         return _torch_sdpa(q, k, v, dropout_p=dropout_p, scale=scale, **gqa)
     # SDPA's is_causal aligns top-left when Tq != Tk, ours bottom-right; and it has no windows.
-    return _torch_sdpa(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device, left),
+    return _torch_sdpa(q, k, v, attn_mask=_window_mask(Tq, Tk, q.device, left),
                        dropout_p=dropout_p, scale=scale, **gqa)
+
+
+_WINDOW_MASKS = {}  # (Tq, Tk, device, left, right) -> the bool mask, for the SDPA paths
+
+
+def _window_mask(Tq, Tk, device, left=None, right=0):
+    """causal_mask(Tq, Tk, device, left, right), kept for the shapes a model repeats (every layer
+    and step of a run asks for the same few): building it is several elementwise passes over
+    (Tq, Tk) per call otherwise. Not kept while compiling (the graph holds it)."""
+    if torch.compiler.is_compiling():
+        return causal_mask(Tq, Tk, device, left, right)
+    key = (Tq, Tk, device, left, right)
+    mask = _WINDOW_MASKS.get(key)
+    if mask is None:
+        if len(_WINDOW_MASKS) >= 32:  # e.g. a decode loop whose Tk grows: keep it bounded
+            _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
+        mask = _WINDOW_MASKS[key] = causal_mask(Tq, Tk, device, left, right)
+    return mask
 
 
 def _auto_backend(q, measure):
@@ -138,16 +162,22 @@ _RESOLVED = {}
 
 
 def _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision, return_lse, window,
-             lengths=False):
-    """(backend to run, scale, whether the inputs are 3-D, the window's left reach or None), or
-    the error for bad arguments. lengths: whether the call gives per-row key lengths."""
+             lengths=False, causal=True, softcap=0.0, sinks=None):
+    """(backend to run, scale, whether the inputs are 3-D, the mask's (left, right) reach,
+    softcap), or the error for bad arguments. lengths: whether the call gives per-row key
+    lengths."""
     check_backend(backend)
     settings.check(deterministic, fp32_precision)
-    q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p)
-    left = check_window(window)
+    left, right = check_window(window, causal)
+    q4, _, _, three_d = check_attention_args(q, k, v, scale, dropout_p,
+                                             full=left is None and right is None)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q4.shape[1], q4.device)
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _backend_for(q4, backend, deterministic is None and fp32_precision is None
-                        and not return_lse and left is None and not lengths), scale, three_d, left
+    plain = left is None and right == 0 and not softcap and sinks is None
+    return (_backend_for(q4, backend, deterministic is None and fp32_precision is None
+                         and not return_lse and plain and not lengths),
+            scale, three_d, (left, right), softcap)
 
 
 def _backend_for(q, backend, measure):
@@ -165,7 +195,7 @@ def _backend_for(q, backend, measure):
 def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", deterministic=None,
                      fp32_precision=None, layout="bhtd", return_lse=False, window=None,
                      seqlens_k=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                     max_seqlen_k=None):
+                     max_seqlen_k=None, causal=True, softcap=0.0, sinks=None):
     """Causal (masked) scaled-dot-product attention, all heads at once.
 
     Args:
@@ -191,10 +221,21 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             None: the process default, which follows torch.get_float32_matmul_precision()
             ("highest", PyTorch's default: "ieee"; "high"/"medium": "tf32"). The other
             backends' matmuls follow PyTorch's setting themselves.
-        window: None, or (left, 0): a sliding window (Mistral, Gemma): query i sees only the keys
-            from i + (Tk - Tq) - left to i + (Tk - Tq). The Triton kernel skips the key tiles
-            outside every row's window (auto keeps Triton, unmeasured, for such calls); the
-            PyTorch backends pass the window as a boolean mask.
+        window: None, or (left, right), -1 for no bound on a side (flash-attn's window_size):
+            query i sees only the keys from i + (Tk - Tq) - left to i + (Tk - Tq) + right. With
+            causal=True right must be 0: (left, 0) is a sliding window (Mistral, Gemma). The
+            Triton kernel skips the key tiles outside every row's window (auto keeps Triton,
+            unmeasured, for such calls); the PyTorch backends pass the window as a boolean mask.
+        causal: True (the default): no query sees a key past its own position. False: every
+            key up to the window's right side (without a window, every key: full attention,
+            where Tq may exceed Tk).
+        softcap: 0.0 (none), or > 0: each scaled score s becomes softcap * tanh(s / softcap)
+            before the mask and softmax (Gemma 2, Grok), forward and backward.
+        sinks: None, or an (H,) tensor, one logit per query head that joins every row's softmax
+            denominator as a key whose value is zero (gpt-oss, StreamingLLM): the weights sum to
+            less than 1. Differentiable (sinks.grad). With return_lse, lse includes the sink.
+            The PyTorch backends compute softcap and sinks by the reference's arithmetic (SDPA
+            has neither).
         layout: "bhtd" (the default: q (B, H, Tq, D), ...) or "bthd": q (B, Tq, H, D), k and v
             (B, Tk, Hk, D), and the output (B, Tq, H, D), as flash-attn takes them and as a qkv
             projection gives them without a transpose. Any strides either way; 4-D only.
@@ -245,6 +286,7 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         dropout_p outside [0, 1), an unknown backend or layout, or "triton" where it cannot run.
     """
     packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    extras = dict(causal=causal, softcap=softcap, sinks=sinks)
     if any(x is not None for x in packed):
         if seqlens_k is not None:
             raise ValueError("seqlens_k and cu_seqlens_* describe the rows two ways; pass one")
@@ -252,50 +294,64 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             raise ValueError("packed sequences (cu_seqlens_*) have one layout, (total, H, D); "
                              f"leave layout at 'bhtd', got {layout!r}")
         return _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
-                                 return_lse, window, *packed)
+                                 return_lse, window, *packed, **extras)
     if layout != "bhtd":  # (B, T, H, D): the same attention on transposed views, no copies
         _check_bthd(layout, q, k, v)
         got = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                scale=scale, dropout_p=dropout_p, backend=backend,
                                deterministic=deterministic, fp32_precision=fp32_precision,
-                               return_lse=return_lse, window=window, seqlens_k=seqlens_k)
+                               return_lse=return_lse, window=window, seqlens_k=seqlens_k, **extras)
         return (got[0].transpose(1, 2), got[1]) if return_lse else got.transpose(1, 2)
     resolved, signature = None, None
     if not torch.compiler.is_compiling():  # (torch.compile traces the checks instead)
         try:
             signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
                          v.device, type(scale), scale, type(dropout_p), dropout_p, backend,
-                         deterministic, fp32_precision, return_lse, window, seqlens_k is None)
+                         deterministic, fp32_precision, return_lse, window, seqlens_k is None,
+                         causal, type(softcap), softcap, None if sinks is None else
+                         (type(sinks), sinks.shape, sinks.dtype, sinks.device))
             resolved = _RESOLVED.get(signature)
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             signature = None
     if resolved is None:
         resolved = _resolve(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
-                            return_lse, window, lengths=seqlens_k is not None)
+                            return_lse, window, seqlens_k is not None, causal, softcap, sinks)
         if signature is not None:
             if len(_RESOLVED) >= 4096:  # e.g. a decode loop whose Tk grows: keep it bounded
                 _RESOLVED.clear()
             _RESOLVED[signature] = resolved
     strict = backend == "triton"  # asked for by name: a kernel that cannot run here raises
-    backend, scale, three_d, left = resolved
+    backend, scale, three_d, (left, right), softcap = resolved
     q4, k4, v4 = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
     # Each call's lengths are its own (their values are checked on CPU, where that is free).
     lengths = None if seqlens_k is None else check_seqlens_k(seqlens_k, q4, k4)
     if backend == "measure":
         backend = _measured_route(signature, q4, k4, v4, scale, dropout_p)
-    if return_lse:
-        if backend == "triton":
-            out, lse = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic,
-                                             fp32_precision, return_lse=True, window_left=left,
-                                             rows=_key_rows(lengths), strict=strict)
-        else:  # the PyTorch paths: the reference's log-sum-exp beside their output
-            out = _run(backend, q4, k4, v4, scale, dropout_p, left=left, lengths=lengths)
-            mask = None if lengths is None else key_length_mask(q4, k4, lengths, left)
-            lse = _masked_lse(q4, k4, scale, left, mask)
-        return (out.squeeze(1), lse.squeeze(1)) if three_d else (out, lse)
-    out = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left, lengths,
-               strict)
-    return out.squeeze(1) if three_d else out
+    if backend == "triton" and (return_lse or softcap or sinks is not None):
+        got = flash.flash_attention(q4, k4, v4, scale, dropout_p, deterministic, fp32_precision,
+                                    return_lse=return_lse, window_left=left, rows=_key_rows(lengths),
+                                    strict=strict, window_right=right, softcap=softcap, sinks=sinks)
+    elif softcap or sinks is not None:  # the reference's arithmetic: SDPA has neither
+        mask = (causal_mask(q4.shape[2], k4.shape[2], q4.device, left, right) if lengths is None
+                else key_length_mask(q4, k4, lengths, left, right=right))
+        got = _explicit(q4, k4, v4, mask, scale, dropout_p, softcap, sinks)
+        got = got if return_lse else got[0]
+    elif return_lse:  # the PyTorch paths: the reference's log-sum-exp beside their output
+        out = _run(backend, q4, k4, v4, scale, dropout_p, left=left, lengths=lengths, right=right)
+        mask = None if lengths is None else key_length_mask(q4, k4, lengths, left, right=right)
+        got = out, _masked_lse(q4, k4, scale, left, mask, right)
+    else:  # every route, Triton's included
+        got = _run(backend, q4, k4, v4, scale, dropout_p, deterministic, fp32_precision, left,
+                   lengths, strict, right)
+    if three_d:
+        return (got[0].squeeze(1), got[1].squeeze(1)) if return_lse else got.squeeze(1)
+    return got
+
+
+def _explicit(q, k, v, mask, scale, dropout_p, softcap, sinks):
+    """(out, lse) by the reference's arithmetic under a bool mask, with softcap and sinks,
+    keeping masking.py's contract (a PyTorch path for what SDPA cannot compute)."""
+    return guarded_attention_with_mask(q, k, v, mask, scale, dropout_p, None, softcap, sinks)
 
 
 def _key_rows(lengths):
@@ -305,44 +361,56 @@ def _key_rows(lengths):
     return flash.Rows(flash.KEY_LENGTHS, None, lengths, 0, 0)
 
 
-def _masked_lse(q, k, scale, left=None, mask=None):
-    """The reference's log-sum-exp of each row's scaled, masked scores (the causal mask, or
-    `mask`), for the PyTorch paths: float32 (float64 for float64 inputs); -inf for a row that
-    sees no key."""
+def _masked_lse(q, k, scale, left=None, mask=None, right=0):
+    """The reference's log-sum-exp of each row's scaled, masked scores (the causal mask with
+    its window, or `mask`), for the PyTorch paths: float32 (float64 for float64 inputs); -inf
+    for a row that sees no key."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = masked_scores(q.to(dtype), kv_heads_expanded(k, q.shape[1]).to(dtype), scale, left, mask)
+    scores = masked_scores(q.to(dtype), kv_heads_expanded(k, q.shape[1]).to(dtype), scale, left,
+                           mask, right=right)
     return torch.logsumexp(scores, dim=-1) if mask is None else masked_lse(scores, mask)
 
 
 def _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
-                      return_lse, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+                      return_lse, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal=True, softcap=0.0, sinks=None):
     """causal_attention of packed sequences (its docstring says what each argument means)."""
     check_backend(backend)
     settings.check(deterministic, fp32_precision)
     cu_q, cu_k, Tq, Tk = check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k)
-    left = check_window(window)
+    left, right = check_window(window, causal)
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, q.shape[1], q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     strict = backend == "triton"
     backend = _backend_for(q, backend, measure=False)
     if backend == "triton":  # the kernels read the packed rows in place
         return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
                                      return_lse, left, flash.Rows(flash.PACKED, cu_q, cu_k, Tq, Tk),
-                                     strict)
+                                     strict, right, softcap, sinks)
+    extras = softcap or sinks is not None
     # The PyTorch paths. Where its scores are few enough, the packed rows attend as one sequence
     # under a block-diagonal mask: views, one masked attention, no copies.
     total_q, total_k = q.shape[0], k.shape[0]
     ratio, limit = PACKED_AS_ONE
     if total_q * total_k <= min(ratio * (cu_q.shape[0] - 1) * Tq * Tk, limit):
-        mask, empty = block_diagonal_mask(cu_q, cu_k, total_q, total_k, left)
+        mask, empty = block_diagonal_mask(cu_q, cu_k, total_q, total_k, left, right)
         q1, k1, v1 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, total, D)
+        if extras:
+            out, lse = _explicit(q1, k1, v1, mask, scale, dropout_p, softcap, sinks)
+            return (out[0].transpose(0, 1), lse[0]) if return_lse else out[0].transpose(0, 1)
         out = _run_masked(backend, q1, k1, v1, scale, dropout_p, mask, empty)[0].transpose(0, 1)
         if return_lse:
             return out, _masked_lse(q1, k1, scale, mask=mask)[0]
         return out
     # Else padded into a batch, attended under the packed mask, packed again.
-    mask = packed_mask(cu_q, cu_k, Tq, Tk, left)
+    mask = packed_mask(cu_q, cu_k, Tq, Tk, left, right)
     qp, kp, vp = pad(q, cu_q, Tq), pad(k, cu_k, Tk), pad(v, cu_k, Tk)
+    if extras:
+        out, lse = _explicit(qp, kp, vp, mask, scale, dropout_p, softcap, sinks)
+        out = unpad(out, cu_q, total_q)
+        return (out, unpad_rows(lse, cu_q, total_q)) if return_lse else out
     out = unpad(_run_masked(backend, qp, kp, vp, scale, dropout_p, mask), cu_q, total_q)
     if return_lse:
         return out, unpad_rows(_masked_lse(qp, kp, scale, mask=mask), cu_q, total_q)
@@ -368,7 +436,7 @@ def _check_bthd(layout, q, k, v):
 
 
 def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=None, left=None,
-         lengths=None, strict=False):
+         lengths=None, strict=False, right=0):
     """Attention of validated 4-D tensors by one route: "triton", "reference", "sdpa" or an
     SDPA pinned to one backend (auto.ROUTES); lengths: per-row key lengths (int32) or None;
     strict: Triton raises where its kernels cannot run (else the guard in flash.py computes the
@@ -376,16 +444,19 @@ def _run(route, q, k, v, scale, dropout_p, deterministic=None, fp32_precision=No
     it in its tiles."""
     if route == "triton":
         return flash.flash_attention(q, k, v, scale, dropout_p, deterministic, fp32_precision,
-                                     window_left=left, rows=_key_rows(lengths), strict=strict)
+                                     window_left=left, rows=_key_rows(lengths), strict=strict,
+                                     window_right=right)
     if lengths is not None:
-        return _run_masked(route, q, k, v, scale, dropout_p, key_length_mask(q, k, lengths, left))
+        return _run_masked(route, q, k, v, scale, dropout_p,
+                           key_length_mask(q, k, lengths, left, right=right))
     if route == "reference":
-        window = None if left is None else (left, 0)
+        window = (-1 if left is None else left, -1 if right is None else right)
         return guarded_causal(lambda a, b, c: causal_attention_reference(
-            a, b, c, scale=scale, dropout_p=dropout_p, window=window), q, k, v, left)
+            a, b, c, scale=scale, dropout_p=dropout_p, window=window, causal=right == 0),
+            q, k, v, left, right)
     pinned = auto.ROUTES[route]
-    return guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p, pinned, left), q, k, v,
-                          left)
+    return guarded_causal(lambda a, b, c: _sdpa(a, b, c, scale, dropout_p, pinned, left,
+                                                right=right), q, k, v, left, right)
 
 
 def _run_masked(route, q, k, v, scale, dropout_p, mask, empty=None):
@@ -459,7 +530,8 @@ def auto_report():
     return auto.report()
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend="auto"):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend="auto",
+                     window=None, causal=True, softcap=0.0, return_lse=False, num_splits=0):
     """Attention of new queries to a KV cache of fixed size, with each row's length a device
     tensor: every shape is fixed and nothing is read back to the host, so a CUDA graph can
     capture a decode step once and replay it as the cache fills.
@@ -474,18 +546,26 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
         scale: multiplier of q @ k^T; default D ** -0.5.
         backend: "auto" (the Triton kernel on CUDA, else PyTorch's SDPA), "triton", "sdpa" or
             "reference".
+        window, causal, softcap: the mask and softcapping, as causal_attention's (relative to
+            each query's position within its row).
+        return_lse: also return each row's log-sum-exp, (B, H, Tq) float32, natural log.
+        num_splits: how many key ranges the Triton kernel splits each row into (0: its own
+            choice, 1: none), flash-attn's knob; the PyTorch paths have no ranges.
 
-    The queries are the last Tq positions of each row: query i of row b sees keys
-    j <= cache_seqlens[b] - Tq + i (causal, bottom-right within the row's length). A query that
-    sees no key gets zeros. The Triton kernel skips the key tiles past each row's length and,
-    where B * H programs would leave the GPU idle, splits the keys into ranges that run side by
-    side and are merged after (flash-decoding).
+    The queries are the last Tq positions of each row: query i of row b sits at position
+    cache_seqlens[b] - Tq + i and sees the keys up to it (causal), within the window, and
+    below cache_seqlens[b]. A query that sees no key gets zeros. The Triton kernel skips the
+    key tiles past each row's length and, where B * H programs would leave the GPU idle, splits
+    the keys into ranges that run side by side and are merged after (flash-decoding).
 
     Returns:
-        (B, H, Tq, D) in q's dtype.
+        (B, H, Tq, D) in q's dtype; with return_lse, (that, lse).
     """
     check_backend(backend)
-    q, k_cache, v_cache, _ = check_attention_args(q, k_cache, v_cache, scale, 0.0)
+    left, right = check_window(window, causal)
+    softcap = check_softcap(softcap)
+    q, k_cache, v_cache, _ = check_attention_args(q, k_cache, v_cache, scale, 0.0,
+                                                  full=left is None and right is None)
     B, _, Tq, D = q.shape
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
@@ -495,6 +575,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
                          f"row), got {cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: the kernel's choice), got {num_splits!r}")
     scale = D ** -0.5 if scale is None else float(scale)
     S = k_cache.shape[2]
     lengths = check_length_values("cache_seqlens", cache_seqlens, f"the cache's {S} slots", S)
@@ -502,6 +584,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     strict = backend == "triton"
     backend = _backend_for(q, backend, measure=False)
     if backend == "triton":
-        return flash.decode_attention(q, k_cache, v_cache, lengths, scale, strict)
-    mask = key_length_mask(q, k_cache, lengths, cache=True)
+        return flash.decode_attention(q, k_cache, v_cache, lengths, scale, strict, left, right,
+                                      softcap, return_lse, num_splits)
+    mask = key_length_mask(q, k_cache, lengths, left, cache=True, right=right)
+    if softcap or return_lse:
+        got = _explicit(q, k_cache, v_cache, mask, scale, 0.0, softcap, None)
+        return got if return_lse else got[0]
     return _run_masked(backend, q, k_cache, v_cache, scale, 0.0, mask)

@@ -27,9 +27,9 @@ from .flash_launch import (DENSE_OP_ROWS, DENSE_ROWS, LOG2E, Rows, _cdiv, _new_o
                            autotune_report)
 from .flash_tiles import (CACHE_LENGTHS, DENSE, INTERPRET, KEY_LENGTHS, PACKED,  # noqa: F401
                           _dropout_mask_kernel)
-from .masking import guarded_masked
+from .masking import guarded_attention_with_mask
 from .packing import pad, unpad, unpad_rows
-from .reference import attention_with_mask, causal_mask, key_length_mask, packed_mask
+from .reference import causal_mask, key_length_mask, packed_mask
 from .validation import with_positive_scale
 
 LN2 = 0.6931471805599453
@@ -90,41 +90,39 @@ def _failure(q, error, strict):
         raise ValueError(f"backend='triton' cannot run here: {FAILED[key]}") from error
 
 
-def _math_forward(q, k, v, seed, scale, dropout_p, left, rows):
+def _math_forward(q, k, v, seed, scale, dropout_p, left, rows, right=0, softcap=0.0, sinks=None):
     """(o, lse in base 2) as the kernels define them, by the reference's arithmetic (float32),
-    for a call the kernels cannot run: any rows, window, grouped heads, and the very dropout
-    mask the kernels draw from `seed` (so a backward recomputing it matches)."""
-    window = None if left < 0 else left
+    for a call the kernels cannot run: any rows, mask, softcap, sinks, grouped heads, and the
+    very dropout mask the kernels draw from `seed` (so a backward recomputing it matches)."""
+    window, right = (None if left < 0 else left), (None if right < 0 else right)
     packed = rows.mode == PACKED
     qm, km, vm = q, k, v
     if packed:  # as padded sequences: (B, H, longest, D)
         qm = pad(q, rows.seq_q, rows.max_q)
         km, vm = pad(k, rows.seq_k, rows.max_k), pad(v, rows.seq_k, rows.max_k)
-        mask = packed_mask(rows.seq_q, rows.seq_k, rows.max_q, rows.max_k, window)
+        mask = packed_mask(rows.seq_q, rows.seq_k, rows.max_q, rows.max_k, window, right)
     elif rows.mode == DENSE:
-        mask = causal_mask(q.shape[2], k.shape[2], q.device, window)
+        mask = causal_mask(q.shape[2], k.shape[2], q.device, window, right)
     else:
-        mask = key_length_mask(q, k, rows.seq_k, window, cache=rows.mode == CACHE_LENGTHS)
+        mask = key_length_mask(q, k, rows.seq_k, window, cache=rows.mode == CACHE_LENGTHS,
+                               right=right)
     keep = None
     if dropout_p > 0.0:
         keep = dropout_keep_mask(seed, qm.shape[0], qm.shape[1], qm.shape[2], km.shape[2], dropout_p)
-    found = {}
-
-    def attend(a, b, c):
-        out, found["lse"] = attention_with_mask(a, b, c, mask, scale, dropout_p, keep)
-        return out
-    o = guarded_masked(attend, qm, km, vm, mask)
-    lse = found["lse"].float() * LOG2E
+    o, lse = guarded_attention_with_mask(qm, km, vm, mask, scale, dropout_p, keep, softcap, sinks)
+    lse = lse.float() * LOG2E
     if packed:
         o, lse = unpad(o, rows.seq_q, q.shape[0]), unpad_rows(lse, rows.seq_q, q.shape[0])
     return o, lse
 
 
-def _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows):
+def _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows, right=0, softcap=0.0,
+                   sinks=None):
     """dq, dk, dv of _math_forward (with dlse, the gradient of its base-2 lse, where used)."""
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o, lse = _math_forward(*inputs, seed, scale, dropout_p, left, rows)
+        o, lse = _math_forward(*inputs, seed, scale, dropout_p, left, rows, right, softcap,
+                               None if sinks is None else sinks.detach())
         outputs, grads = [o], [do]
         if dlse is not None:
             outputs.append(lse)
@@ -133,7 +131,7 @@ def _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows):
 
 
 def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=True,
-              rows=DENSE_ROWS, splits=1, strict=False):
+              rows=DENSE_ROWS, splits=1, strict=False, right=0, softcap=0.0, sinks=None):
     """(o, lse) of the forward (flash_launch.forward has the details), by the kernel that takes
     the call: flash-decoding for splits > 1 (flash_decode.py), the opt-in Hopper forward where
     it applies (hopper.py), else the portable one (flash_fwd.py); by _math_forward where the
@@ -142,27 +140,47 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse
         try:
             qs, s = with_positive_scale(q, scale)  # the forward kernels need scale > 0
             if splits > 1:
-                return flash_decode.forward_split(qs, k, v, s, fp32_precision, left, rows, splits)
-            if hopper.applies(qs, k, v, dropout_p, left, rows):  # opt-in: LECTURE_FLASH_HOPPER
-                return hopper.forward(qs, k, v, s)
+                return flash_decode.forward_split(qs, k, v, s, fp32_precision, left, rows, splits,
+                                                  right, softcap)
+            if hopper.applies(qs, k, v, dropout_p, left, rows, right, softcap, sinks):
+                return hopper.forward(qs, k, v, s)  # opt-in: LECTURE_FLASH_HOPPER
             return flash_launch.forward(qs, k, v, seed, s, dropout_p, fp32_precision, left,
-                                        keep_lse, rows)
+                                        keep_lse, rows, right, softcap, sinks)
         except flash_launch.KernelUnavailable as e:
             _failure(q, e, strict)
-    return _math_forward(q, k, v, seed, scale, dropout_p, left, rows)
+    return _math_forward(q, k, v, seed, scale, dropout_p, left, rows, right, softcap, sinks)
 
 
 def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
-              dlse=None, left=-1, rows=DENSE_ROWS, strict=False):
+              dlse=None, left=-1, rows=DENSE_ROWS, strict=False, right=0, softcap=0.0,
+              sinks=None):
     """dq, dk, dv by the backward kernels (flash_launch.backward), or where they cannot run by
     _math_backward (the guard above)."""
     if (q.device, q.dtype, q.shape[-1]) not in FAILED:
         try:
             return flash_launch.backward(do, q, k, v, o, lse, seed, scale, dropout_p,
-                                         fp32_precision, deterministic, dlse, left, rows)
+                                         fp32_precision, deterministic, dlse, left, rows, right,
+                                         softcap)
         except flash_launch.KernelUnavailable as e:
             _failure(q, e, strict)
-    return _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows)
+    return _math_backward(do, q, k, v, seed, scale, dropout_p, dlse, left, rows, right, softcap,
+                          sinks)
+
+
+def sink_grad(do, o, lse, dlse, sinks, packed):
+    """The gradient of the sinks (H,): each row's sink weight p = exp(sink - lse) times the
+    gradient its logit receives, dlse - rowsum(dO * O) (the sink's value is zero, so it only
+    draws weight from the other keys). lse and dlse in base 2, as the kernels keep them;
+    packed: the rows are (H, total) and dO, O (total, H, D)."""
+    delta = (do.float() * o.float()).sum(-1)  # (B, H, Tq), or (total, H) packed
+    sink = sinks.float().view(-1, 1)  # (H, 1): per head, over the rows
+    if packed:
+        delta = delta.transpose(0, 1)
+    else:
+        sink = sink.unsqueeze(0)
+    grad = -delta if dlse is None else dlse.float() * LOG2E - delta
+    p = torch.exp2(sink * LOG2E - lse)  # a row that saw no key: 1 (its lse is the sink)
+    return (p * grad).sum(dim=(1,) if packed else (0, 2)).to(sinks.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,14 +201,16 @@ def _fake_output(x, rows_shape):
 @torch.library.custom_op("lecture_flash::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
             scale: float, dropout_p: float, fp32_precision: str, deterministic: bool, left: int,
-            seq_q: Optional[torch.Tensor], seq_k: Optional[torch.Tensor], rows: List[int]
+            seq_q: Optional[torch.Tensor], seq_k: Optional[torch.Tensor], rows: List[int],
+            right: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     return _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left,
-                     rows=_rows_of(seq_q, seq_k, rows))
+                     rows=_rows_of(seq_q, seq_k, rows), right=right, softcap=softcap, sinks=sinks)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows):
+def _(q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows,
+      right=0, softcap=0.0, sinks=None):
     shape = (q.shape[1], q.shape[0]) if rows[0] == PACKED else q.shape[:3]
     return _fake_output(q, rows), q.new_empty(shape, dtype=torch.float32)
 
@@ -200,41 +220,49 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
             scale: float, dropout_p: float, fp32_precision: str, deterministic: bool,
             dlse: Optional[torch.Tensor], left: int, seq_q: Optional[torch.Tensor],
-            seq_k: Optional[torch.Tensor], rows: List[int]
+            seq_k: Optional[torch.Tensor], rows: List[int], right: int = 0, softcap: float = 0.0,
+            sinks: Optional[torch.Tensor] = None
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic,
-                     dlse, left, _rows_of(seq_q, seq_k, rows))
+                     dlse, left, _rows_of(seq_q, seq_k, rows), right=right, softcap=softcap,
+                     sinks=sinks)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse, left,
-      seq_q, seq_k, rows):
+      seq_q, seq_k, rows, right=0, softcap=0.0, sinks=None):
     return _fake_output(q, rows), _fake_output(k, rows), _fake_output(v, rows)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows = inputs
+    (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows,
+     right, softcap, sinks) = (*inputs, 0, 0.0, None)[:15]  # (the last three have defaults)
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed, seq_q, seq_k)
+    ctx.save_for_backward(q, k, v, o, lse, seed, seq_q, seq_k, sinks)
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.fp32_precision, ctx.deterministic, ctx.left, ctx.rows = (fp32_precision, deterministic,
                                                                  left, rows)
+    ctx.right, ctx.softcap = right, softcap
 
 
 def _backward(ctx, do, dlse, bwd=None):
     """Gradients of the forward's inputs, through the custom op (or `bwd`, same arguments).
     do or dlse is None where that output was not used (the other one was)."""
-    q, k, v, o, lse, seed, seq_q, seq_k = ctx.saved_tensors
+    q, k, v, o, lse, seed, seq_q, seq_k, sinks = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     args = (do, q, k, v, o, lse, seed, ctx.scale, ctx.dropout_p, ctx.fp32_precision,
             ctx.deterministic, dlse, ctx.left)
     if bwd is _bwd_impl:
         dq, dk, dv = _bwd_impl(*args, _rows_of(seq_q, seq_k, ctx.rows),
-                               strict=getattr(ctx, "strict", False))
+                               strict=getattr(ctx, "strict", False), right=ctx.right,
+                               softcap=ctx.softcap, sinks=sinks)
     else:
-        dq, dk, dv = (bwd or _bwd_op)(*args, seq_q, seq_k, ctx.rows)
-    return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
+        dq, dk, dv = (bwd or _bwd_op)(*args, seq_q, seq_k, ctx.rows, ctx.right, ctx.softcap, sinks)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[-1]:
+        dsinks = sink_grad(do, o, lse, dlse, sinks, ctx.rows[0] == PACKED)
+    return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 4), dsinks
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -253,11 +281,12 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left,
-                seq_q, seq_k, rows, strict):
+                seq_q, seq_k, rows, strict, right, softcap, sinks):
         o, lse = _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left,
-                           rows=_rows_of(seq_q, seq_k, rows), strict=strict)
+                           rows=_rows_of(seq_q, seq_k, rows), strict=strict, right=right,
+                           softcap=softcap, sinks=sinks)
         _setup_context(ctx, (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left,
-                             seq_q, seq_k, rows), (o, lse))
+                             seq_q, seq_k, rows, right, softcap, sinks), (o, lse))
         ctx.strict = strict  # backend="triton" by name: a kernel that cannot run raises
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
         return o, lse
@@ -319,34 +348,41 @@ def draw_seed(device):
 
 
 def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_precision=None,
-                    return_lse=False, window_left=None, rows=DENSE_ROWS, strict=False):
+                    return_lse=False, window_left=None, rows=DENSE_ROWS, strict=False,
+                    window_right=0, softcap=0.0, sinks=None):
     """Causal attention of validated 4-D (B, H, T, D) tensors through the Triton kernels (or
     with rows packed, (total, H, D) ones: see Rows).
     deterministic, fp32_precision: None for the process default (kernels/settings.py).
     return_lse: also return each row's log-sum-exp of its scaled scores, (B, H, Tq) float32
     ((H, total) packed), natural log, differentiable; -inf for a row that sees no key.
-    window_left: query i sees keys from i + offset - window_left on (None: every key up to its
-    own position).
+    window_left, window_right: query i sees keys i + offset - window_left .. i + offset +
+    window_right (None: no bound on that side; window_right 0 is causal).
+    softcap: 0 or > 0 (scores softcap * tanh(s / softcap)); sinks: None or (H,) logits, their
+    gradient returned to them.
     strict: a kernel that cannot compile or load here raises ValueError (backend="triton" by
     name) instead of the call being computed by PyTorch (the guard)."""
     left = -1 if window_left is None else int(window_left)
+    right = -1 if window_right is None else int(window_right)
+    softcap = float(softcap)
     seed = draw_seed(q.device) if dropout_p > 0.0 else None
     args = (seed, float(scale), float(dropout_p), _precision(q, fp32_precision))
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad)):
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (sinks is not None and sinks.requires_grad))):
         rows_args = (rows.seq_q, rows.seq_k, [rows.mode, rows.max_q, rows.max_k])
         deterministic = settings.resolve_deterministic(deterministic)
         if torch.compiler.is_compiling():
-            o, lse = _fwd_op(q, k, v, *args, deterministic, left, *rows_args)
+            o, lse = _fwd_op(q, k, v, *args, deterministic, left, *rows_args, right, softcap, sinks)
         else:
-            o, lse = _EagerAttention.apply(q, k, v, *args, deterministic, left, *rows_args, strict)
+            o, lse = _EagerAttention.apply(q, k, v, *args, deterministic, left, *rows_args, strict,
+                                           right, softcap, sinks)
     else:  # inference (sampling): no autograd bookkeeping at all
-        splits = flash_decode.inference_splits(q, k, dropout_p, rows)
+        splits = flash_decode.inference_splits(q, k, dropout_p, rows, sinks)
         if splits > 1 and rows.mode == DENSE:  # the same mask, as lengths the split path reads
             rows = Rows(KEY_LENGTHS, None, flash_decode.all_keys(q.shape[0], k.shape[2], q.device),
                         0, 0)
         o, lse = _fwd_impl(q, k, v, *args, left, keep_lse=return_lse, rows=rows, splits=splits,
-                           strict=strict)
+                           strict=strict, right=right, softcap=softcap, sinks=sinks)
     # The kernels keep lse in base 2 (log2(e) times the natural one).
     return (o, lse * LN2) if return_lse else o
 
@@ -354,17 +390,23 @@ def flash_attention(q, k, v, scale, dropout_p=0.0, deterministic=None, fp32_prec
 # torch.compile runs it as it is (a graph break): it launches the kernels itself, outside the
 # custom ops, and Dynamo cannot trace a launch.
 @torch.compiler.disable
-def decode_attention(q, k_cache, v_cache, lengths, scale, strict=False):
+def decode_attention(q, k_cache, v_cache, lengths, scale, strict=False, window_left=None,
+                     window_right=0, softcap=0.0, return_lse=False, num_splits=0):
     """Attention of the newest Tq queries of each row to a cache (validated 4-D tensors, scale
     a float) whose row b holds lengths[b] (int32, on the device) valid keys, the queries the
     last Tq of them: the forward kernel with CACHE_LENGTHS rows, its keys split into ranges
     (flash-decoding, decode_splits) where B * H alone would leave the GPU
-    idle. Fixed shapes, no host read: a CUDA graph can capture it."""
+    idle. Fixed shapes, no host read: a CUDA graph can capture it. window_left, window_right,
+    softcap, return_lse: as flash_attention's; num_splits: the number of key ranges (0: as
+    decode_splits chooses)."""
     B, H, Tq, _ = q.shape
-    splits = flash_decode.decode_splits(B, H, Tq, k_cache.shape[2], q.device)
-    o, _ = _fwd_impl(q, k_cache, v_cache, None, float(scale), 0.0, _precision(q), keep_lse=False,
-                     rows=Rows(CACHE_LENGTHS, None, lengths, 0, 0), splits=splits, strict=strict)
-    return o
+    splits = num_splits or flash_decode.decode_splits(B, H, Tq, k_cache.shape[2], q.device)
+    left = -1 if window_left is None else int(window_left)
+    right = -1 if window_right is None else int(window_right)
+    o, lse = _fwd_impl(q, k_cache, v_cache, None, float(scale), 0.0, _precision(q), left,
+                       keep_lse=return_lse, rows=Rows(CACHE_LENGTHS, None, lengths, 0, 0),
+                       splits=splits, strict=strict, right=right, softcap=float(softcap))
+    return (o, lse * LN2) if return_lse else o
 
 
 def dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, block=(16, 16)):

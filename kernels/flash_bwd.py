@@ -13,7 +13,8 @@ kernel runs, which saves recomputing QK^T and dO V^T (_bwd_preprocess takes delt
 import triton
 import triton.language as tl
 
-from .flash_tiles import (_NO_SPECIALIZE, _batch_and_head, _dot, _dot_x3, _exp2_weights, _finite,
+from .flash_tiles import (_NO_SPECIALIZE, _batch_and_head, _capped, _dot, _dot_x3, _exp2_weights,
+                          _finite,
                           _head, _keep, _key_stages, _load_operand, _load_tile, _member, _offsets,
                           _query_stages, _row_stats, _slab, _stats_offset, _store_tile, _to,
                           _visible)
@@ -77,8 +78,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
         row_ok = offs_m < head.Tq
         qT = _load_operand(q_slab, offs_m, offs_d, D, True, FP32_PRECISION, TRANS=True)
         lse2 = _lse_rows(lse, offs_m, row_ok, head)
-        pT = _exp2_weights(tl.fma(_dot(k, qT, None, FP32_PRECISION), head.qk_scale,
-                                  -lse2[None, :]), head)
+        sT, tT = _capped(_dot(k, qT, None, FP32_PRECISION), head)
+        pT = _exp2_weights(tl.fma(sT, head.qk_scale, -lse2[None, :]), head)
         if MASKED:
             pT = tl.where(_visible(offs_m, offs_n, head, TRANS=True), pT, 0.0)
         do = _load_tile(do_slab, offs_m, offs_d, D, CHECK_ROWS=True)  # (BLOCK_M, HEAD_DIM)
@@ -94,7 +95,10 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_slab, do_slab, lse, delta, dq_acc, start_n, 
         delta_i = tl.load(delta + offs_m, mask=row_ok, other=0.0)
         if MASKED:  # a row that sees a non-finite value has delta NaN; its masked dS stay 0
             delta_i = tl.where(_finite(delta_i), delta_i, 0.0)
-        dsT = _to(pT * (dpT - delta_i[None, :]), qT.dtype)
+        dsT = pT * (dpT - delta_i[None, :])
+        if head.SOFTCAP:  # the chain rule through cap * tanh(s / cap)
+            dsT = dsT * (1.0 - tT * tT)
+        dsT = _to(dsT, qT.dtype)
         dk = _dot_x3(dsT, tl.trans(qT), dk, FP32_PRECISION)
         if not DETERMINISTIC:
             # Transposed, K^T dS^T, so the product's M side is the head dim rather than
@@ -154,17 +158,18 @@ def _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, h0, GROUP, k_slab, v_sla
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEED, DQ_ACC, SEQ_Q, SEQ_K,
                    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv, stride_stats,
-                   H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
+                   H, GROUP, Tq, Tk, scale, dropout_p, LEFT, SHIFT, CAP,
                    TQ_BUCKET, TK_BUCKET,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                    HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
                    FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
-                   DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DETERMINISTIC: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per key tile of each key/value head (B * H // GROUP of them).
     b, hk, bhk = _batch_and_head(H // GROUP)
     start_n = tl.program_id(0) * BLOCK_N  # key tiles on the left see the most rows: first
     head = _head(b, hk * GROUP, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p,
-                 LEFT, DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+                 LEFT, DROPOUT, HUGE_SCALE, WINDOW, ROWS, SHIFT, CAP, RIGHT, SOFTCAP)
     if start_n >= head.Tk_slab:  # packed sequences: the grid covers the longest one
         return
     _dkdv_block(start_n, Q, stride_q, DO, stride_do, b, hk * GROUP, GROUP,
@@ -190,13 +195,15 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, k, v, offs_m, offs_d, lo, hi, head, D:
         vT = _load_operand(v, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
         if MASKED:  # a non-finite key adds nothing to the dQ of a query that cannot see it
             kT = tl.where(_finite(kT), kT, 0.0)
-        p = _exp2_weights(tl.fma(_dot(q, kT, None, FP32_PRECISION), head.qk_scale,
-                                 -lse2[:, None]), head)
+        s, t = _capped(_dot(q, kT, None, FP32_PRECISION), head)
+        p = _exp2_weights(tl.fma(s, head.qk_scale, -lse2[:, None]), head)
         dp = _dot_x3(do, vT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _keep(head.seed, head.bh, offs_m, start_n, head.dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - head.dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if head.SOFTCAP:  # the chain rule through cap * tanh(s / cap)
+            ds = ds * (1.0 - t * t)
         if MASKED:  # dP is NaN where a masked value is: select, do not multiply by 0
             ds = tl.where(_visible(offs_m, offs_n, head), ds, 0.0)
         dq = _dot_x3(_to(ds, kT.dtype), tl.trans(kT), dq, FP32_PRECISION)
@@ -241,16 +248,17 @@ def _dq_block(start_m, q_slab, do_slab, o_slab, dq_slab, k_slab, v_slab, lse, de
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SEED, SEQ_Q, SEQ_K,
                  stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_stats,
-                 H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
+                 H, GROUP, Tq, Tk, scale, dropout_p, LEFT, SHIFT, CAP,
                  TQ_BUCKET, TK_BUCKET,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                  HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
                  FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
-                 DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DELTA_OFFSET: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     b, h, bh = _batch_and_head(H)
     head = _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, LEFT,
-                 DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+                 DROPOUT, HUGE_SCALE, WINDOW, ROWS, SHIFT, CAP, RIGHT, SOFTCAP)
     if start_m >= head.Tq:  # packed sequences: the grid covers the longest one
         return
     hk = h // GROUP
@@ -275,19 +283,20 @@ def _query_slabs(Q, stride_q, DO, stride_do, O, stride_o, DQ, stride_dq, b, h, h
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_fused(Q, K, V, DO, O, DQ, DK, DV, LSE, DELTA, SEED, SEQ_Q, SEQ_K,
                     stride_q, stride_k, stride_v, stride_do, stride_o, stride_dq, stride_dk,
-                    stride_dv, stride_stats, H, GROUP, Tq, Tk, scale, dropout_p, LEFT,
-                    TQ_BUCKET, TK_BUCKET,
+                    stride_dv, stride_stats, H, GROUP, Tq, Tk, scale, dropout_p, LEFT, SHIFT,
+                    CAP, TQ_BUCKET, TK_BUCKET,
                     D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                     HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
                     FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
-                    DELTA_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    DELTA_OFFSET: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The whole backward of one (batch, key/value head) in one program, for short sequences:
     the dQ pass over the query tiles of each query head of its group (which also stores delta),
     then the dK/dV pass over its key tiles. One launch instead of two; no atomics, each output
     written once: deterministic."""
     b, hk, bhk = _batch_and_head(H // GROUP)
     head = _head(b, hk * GROUP, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p,
-                 LEFT, DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+                 LEFT, DROPOUT, HUGE_SCALE, WINDOW, ROWS, SHIFT, CAP, RIGHT, SOFTCAP)
     k = _slab(K, stride_k, b, hk, head.k_start, head.Tk_slab)
     v = _slab(V, stride_v, b, hk, head.k_start, head.Tk_slab)
     for g in range(GROUP):

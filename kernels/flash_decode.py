@@ -56,11 +56,11 @@ def decode_splits(B, H, Tq, Tk, device):
     return max(1, min(_cdiv(Tk, _SPLIT_ALIGN), target // (B * H * _cdiv(Tq, 64)), 128))
 
 
-def forward_split(q, k, v, scale, fp32_precision, left, rows, splits):
+def forward_split(q, k, v, scale, fp32_precision, left, rows, splits, right=0, softcap=0.0):
     """(o, lse) of the forward with the keys split into ranges (flash-decoding): one program per
     (query tile, head, range) writes the range's normalised output and lse in float32, then
     _combine_splits merges each row's ranges. 4-D tensors, rows with lengths (KEY_LENGTHS or
-    CACHE_LENGTHS: a row may see no key in a range), no dropout, scale > 0."""
+    CACHE_LENGTHS: a row may see no key in a range), no dropout, no sinks, scale > 0."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     split_n = _cdiv(_cdiv(Tk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
@@ -68,16 +68,17 @@ def forward_split(q, k, v, scale, fp32_precision, left, rows, splits):
     o_part = q.new_empty(splits * B, H, Tq, D, dtype=torch.float32)
     lse_part = q.new_empty(splits * B, H, Tq, dtype=torch.float32)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
-           fp32_precision, _aligned(q, k, v), left, _rows_key(rows), "split", splits)
+           fp32_precision, _aligned(q, k, v), left, _rows_key(rows), "split", splits, right, softcap)
 
     def first():
-        meta = _common(q, k, scale, 0.0, fp32_precision, left, rows)
-        meta.update(OFFS_64=_offsets_need_64(q, k, v, o_part), SPLIT=True, SPLIT_N=split_n)
+        meta = _common(q, k, scale, 0.0, fp32_precision, left, rows, right, softcap)
+        meta.update(OFFS_64=_offsets_need_64(q, k, v, o_part), SPLIT=True, SPLIT_N=split_n,
+                    HAS_SINKS=False)
         return ((Tq, "BLOCK_M", B * H, splits),
                 (q.stride(), k.stride(), v.stride(), o_part.stride(), lse_part.stride()[:2]), meta)
 
     _launch_planned("fwd", key, (q, k, v, o_part, lse_part, lse_part, _or(rows.seq_q, lse_part),
-                                 _or(rows.seq_k, lse_part)), first)
+                                 _or(rows.seq_k, lse_part), lse_part), first)
     o, lse = _new_output(q, rows), q.new_empty(B, H, Tq, dtype=torch.float32)
     first_launch("combine", lambda: _combine_splits[(B * H * Tq,)](
         o_part, lse_part, o, lse, o.stride(), H, Tq, B * H * Tq, splits, D,
@@ -90,11 +91,12 @@ DECODE_MAX_TQ = 16
 _ALL_KEYS = {}
 
 
-def inference_splits(q, k, dropout_p, rows):
+def inference_splits(q, k, dropout_p, rows, sinks=None):
     """How many key ranges an inference call's forward splits into (1: none): a decode step
-    (a few queries per row, no dropout, dense rows or key lengths) whose B x H programs would
-    leave the GPU idle, as transformers' decode steps and gpt.generate's eager one are."""
-    if dropout_p > 0.0 or rows.mode not in (DENSE, KEY_LENGTHS) or q.shape[2] > DECODE_MAX_TQ:
+    (a few queries per row, no dropout or sinks, dense rows or key lengths) whose B x H programs
+    would leave the GPU idle, as transformers' decode steps and gpt.generate's eager one are."""
+    if (dropout_p > 0.0 or sinks is not None or rows.mode not in (DENSE, KEY_LENGTHS)
+            or q.shape[2] > DECODE_MAX_TQ):
         return 1
     return decode_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
 

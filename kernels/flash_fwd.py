@@ -1,4 +1,4 @@
-"""The forward kernel: FlashAttention-2's algorithm, causal, one program per BLOCK_M query rows
+"""The forward kernel: FlashAttention-2's algorithm, causal by default, one program per BLOCK_M query rows
 of one head (the tutorial's shape; the shared pieces are in flash_tiles.py).
 
 Stream K/V tiles past the Q tile, keep a running max m and running sum l in float32 (online
@@ -6,14 +6,18 @@ softmax), in base 2 with log2(e) folded into the scale. Key tiles wholly below t
 unmasked; only the tiles the diagonal crosses are masked; tiles above it are never loaded. A
 sliding window (WINDOW, LEFT: query i sees keys i + offset - LEFT .. i + offset) adds a masked
 stage for the tiles its left edge crosses, and the tiles left of every row's window are never
-loaded either. Writes O and the row log-sum-exp for the backward (float32, in base 2: log2(e)
-times the natural one). With SPLIT (flash-decoding, flash_decode.py) each program takes one
+loaded either. A window's right side, or full attention, moves the diagonal right (RIGHT,
+SHIFT); softcapping (SOFTCAP) maps each raw score through tanh before anything else reads it;
+attention sinks (HAS_SINKS) start each row's running max and sum at the head's sink logit.
+Writes O and the row log-sum-exp for the backward (float32, in base 2: log2(e) times the
+natural one). With SPLIT (flash-decoding, flash_decode.py) each program takes one
 range of the keys.
 """
 import triton
 import triton.language as tl
 
-from .flash_tiles import (_NO_SPECIALIZE, _batch_and_head, _dot, _exp2_weights, _finite, _head,
+from .flash_tiles import (_NO_SPECIALIZE, _batch_and_head, _capped, _dot, _exp2_weights, _finite,
+                          _head,
                           _keep, _key_stages, _load_operand, _offsets, _row_max, _row_stats, _slab,
                           _store_tile, _tf32_rounded, _to, _visible)
 
@@ -32,7 +36,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         kT = _load_operand(k, offs_n, offs_d, D, MASKED, FP32_PRECISION, TRANS=True)
-        s = _dot(q, kT, None, FP32_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+        s = _capped(_dot(q, kT, None, FP32_PRECISION), head)[0]  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             s = tl.where(_visible(offs_m, offs_n, head), s, float("-inf"))
         # With qk_scale > 0 the row maximum of the scaled scores is that of the raw ones,
@@ -40,7 +44,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
         # rounded once near 0 rather than at the size of the score (the backward does the same).
         m_new = tl.maximum(m_i, _row_max(s, head))
         m_use = m_new
-        if (head.WINDOW or head.LENGTHS) and MASKED:
+        if (head.WINDOW or head.LENGTHS or head.RIGHT) and MASKED:
             # A tile the window's left edge crosses (or, with LENGTHS, any masked tile) can hold
             # rows that see none of its keys before they have seen any (m still -inf): their
             # weights are exp2(-inf - 0) = 0, not exp2(-inf + inf). m itself stays -inf, so the
@@ -60,7 +64,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
             # sees the tile's first bad key j iff j <= i + offset.
             finite = _finite(v_tile)
             key_ok = tl.min(finite.to(tl.int32), 1)  # (BLOCK_N,): 0 where the value is not finite
-            if head.WINDOW or head.LENGTHS:  # a row sees a bad key iff it sees one
+            if head.WINDOW or head.LENGTHS or head.RIGHT:  # a row sees a bad key iff it sees one
                 row_bad = tl.sum(tl.where(_visible(offs_m, offs_n, head), 1 - key_ok[None, :], 0), 1) > 0
             else:
                 bad_keys = tl.where(key_ok == 0, offs_n, head.Tk)  # (BLOCK_N,)
@@ -75,12 +79,13 @@ def _fwd_tiles(acc, l_i, m_i, q, k, v, offs_m, offs_d, lo, hi, head, D: tl.const
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, LSE, SEED, SEQ_Q, SEQ_K, stride_q, stride_k, stride_v, stride_o,
-              stride_stats, H, GROUP, Tq, Tk, scale, dropout_p, LEFT, SPLIT_N,
+def _attn_fwd(Q, K, V, O, LSE, SEED, SEQ_Q, SEQ_K, SINKS, stride_q, stride_k, stride_v, stride_o,
+              stride_stats, H, GROUP, Tq, Tk, scale, dropout_p, LEFT, SPLIT_N, SHIFT, CAP,
               TQ_BUCKET, TK_BUCKET,  # autotune keys only
               D: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
               HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr, ROWS: tl.constexpr,
               SPLIT: tl.constexpr, FP32_PRECISION: tl.constexpr, OFFS_64: tl.constexpr,
+              RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # With SPLIT (flash-decoding), the grid's third axis splits the keys into ranges of SPLIT_N
     # (a multiple of BLOCK_N): each program writes its range's normalised output and lse to
@@ -91,7 +96,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, SEQ_Q, SEQ_K, stride_q, stride_k, stride_v,
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b, h, bh = _batch_and_head(H)
     head = _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, LEFT,
-                 DROPOUT, HUGE_SCALE, WINDOW, ROWS)
+                 DROPOUT, HUGE_SCALE, WINDOW, ROWS, SHIFT, CAP, RIGHT, SOFTCAP)
     if start_m >= head.Tq:  # packed sequences: the grid covers the longest one
         return
     hk = h // GROUP  # the key/value head of query head h
@@ -108,6 +113,9 @@ def _attn_fwd(Q, K, V, O, LSE, SEED, SEQ_Q, SEQ_K, stride_q, stride_k, stride_v,
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # the head's sink logit starts every row's softmax as one more key, value 0
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, lo_full, full_end, diag_end = _key_stages(start_m, head, BLOCK_M, BLOCK_N)
     if SPLIT:  # this program's key range only: each stage clipped to it

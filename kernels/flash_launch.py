@@ -216,14 +216,20 @@ def _bucket(T):
     return min(_next_pow2(T), 1 << 16)
 
 
-def _common(q, k, scale, dropout_p, fp32_precision, left, rows):
+def _common(q, k, scale, dropout_p, fp32_precision, left, rows, right=0, softcap=0.0):
     """The meta-arguments every kernel takes, for the (B, H, T, D) views q, k (_as_bhtd);
-    left: a sliding window's reach, -1 for none."""
+    left, right: a window's reach on either side of the diagonal, -1 for no bound (right 0:
+    causal); softcap: 0 for none."""
     B, H, _, D = q.shape
     Tq, Tk = _lengths(q, k, rows)
     hd = _head_dim(D)
+    # The kernels' mask is causal with an offset: a right side moves the diagonal right by
+    # `shift` (past every key for full attention) and the left edge counts from there.
+    shift = right if right >= 0 else Tq + Tk
     return dict(H=H, GROUP=H // k.shape[1], Tq=Tq, Tk=Tk, D=D, scale=scale, dropout_p=dropout_p,
-                LEFT=max(left, 0), WINDOW=left >= 0, ROWS=rows.mode,
+                LEFT=max(left, 0) + shift, WINDOW=left >= 0, ROWS=rows.mode,
+                SHIFT=shift, RIGHT=shift > 0, CAP=softcap / scale if softcap else 1.0,
+                SOFTCAP=softcap > 0.0,
                 TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk), HEAD_DIM=hd, DROPOUT=dropout_p > 0.0,
                 HUGE_SCALE=abs(scale) > 1.0,  # see _exp2_weights
                 # 16-bit inputs: one specialisation whatever the setting, which is for float32
@@ -303,10 +309,11 @@ _SCRATCH_LSE = {}
 
 
 def forward(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=True,
-            rows=DENSE_ROWS):
+            rows=DENSE_ROWS, right=0, softcap=0.0, sinks=None):
     """(o, lse) of the forward kernel, for (B, H, T, D) tensors or, with rows packed, (total,
     H, D) ones; lse (B, H, Tq) or packed (H, total), base 2; scale > 0. With keep_lse=False,
-    lse is a scratch buffer that the next inference call overwrites."""
+    lse is a scratch buffer that the next inference call overwrites. right, softcap as
+    _common's; sinks: None or (H,) logits."""
     o = _new_output(q, rows)
     if keep_lse:
         lse = _new_stats(q, rows)
@@ -319,14 +326,16 @@ def forward(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=T
             lse = _SCRATCH_LSE[(q.device, n)] = torch.empty(n, device=q.device, dtype=torch.float32)
         lse = lse.view(_stats_shape(q, rows))
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
-           dropout_p, fp32_precision, _aligned(q, k, v), left, _rows_key(rows))
+           dropout_p, fp32_precision, _aligned(q, k, v), left, _rows_key(rows), right, softcap,
+           sinks is None)
     qv, kv, vv, ov = (_as_bhtd(t, rows) for t in (q, k, v, o))
     tensors = (qv, kv, vv, ov, lse, seed if seed is not None else lse,
-               _or(rows.seq_q, lse), _or(rows.seq_k, lse))
+               _or(rows.seq_q, lse), _or(rows.seq_k, lse), _or(sinks, lse))
 
     def first():
-        meta = _common(qv, kv, scale, dropout_p, fp32_precision, left, rows)
-        meta.update(OFFS_64=_offsets_need_64(qv, kv, vv, ov), SPLIT=False, SPLIT_N=0)
+        meta = _common(qv, kv, scale, dropout_p, fp32_precision, left, rows, right, softcap)
+        meta.update(OFFS_64=_offsets_need_64(qv, kv, vv, ov), SPLIT=False, SPLIT_N=0,
+                    HAS_SINKS=sinks is not None)
         return ((meta["Tq"], "BLOCK_M", qv.shape[0] * qv.shape[1]),
                 (qv.stride(), kv.stride(), vv.stride(), ov.stride(), _stats_strides(lse, rows)), meta)
 
@@ -340,9 +349,10 @@ def _or(t, other):
 
 
 def backward(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic, dlse=None,
-             left=-1, rows=DENSE_ROWS):
+             left=-1, rows=DENSE_ROWS, right=0, softcap=0.0):
     """dq, dk, dv; dlse: the gradient of the forward's (base-2) lse where the caller used it;
-    left: the window's reach to the left (-1: no window); rows as the forward's."""
+    left, right: the window's reach on either side (-1: no bound); rows as the forward's.
+    (With sinks the forward's lse holds them: the recomputed weights are right as they are.)"""
     dq, dk, dv = _new_output(q, rows), _new_output(k, rows), _new_output(v, rows)
     qv, kv, vv, dov, ov, dqv, dkv, dvv = (_as_bhtd(t, rows) for t in (q, k, v, do, o, dq, dk, dv))
     B, H, _, D = qv.shape
@@ -362,10 +372,10 @@ def backward(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, determ
     stats = _stats_strides(lse, rows)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), do.stride(), o.stride(), q.dtype,
            q.device, scale, dropout_p, fp32_precision, _aligned(q, k, v, do, o), has_dlse, left,
-           _rows_key(rows))
+           _rows_key(rows), right, softcap)
 
     def meta(**kernel_flags):
-        m = _common(qv, kv, scale, dropout_p, fp32_precision, left, rows)
+        m = _common(qv, kv, scale, dropout_p, fp32_precision, left, rows, right, softcap)
         m["OFFS_64"] = _offsets_need_64(qv, kv, vv, ov, dov, dqv, dkv, dvv)
         return {**m, **kernel_flags}
 

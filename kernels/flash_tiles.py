@@ -46,7 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # is the opposite: a model has one, and it is a constexpr, because a padded head dim (40 of 64)
 # masks the loads along D; only a known D lets those loads vectorise, and without vector
 # loads Triton cannot pipeline them (bench/compile_report.py showed D=40 unpipelined).
-_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "LEFT", "SPLIT_N"]
+_NO_SPECIALIZE = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "LEFT", "SPLIT_N", "SHIFT"]
 
 # ----------------------------------------------------------------------------------------------
 # Arithmetic: rounding, dots, the dropout draw, the guarded softmax
@@ -205,6 +205,26 @@ def _row_max(s, head):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh(x) from exp2, which every backend and the interpreter have: 1 - 2 / (e^2x + 1),
+    exactly +-1 far out (e^2x is inf or 0 there), NaN staying NaN."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 log2(e)
+
+
+@triton.jit
+def _capped(s, head):
+    """(scores, tanh) of raw scores s under softcapping (SOFTCAP): cap * tanh(s / cap), with cap
+    = softcap / scale in raw-score units, so that the scaled score is softcap * tanh(scaled /
+    softcap); the tanh is what the backward's chain rule needs (1 - tanh^2). Without SOFTCAP,
+    (s, s), nothing computed."""
+    t = s
+    if head.SOFTCAP:
+        t = _tanh(s / head.cap)
+        s = head.cap * t
+    return s, t
+
+
+@triton.jit
 def _finite(x):
     """True where x is neither NaN nor +-inf (x - x is 0 exactly there)."""
     if _INTERPRETER_FIXES:
@@ -223,15 +243,17 @@ def _finite(x):
 Slab = namedtuple("Slab", ["ptr", "stride_t", "stride_d", "T"])
 
 # What every tile of one head needs beside its slabs: the lengths (Tq query rows; Tk keys a row
-# may see, Tk_slab keys stored), the causal offset (query i sees key j iff j <= i + offset),
+# may see, Tk_slab keys stored), the causal offset (query i sees key j iff j <= i + offset; a
+# window's right side or full attention shift it right, RIGHT),
 # where this head's rows start in packed sequences (q_start, k_start) and in the row statistics
 # (stats; stats_h between query heads), the scale in base 2, the dropout draw's seed, head and
-# probability, the window's reach, and the constexpr flags: HUGE_SCALE (the softmax guarded for
-# scaled scores past 2**30), WINDOW, LENGTHS (per-row key lengths or packed sequences: keys past
-# Tk hidden, and a row may see no key at all).
+# probability, the window's reach, softcapping's cap in raw-score units, and the constexpr
+# flags: HUGE_SCALE (the softmax guarded for scaled scores past 2**30), WINDOW, LENGTHS (per-row
+# key lengths or packed sequences: keys past Tk hidden, and a row may see no key at all), RIGHT
+# (the mask reaches past the diagonal: keys past Tk hidden as with LENGTHS), SOFTCAP.
 Head = namedtuple("Head", ["Tq", "Tk", "Tk_slab", "offset", "q_start", "k_start", "stats",
-                           "stats_h", "qk_scale", "seed", "bh", "dropout_p", "left",
-                           "HUGE_SCALE", "WINDOW", "LENGTHS"])
+                           "stats_h", "qk_scale", "seed", "bh", "dropout_p", "left", "cap",
+                           "HUGE_SCALE", "WINDOW", "LENGTHS", "RIGHT", "SOFTCAP"])
 
 # How the rows of a batch entry are found (the kernels' ROWS constexpr; see Rows below):
 DENSE, KEY_LENGTHS, CACHE_LENGTHS, PACKED = 0, 1, 2, 3
@@ -272,10 +294,13 @@ def _rows(SEQ_Q, SEQ_K, b, Tq, Tk, ROWS: tl.constexpr):
 @triton.jit
 def _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, left,
           DROPOUT: tl.constexpr, HUGE_SCALE: tl.constexpr, WINDOW: tl.constexpr,
-          ROWS: tl.constexpr):
+          ROWS: tl.constexpr, shift=0, cap=1.0, RIGHT: tl.constexpr = False,
+          SOFTCAP: tl.constexpr = False):
     """The Head of query head h of batch entry b (b, h int64; H heads): what every attention kernel's
     tile loops share. The row statistics (LSE, delta) of a head start at b * stride_stats[0] +
-    h * stride_stats[1] + q_start."""
+    h * stride_stats[1] + q_start. shift: how far past the diagonal the mask reaches (RIGHT;
+    flash_launch._common: a window's right side, or past every key for full attention), added
+    to the offset; a window's left then counts from there (left + shift)."""
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -283,8 +308,10 @@ def _head(b, h, H, SEQ_Q, SEQ_K, stride_stats, Tq, Tk, scale, SEED, dropout_p, l
     stats = b * stride_stats[0] + h * stride_stats[1] + q_start
     bh = (b * H + h).to(tl.int32)  # the dropout draw's head
     qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp; scale > 0
+    if RIGHT:
+        offset += shift
     return Head(Tq, Tk, Tk_slab, offset, q_start, k_start, stats, stride_stats[1], qk_scale,
-                seed, bh, dropout_p, left, HUGE_SCALE, WINDOW, ROWS != 0)
+                seed, bh, dropout_p, left, cap, HUGE_SCALE, WINDOW, ROWS != 0, RIGHT, SOFTCAP)
 
 
 @triton.jit
@@ -294,8 +321,8 @@ def _member(head, g):
     shares)."""
     return Head(head.Tq, head.Tk, head.Tk_slab, head.offset, head.q_start, head.k_start,
                 head.stats + g * head.stats_h, head.stats_h, head.qk_scale, head.seed,
-                head.bh + g, head.dropout_p, head.left, head.HUGE_SCALE, head.WINDOW,
-                head.LENGTHS)
+                head.bh + g, head.dropout_p, head.left, head.cap, head.HUGE_SCALE, head.WINDOW,
+                head.LENGTHS, head.RIGHT, head.SOFTCAP)
 
 
 @triton.jit
@@ -371,13 +398,13 @@ def _visible(offs_m, offs_n, head, TRANS: tl.constexpr = False):
         seen = offs_n[:, None] <= offs_m[None, :] + head.offset
         if head.WINDOW:
             seen = seen & (offs_n[:, None] >= offs_m[None, :] + head.offset - head.left)
-        if head.LENGTHS:
+        if head.LENGTHS or head.RIGHT:
             seen = seen & (offs_n[:, None] < head.Tk)
     else:
         seen = offs_n[None, :] <= offs_m[:, None] + head.offset
         if head.WINDOW:
             seen = seen & (offs_n[None, :] >= offs_m[:, None] + head.offset - head.left)
-        if head.LENGTHS:
+        if head.LENGTHS or head.RIGHT:
             seen = seen & (offs_n[None, :] < head.Tk)
     return seen
 
@@ -391,7 +418,7 @@ def _key_stages(start_m, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     window's left edge (masked): the masked stages are [lo, min(lo_full, full_end)) and
     [max(full_end, lo), diag_end). With LENGTHS, a tile holding the key length is masked too."""
     full_end = (start_m + head.offset + 1) // BLOCK_N * BLOCK_N
-    if head.LENGTHS:
+    if head.LENGTHS or head.RIGHT:
         full_end = tl.minimum(full_end, head.Tk // BLOCK_N * BLOCK_N)
     diag_end = tl.minimum(head.Tk, start_m + BLOCK_M + head.offset)
     lo = 0
@@ -412,7 +439,7 @@ def _query_stages(start_n, head, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     LENGTHS, every row of a key tile that holds the key length is masked, and a tile past it
     is seen by none."""
     first, full = _diagonal_query_stages(start_n, head, BLOCK_M, BLOCK_N)
-    if head.LENGTHS:
+    if head.LENGTHS or head.RIGHT:
         full = tl.where(start_n + BLOCK_N > head.Tk, head.Tq, full)
         first = tl.where(start_n >= head.Tk, head.Tq, first)
     tail_lo = head.Tq

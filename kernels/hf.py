@@ -27,6 +27,7 @@ What each call gets, and what runs:
   found from position_ids, prefix-LM overlays, chunked attention): the dense mask, handed to
   transformers' own SDPA function, with a warning once per process.
 - Sliding-window layers (Mistral, Gemma) pass sliding_window: window=(sliding_window - 1, 0).
+- Gemma 2's attention logit softcapping (softcap) and gpt-oss's sinks (s_aux): passed on.
 - Dropout (module.training with attention dropout), `scaling`, output_attentions (no weights
   are returned, as with "sdpa").
 """
@@ -130,27 +131,18 @@ def key_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
     return torch.ones(batch_size, used, dtype=torch.bool, device=device)
 
 
-# Model features the attention function would have to honour and does not (yet): refused with
-# one line rather than ignored. config attribute or model type -> what it is.
-_UNSUPPORTED_CONFIG = (
-    (lambda c: getattr(c, "attn_logit_softcapping", None) is not None,
-     "attention logit softcapping (config.attn_logit_softcapping, Gemma 2)"),
-    (lambda c: getattr(c, "model_type", None) == "gpt_oss",
-     "attention sinks (gpt-oss's s_aux)"),
-)
-# What the attention function may be passed: honoured here, or transformers' own bookkeeping
-# that changes nothing about attention. Any other argument with a value is refused.
+# What the attention function may be passed: honoured here (sliding_window, softcap: Gemma 2's
+# logit softcapping, s_aux: gpt-oss's sinks), or transformers' own bookkeeping that changes
+# nothing about attention. Any other argument with a value is refused.
 _UNDERSTOOD = {"sliding_window", "is_causal", "position_ids", "use_cache", "output_attentions",
                "output_router_logits", "cache_position", "past_key_values", "layer_idx"}
-_UNSUPPORTED_ARGS = {"softcap": "attention logit softcapping (softcap)",
-                     "s_aux": "attention sinks (s_aux)", "head_mask": "a head mask (head_mask)"}
+_UNSUPPORTED_ARGS = {"head_mask": "a head mask (head_mask)"}
 
 
 def refuse_unsupported(config):
     """Raise NotImplementedError, one line naming the feature, for a model whose attention
     lecture_flash.hf cannot compute as the model defines it: its attention code does not go
-    through transformers' attention interface (MPT, Bloom, Falcon: their own code, ALiBi), or
-    it needs logit softcapping or sinks."""
+    through transformers' attention interface (MPT, Bloom, Falcon: their own code, ALiBi)."""
     if config is None:
         return
     model = _causal_lm_class(config)
@@ -159,11 +151,6 @@ def refuse_unsupported(config):
             f"{model.__name__} computes attention in its own code, not through transformers' "
             "attention interface: lecture_flash.hf cannot serve it (attn_implementation='sdpa' "
             "or 'eager')")
-    for applies, feature in _UNSUPPORTED_CONFIG:
-        if applies(config):
-            raise NotImplementedError(f"{type(config).__name__} uses {feature}, which "
-                                      "lecture_flash.hf does not implement yet "
-                                      "(attn_implementation='sdpa' or 'eager')")
 
 
 def _causal_lm_class(config):
@@ -211,9 +198,11 @@ def _causal_call(module, query, attention_mask, is_causal):
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      backend="auto", sliding_window=None, is_causal=None, **kwargs):
+                      backend="auto", sliding_window=None, is_causal=None, softcap=None,
+                      s_aux=None, **kwargs):
     """transformers' attention-function contract: query (B, H, Tq, D), key and value (B, Hk,
-    Tk, D); returns ((B, Tq, H, D), None)."""
+    Tk, D); returns ((B, Tq, H, D), None). softcap: Gemma 2's attention logit softcapping;
+    s_aux: gpt-oss's sinks, one logit per query head."""
     if not _causal_call(module, query, attention_mask, is_causal):
         raise ValueError(f"{type(module).__name__} is not causal attention; lecture_flash.hf runs "
                          "causal attention only (use attn_implementation='sdpa' for this model)")
@@ -225,8 +214,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                                   "lecture_flash.hf does not implement (attn_implementation="
                                   "'sdpa' or 'eager')")
     window = None if sliding_window is None else (int(sliding_window) - 1, 0)
-    options = dict(scale=scaling, dropout_p=float(dropout), backend=backend, window=window)
+    options = dict(scale=scaling, dropout_p=float(dropout), backend=backend, window=window,
+                   softcap=float(softcap or 0.0), sinks=s_aux)
     if attention_mask is not None and attention_mask.dim() != 2:  # key_mask gave a dense mask
+        if softcap or s_aux is not None:  # transformers' SDPA function would drop them
+            raise NotImplementedError(f"{type(module).__name__} passes a custom mask with "
+                                      f"{'softcapping' if softcap else 'sinks'}, which "
+                                      "lecture_flash.hf does not implement (attn_implementation="
+                                      "'eager')")
         return _transformers_sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if attention_mask is not None:
         used = attention_mask.shape[1]

@@ -55,11 +55,13 @@ CANDIDATES = {
 INTERPRETED = _cfg(16, 16, 1, 4)
 
 
-def applies(q, k, v, dropout_p, left, rows):
-    """Whether the Hopper forward runs this call (MODE set, and the call within its reach)."""
+def applies(q, k, v, dropout_p, left, rows, right=0, softcap=0.0, sinks=None):
+    """Whether the Hopper forward runs this call (MODE set, and the call within its reach: the
+    plain causal mask, no dropout, softcap or sinks)."""
     if MODE in ("", "0") or TensorDescriptor is None:
         return False
-    if rows.mode != tiles.DENSE or dropout_p > 0.0 or left >= 0:
+    if (rows.mode != tiles.DENSE or dropout_p > 0.0 or left >= 0 or right != 0 or softcap
+            or sinks is not None):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CANDIDATES:
         return False

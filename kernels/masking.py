@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .reference import attention_with_mask
 from .validation import kv_heads_expanded
 
 
@@ -42,13 +43,15 @@ def seen_so_far(bad):
     return bad.to(torch.uint8).cummax(-1).values.bool()
 
 
-def bad_in_window(bad, Tq, left):
+def bad_in_window(bad, Tq, left, right=0):
     """(..., Tq) bool: query i (the last Tq positions) sees a bad key within its window
-    [i + Tk - Tq - left, i + Tk - Tq], from bad (..., Tk)."""
+    [i + Tk - Tq - left, i + Tk - Tq + right] (None: no bound on that side), from bad (..., Tk)."""
     Tk = bad.shape[-1]
     counts = torch.nn.functional.pad(bad.to(torch.int32).cumsum(-1), (1, 0))  # bad keys before j
-    last = torch.arange(Tq, device=bad.device) + (Tk - Tq)
-    first = (last - left).clamp(min=0)
+    diagonal = torch.arange(Tq, device=bad.device) + (Tk - Tq)
+    first = torch.zeros_like(diagonal) if left is None else (diagonal - left).clamp(min=0)
+    last = torch.full_like(diagonal, Tk - 1) if right is None else (diagonal + right).clamp(-1, Tk - 1)
+    first = torch.minimum(first, last + 1)  # a row that sees no key: an empty range
     return counts[..., last + 1] > counts[..., first]
 
 
@@ -65,18 +68,33 @@ def _all_finite(q, k, v):
     return math.isfinite(q.sum().item() + k.sum().item() + v.sum().item())
 
 
-def guarded_causal(attend, q, k, v, left=None):
+def guarded_causal(attend, q, k, v, left=None, right=0):
     """attend(q, k, v) (causal, bottom-right aligned; with `left`, a sliding window that reaches
-    that many keys back) keeping the contract above."""
+    that many keys back; `right`, as packing.visible's: keys past the diagonal, None for all)
+    keeping the contract above."""
     Tq, Tk = q.shape[-2], k.shape[-2]
-    return _guarded(attend, q, k, v, lambda bad: seen_so_far(bad)[..., Tk - Tq:] if left is None
-                    else bad_in_window(bad, Tq, left))
+    return _guarded(attend, q, k, v, lambda bad: seen_so_far(bad)[..., Tk - Tq:]
+                    if left is None and right == 0 else bad_in_window(bad, Tq, left, right))
 
 
 def guarded_masked(attend, q, k, v, mask):
     """guarded_causal for any mask: attend(q, k, v) with the bool `mask` ((B or 1, 1, Tq, Tk),
     True where a query sees a key), keeping the contract above."""
     return _guarded(attend, q, k, v, lambda bad: (mask & bad.unsqueeze(-2)).any(-1))
+
+
+def guarded_attention_with_mask(q, k, v, mask, scale, dropout_p=0.0, keep=None, softcap=0.0,
+                                sinks=None):
+    """(out, lse) of the reference's arithmetic (reference.attention_with_mask: softcap, sinks,
+    a given dropout keep-mask) under a bool mask, keeping the contract above."""
+    found = {}
+
+    def attend(a, b, c):
+        out, found["lse"] = attention_with_mask(a, b, c, mask, scale, dropout_p, keep, softcap,
+                                                sinks)
+        return out
+    out = guarded_masked(attend, q, k, v, mask)
+    return out, found["lse"]
 
 
 def _guarded(attend, q, k, v, sees):

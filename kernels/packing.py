@@ -10,37 +10,43 @@ with no read back to the host, so none of it syncs.
 import torch
 
 
-def visible(j, last, left=None):
-    """True where key position j is seen by a query whose last visible key is `last` (causal:
-    j <= last) and, with a sliding window reaching `left` keys back, j >= last - left. Every
-    mask the PyTorch paths build is this comparison, broadcast."""
-    seen = j <= last
+def visible(j, last, left=None, right=0):
+    """True where key position j is seen by a query whose own position among the keys (its
+    diagonal) is `last`: last - left <= j <= last + right, a bound of None being no bound. The
+    causal mask is right = 0, a sliding window adds left, flash-attn's local attention has both,
+    and right = None with left = None is full (non-causal) attention. Every mask the PyTorch
+    paths build is this comparison, broadcast."""
+    seen = (j <= last) | (j > last)  # all True, broadcast to the mask's shape
+    if right is not None:
+        seen = j <= last + right
     if left is not None:
         seen &= j >= last - left
     return seen
 
 
-def row_mask(Tq, Tk, lengths, offsets, left=None):
+def row_mask(Tq, Tk, lengths, offsets, left=None, right=0):
     """(B, 1, Tq, Tk) bool, True where query i of batch entry b sees key j: j < lengths[b] and
-    j <= i + offsets[b] (causal, with the query at position i + offsets[b] among the keys) and,
-    with a window, j >= i + offsets[b] - left. lengths, offsets: (B,) integer tensors."""
+    visible(j, i + offsets[b], left, right) (the query at position i + offsets[b] among the
+    keys). lengths, offsets: (B,) integer tensors."""
     device = lengths.device
     i = torch.arange(Tq, device=device).view(1, Tq, 1)
     j = torch.arange(Tk, device=device).view(1, 1, Tk)
-    return (visible(j, i + offsets.view(-1, 1, 1), left) & (j < lengths.view(-1, 1, 1))).unsqueeze(1)
+    return (visible(j, i + offsets.view(-1, 1, 1), left, right)
+            & (j < lengths.view(-1, 1, 1))).unsqueeze(1)
 
 
-def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None):
+def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None, right=0):
     """(mask, empty) over the packed rows themselves: mask (1, 1, total_q, total_k) bool, True
     where packed query t sees packed key u, that is both belong to the same sequence b and, with
-    i and j their positions in it, j <= i + Lk_b - Lq_b (bottom-right causal; with a window,
-    also j >= that - left); empty (1, 1, total_q, 1), the queries that see no key.
+    i and j their positions in it, visible(j, i + Lk_b - Lq_b, left, right) (bottom-right
+    within the sequence); empty (1, 1, total_q, 1), the queries that see no key.
 
     A model's layers pass the same cu_seqlens tensors: the last few masks are kept, for those
     tensors unchanged (the same objects, not written to since: torch's version counter)."""
-    key = (id(cu_seqlens_q), cu_seqlens_q._version, id(cu_seqlens_k), cu_seqlens_k._version,
-           total_q, total_k, left)
-    hit = _BLOCK_MASKS.get(key)
+    compiling = torch.compiler.is_compiling()  # (traced: the mask is part of the graph)
+    key = None if compiling else (id(cu_seqlens_q), cu_seqlens_q._version, id(cu_seqlens_k),
+                                  cu_seqlens_k._version, total_q, total_k, left, right)
+    hit = None if compiling else _BLOCK_MASKS.get(key)
     if hit is not None and hit[0] is cu_seqlens_q and hit[1] is cu_seqlens_k:
         return hit[2]
     bq, i = sequence_rows(cu_seqlens_q, total_q)  # each packed row's sequence and position
@@ -48,19 +54,22 @@ def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None)
     lengths_k = seq_lengths(cu_seqlens_k)
     last = (i + (lengths_k - seq_lengths(cu_seqlens_q))[bq]).view(-1, 1)
     j = j.view(1, -1)
-    seen = (bq.view(-1, 1) == bk.view(1, -1)) & visible(j, last, left)
+    seen = (bq.view(-1, 1) == bk.view(1, -1)) & visible(j, last, left, right)
     first = torch.zeros_like(last) if left is None else (last - left).clamp(min=0)
-    # A row sees no key when its first visible position is past its last, or past the length.
-    empty = (first > last) | (first >= lengths_k[bq].view(-1, 1))
+    final = lengths_k[bq].view(-1, 1) - 1
+    if right is not None:
+        final = torch.minimum(final, last + right)
+    # A row sees no key when its first visible position is past its last one.
+    empty = first > final
     out = seen.view(1, 1, total_q, total_k), empty.view(1, 1, total_q, 1)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         if len(_BLOCK_MASKS) >= 8:
             _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
         _BLOCK_MASKS[key] = (cu_seqlens_q, cu_seqlens_k, out)
     return out
 
 
-_BLOCK_MASKS = {}  # (ids and versions of cu_seqlens, sizes, left) -> (the tensors, mask, empty)
+_BLOCK_MASKS = {}  # (ids and versions of cu_seqlens, sizes, left, right) -> (the tensors, mask, empty)
 
 
 def sequence_rows(cu_seqlens, total):

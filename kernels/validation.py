@@ -11,10 +11,11 @@ import torch
 BACKENDS = ("auto", "triton", "reference", "sdpa")
 
 
-def check_attention_args(q, k, v, scale, dropout_p):
+def check_attention_args(q, k, v, scale, dropout_p, full=False):
     """Validate q/k/v/scale/dropout_p; return (q, k, v) as 4-D tensors and whether input was 3-D.
     k and v may have fewer heads than q (grouped-query attention): Hk dividing H, query head h
-    reading key/value head h // (H // Hk)."""
+    reading key/value head h // (H // Hk). full: the mask is full attention (no causal side, no
+    window), where q may have more positions than k."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,10 +48,10 @@ def check_attention_args(q, k, v, scale, dropout_p):
                          f"H // Hk query heads (grouped-query attention): {shapes}")
     if Tq == 0 or D == 0:
         raise ValueError(f"q must have at least one query and a non-empty head dim, got {tuple(q.shape)}")
-    if Tq > Tk:
+    if Tq > Tk and not full:
         raise ValueError(
             f"q has more positions than k (Tq={Tq} > Tk={Tk}); the causal mask is bottom-right "
-            "aligned and needs Tq <= Tk")
+            "aligned and needs Tq <= Tk (full attention, causal=False without a window, takes any)")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -95,19 +96,51 @@ def kv_heads_expanded(x, H):
     return x if Hk == H else x.repeat_interleave(H // Hk, dim=1)
 
 
-def check_window(window):
-    """The window's reach to the left (query i sees keys i + offset - left .. i + offset), or
-    None for none; window is None or (left, 0) with an int left >= 0."""
+def check_window(window, causal=True):
+    """(left, right) of the mask: query i (at position i + offset among the keys) sees keys
+    i + offset - left .. i + offset + right, None being no bound on that side. window is None or
+    flash-attn's (left, right) of ints, -1 for no bound; causal=True takes right 0 (a causal
+    window sees no key to the right of its query), causal=False with no window is full
+    attention, (None, None)."""
     if window is None:
-        return None
+        return (None, 0) if causal else (None, None)
     if not (isinstance(window, tuple) and len(window) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
-        raise TypeError(f"window must be None or a tuple (left, 0) of ints, got {window!r}")
+        raise TypeError(f"window must be None or a tuple (left, right) of ints, got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     left, right = window
-    if left < 0 or right != 0:
-        raise ValueError(f"window must be (left, 0) with left >= 0 (a causal window sees no key "
-                         f"to the right of its query), got {window!r}")
-    return left
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be (left, right) with each >= 0, or -1 for no bound on "
+                         f"that side, got {window!r}")
+    if causal and right != 0:
+        raise ValueError(f"window {window!r} with causal=True: a causal window sees no key to "
+                         "the right of its query, so right must be 0; pass causal=False for a "
+                         "window with a right side (flash-attn's local attention)")
+    return (None if left == -1 else left), (None if right == -1 else right)
+
+
+def check_softcap(softcap):
+    """softcap as a float: 0 for none, else > 0 (scores become softcap * tanh(score / softcap))."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0 for none), got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be 0.0 (none) or a positive finite float, got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sinks, H, device):
+    """sinks: None, or an (H,) floating-point tensor on q's device, one logit per query head."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be None or a torch.Tensor, got {type(sinks).__name__}")
+    if not sinks.is_floating_point() or tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks must be a floating-point ({H},) tensor, one logit per query "
+                         f"head, got {sinks.dtype} of shape {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on q's device {device}, got {sinks.device}")
+    return sinks
 
 
 def _check_index_tensor(name, t, shape, device):

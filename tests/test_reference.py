@@ -71,9 +71,9 @@ BAD = [
     (dict(scale=float("-inf")), ValueError, "scale must be finite"),
     (dict(backend="flash"), ValueError, "backend must be one of"),
     (dict(layout="BTHD"), ValueError, "layout must be 'bhtd' or 'bthd', got 'BTHD'"),
-    (dict(window=(4, 2)), ValueError, "window must be (left, 0) with left >= 0"),
-    (dict(window=(-1, 0)), ValueError, "window must be (left, 0) with left >= 0"),
-    (dict(window=4), TypeError, "window must be None or a tuple (left, 0) of ints, got 4"),
+    (dict(window=(4, 2)), ValueError, "with causal=True: a causal window sees no key to the right"),
+    (dict(window=(-2, 0)), ValueError, "window must be (left, right) with each >= 0, or -1"),
+    (dict(window=4), TypeError, "window must be None or a tuple (left, right) of ints, got 4"),
     (dict(layout="bthd", q=torch.zeros(2, 9, 8), k=torch.zeros(2, 9, 8), v=torch.zeros(2, 9, 8)),
      ValueError, "layout='bthd' needs 4-D (B, T, H, D) tensors; q is (2, 9, 8)"),
 ]
