@@ -19,8 +19,8 @@ from lecture_flash.reference import causal_attention_reference, naive_causal_att
 from lecture_flash.testing import rule_failures
 
 from attention import _geomean, _gqa
-from harness import (never_ran, print_never_ran, progress, row_groups, time_pass, time_point,
-                     timed_groups, timing_cells)
+from harness import (built, never_ran, print_never_ran, progress, row_groups, time_pass,
+                     time_point, timed_groups, timing_cells)
 
 OURS = ("project-flash-api", "triton-flash-api")
 
@@ -95,8 +95,8 @@ def _check(impl, q, k, v, window):
 
 def run(opts, rows, save):
     device = opts.device
-    impls = {name: factory(device, opts.quick) for name, factory in IMPLS.items()}
-    grid = points(device, opts.dtypes, opts.quick)
+    impls = built(IMPLS, opts)
+    grid = getattr(opts, "points", None) or points(device, opts.dtypes, opts.quick)
     bar = progress(len(grid) * len(impls), "flash_api")
     for dtype, B, T, H, Hk, D, window in grid:
         torch.manual_seed(0)

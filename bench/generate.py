@@ -37,7 +37,7 @@ IMPLS = {
 def run(opts, rows, save):
     """Time generation for every entry of IMPLS, appending to `rows`."""
     device = opts.device
-    preset_name, cfg, _ = gpt_train.preset(device)
+    preset_name, cfg, _ = gpt_train.preset(device, getattr(opts, "preset", None))
     bs = cfg.block_size
     n = 2000 if device.type == "cuda" else (300 if opts.quick else 1000)
     bar = progress(len(IMPLS), "generate")

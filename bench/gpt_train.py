@@ -80,9 +80,10 @@ BASELINE, ALTERNATIVE = "lecture", "sdpa-batched"  # what the report's ratios ar
 NANOGPT_STYLE = ("sdpa-batched", "sdpa-compiled", "sdpa-compiled:reduce-overhead")
 
 
-def preset(device):
-    """The lecture's model on a GPU, its first ("small") config on a CPU: (name, cfg, batch)."""
-    name = "lecture" if device.type == "cuda" else "small"
+def preset(device, name=None):
+    """The lecture's model on a GPU, its first ("small") config on a CPU, or the preset named
+    (evidence.py's tiny one on a CPU): (name, cfg, batch)."""
+    name = name or ("lecture" if device.type == "cuda" else "small")
     return name, GPTConfig.from_preset(name, vocab_size=VOCAB), PRESETS[name]["train"]["batch_size"]
 
 
@@ -116,7 +117,7 @@ def run(opts, rows, save):
     """Time a training step of every implementation, per dtype, appending to `rows`; with
     opts.profile_dir, also profile each (harness.profile_steps)."""
     device, quick, profile_dir = opts.device, opts.quick, opts.profile_dir
-    preset_name, cfg, B = preset(device)
+    preset_name, cfg, B = preset(device, getattr(opts, "preset", None))
     T, L, H = cfg.block_size, cfg.n_layer, cfg.n_head
     runs = [("float32", None)] if device.type == "cpu" else [("bfloat16", torch.bfloat16),
                                                              ("float32", None)]

@@ -218,6 +218,15 @@ def never_ran(rows):
             if all("skipped" in r for r in rs)}
 
 
+def built(impls, opts):
+    """A section's registry built for this run: name -> factory(device, quick)'s result, for
+    every name or, where opts.impls names some (evidence.py), those. (opts.points, where a
+    section reads it, is likewise a grid of the caller's.)"""
+    names = getattr(opts, "impls", None) or impls
+    return {name: factory(opts.device, opts.quick) for name, factory in impls.items()
+            if name in names}
+
+
 def row_groups(rows, fields, absent=()):
     """The rows grouped by their values of `fields` (a missing field reads None), in the order
     first seen, leaving out the implementations in `absent`: one table block per group."""

@@ -14,6 +14,8 @@ decides the speed. Two measurements:
 - "launched" (CUDA only): real kernels on a tiny problem (1 x 1 x 16 x 64 bf16), calls issued
   back to back with one synchronise at the end, so the time per call is the host's; SDPA's
   flash and cuDNN backends beside it.
+- "cpu" (on a CPU): PyTorch's SDPA on the same (float32) call, its dispatch and a few
+  multiplies: the host time ours is held to there.
 
 Each figure is the median over --repeats runs of --calls calls, after a warm-up.
 """
@@ -98,15 +100,43 @@ def sdpa():
             "sdpa cudnn": pinned(SDPBackend.CUDNN_ATTENTION)}
 
 
-def measure(table, label, named, tensors, calls, repeats, device):
+def measure(label, named, tensors, calls, repeats, device):
+    """One row per path: {"launches", "path", "fwd_us", "fwd_bwd_us"} (None where it cannot run,
+    with "note" saying why)."""
+    rows = []
     for name, attend in named.items():
-        row = [label, name]
-        for fn in passes(attend, *tensors):
+        row = {"launches": label, "path": name}
+        for key, fn in zip(("fwd_us", "fwd_bwd_us"), passes(attend, *tensors)):
             try:
-                row.append(f"{per_call_us(fn, calls, repeats, device):.1f}")
+                row[key] = round(per_call_us(fn, calls, repeats, device), 2)
             except RuntimeError as e:  # e.g. no cuDNN attention for this GPU or build
-                row.append(f"n/a ({str(e).splitlines()[0][:40]})")
-        table.append(row)
+                row[key], row["note"] = None, str(e).splitlines()[0][:60]
+        rows.append(row)
+    return rows
+
+
+def host_rows(device, calls=500, repeats=7):
+    """Host microseconds per call on the smallest input, (1, 1, 16, 64): ours with launches
+    stubbed (Python only: runs anywhere the Triton backend can be called, a CPU under the
+    interpreter); on CUDA also real launches, ours and SDPA's flash and cuDNN backends; on a
+    CPU, PyTorch's SDPA for the same call (its dispatch plus a few multiplies). Returns
+    (rows, shape, dtype name)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 16, 64, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    tensors = (q, k, v, torch.randn_like(q))
+    scale = q.shape[-1] ** -0.5
+    rows = []
+    if device.type == "cuda" or flash.INTERPRET:
+        with launches_stubbed():
+            rows += measure("stubbed", ours(scale), tensors, calls, repeats, device)
+    if device.type == "cuda":
+        rows += measure("launched", {**ours(scale), **sdpa()}, tensors, calls, repeats, device)
+    else:
+        plain = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)}
+        rows += measure("cpu", plain, tensors, calls, repeats, device)
+    return rows, (1, 1, 16, 64), str(dtype).replace("torch.", "")
 
 
 def parse_args(argv):
@@ -124,21 +154,14 @@ def main(argv=None):
     device = default_device()
     if device.type == "cpu" and not flash.INTERPRET:
         sys.exit("no GPU: run with TRITON_INTERPRET=1 (set before Python starts) for the stubbed figures")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 1, 16, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    do = torch.randn_like(q)
-    table = []
-    scale = q.shape[-1] ** -0.5
-    with launches_stubbed():
-        measure(table, "stubbed", ours(scale), (q, k, v, do), args.calls, args.repeats, device)
-    if device.type == "cuda":
-        measure(table, "launched", {**ours(scale), **sdpa()}, (q, k, v, do), args.calls,
-                args.repeats, device)
+    rows, shape, dtype = host_rows(device, args.calls, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-    print(f"{name}, torch {torch.__version__}, shape (1, 1, 16, 64) {str(dtype).replace('torch.', '')}; "
-          f"microseconds per call, median of {args.repeats} x {args.calls}")
+    print(f"{name}, torch {torch.__version__}, shape {shape} {dtype}; microseconds per call, "
+          f"median of {args.repeats} x {args.calls}")
     header = ["launches", "path", "fwd (no_grad)", "fwd+bwd"]
+    table = [[r["launches"], r["path"], *(f"{r[key]:.1f}" if r[key] is not None else
+                                          f"n/a ({r.get('note', '')[:40]})"
+                                          for key in ("fwd_us", "fwd_bwd_us"))] for r in rows]
     widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]
     for row in [header] + table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))

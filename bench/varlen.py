@@ -19,8 +19,8 @@ from lecture_flash.testing import rule_failures
 
 import attention
 from attention import _geomean, _gqa, flex
-from harness import (never_ran, print_never_ran, progress, row_groups, time_pass, time_point,
-                     timed_groups, timing_cells)
+from harness import (built, never_ran, print_never_ran, progress, row_groups, time_pass,
+                     time_point, timed_groups, timing_cells)
 
 # Document lengths summing to 16384 tokens (the GPU point), from 480 to 4096 of them.
 DOC_LENGTHS = (4096, 2048, 3000, 1000, 3584, 512, 1024, 640, 480)
@@ -121,8 +121,8 @@ def _check(impl, q, k, v, docs):
 
 def run(opts, rows, save):
     device = opts.device
-    impls = {name: factory(device, opts.quick) for name, factory in IMPLS.items()}
-    grid = points(device, opts.dtypes, opts.quick)
+    impls = built(IMPLS, opts)
+    grid = getattr(opts, "points", None) or points(device, opts.dtypes, opts.quick)
     bar = progress(len(grid) * len(impls), "varlen")
     for dtype, H, Hk, D, lengths in grid:
         torch.manual_seed(0)

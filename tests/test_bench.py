@@ -154,6 +154,79 @@ def test_host_overhead_reports_every_path():
     assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows), r.stdout
 
 
+def _evidence(out, *flags):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_")}
+    r = subprocess.run([sys.executable, str(BENCH / "evidence.py"), "--device", "cpu", "--out",
+                        str(out), *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.xdist_group("quick_bench")
+def test_evidence_runs_every_step_at_tiny_sizes(tmp_path):
+    """bench/evidence.py on a CPU: the GPU's steps at tiny sizes, in priority order, the report
+    in run.py's schema after every step, the steps' table and verdict lines at the end."""
+    r, report = _evidence(tmp_path)
+    steps = [s["step"] for s in report["evidence"]["steps"]]
+    assert steps == ["gpu_tests", "host", "attention", "training", "hopper", "features"], r.stdout
+    assert all(s["status"] == "done" for s in report["evidence"]["steps"]), report["evidence"]
+    assert report["complete"] is True and report["evidence"]["cut_at"] is None
+    tests = report["gpu_tests"]
+    assert tests["failed"] == 0 and tests["skipped"] > 0 and tests["rc"] == 0  # no GPU: skipped
+    assert {r["path"] for r in report["host"]} >= {"causal_attention", "sdpa"}
+    impls = {row["impl"] for row in report["attention"] if "ms" in row}
+    assert {"project-auto", "sdpa-flash", "sdpa-math"} <= impls
+    hopper = [row for row in report["attention"] if row["impl"] == "triton-hopper"]
+    assert hopper and all("sm_90" in row["skipped"] for row in hopper)
+    assert any(row.get("Hk") for row in report["attention"])  # grouped heads, step 6
+    for section in ("varlen", "flash_api", "gpt_train", "generate"):
+        assert any("ms" in row or "tokens_per_s" in row for row in report[section]), section
+    assert {row["impl"] for row in report["decode"] if "ms" in row} == {"decode_attention",
+                                                                        "sdpa-masked"}
+    assert all(row["max_abs_diff_vs_sdpa"] < 1e-5 for row in report["decode"])
+    assert "== evidence ==" in r.stdout and "== verdict ==" in r.stdout
+    assert "attention fwd+bwd: project-auto" in r.stdout and "training (float32)" in r.stdout
+
+
+def test_evidence_stops_cleanly_at_its_budget(tmp_path):
+    """With no time left nothing starts: the report says where it was cut, and is not complete."""
+    r, report = _evidence(tmp_path, "--budget-s", "0.5")
+    assert report["complete"] is False
+    assert report["evidence"]["cut_at"] == "step 1 (gpu_tests)"
+    assert "cut at step 1 (gpu_tests)" in r.stdout
+
+
+def test_readme_and_docs_tables_are_what_report_py_renders():
+    """No hand-copied figure: the results blocks equal bench/report.py's render of the
+    committed reports (python bench/report.py --write after committing a report)."""
+    r = subprocess.run([sys.executable, str(BENCH / "report.py"), "--check"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_report_py_says_not_measured_and_takes_the_newest_report(tmp_path):
+    report_py = bench_module("report")
+    empty = report_py.render("docs", report_py.load(tmp_path))
+    assert "No report has measured this yet." in empty
+    lines = empty.splitlines()
+    body = [line for line, below in zip(lines, lines[1:] + [""])  # not headers, not rules
+            if line.startswith("| ") and not below.startswith("|---")]
+    figures = [c for line in body for c in line.strip("|").split("|")[1:]]
+    assert len(body) >= 8
+    assert {c.strip() for c in figures} <= {"not measured", "n/a", ""}
+    base = dict(device="GPU X", versions={"torch": "t", "triton": "r"}, commit="abc1234",
+                settings={"command": "python bench/evidence.py"}, complete=True)
+    row = dict(impl="triton", dtype="bfloat16", B=64, H=6, T=256, D=64, ms=1.25)
+    for date, ms in (("2026-12-01T00:00:00+00:00", 9.0), ("2026-12-03T00:00:00+00:00", 1.25)):
+        report = dict(base, date=date, attention=[dict(row, ms=ms, **{"pass": "fwd+bwd"})])
+        (tmp_path / f"{date[:10]}.json").write_text(json.dumps(report))
+    text = report_py.render("readme", report_py.load(tmp_path))
+    assert "| lecture's (64, 6, 256, 64), fwd+bwd | 1.250 | not measured |" in text
+    assert "GPU X, torch t, triton r, 2026-12-03, commit abc1234" in text
+    assert "`python bench/evidence.py`" in text and "9.000" not in text
+
+
 def _can_compile_for_cuda():
     try:
         return importlib.util.find_spec("triton.backends.nvidia") is not None

@@ -443,3 +443,33 @@ def test_with_kvcache_compiled_fullgraph(device):
         *a[:3], k=a[3], v=a[4], cache_seqlens=a[5], causal=True, window_size=(4, 0)), fullgraph=True)
     torch.testing.assert_close(step(q, k_cache, v_cache, k, v, seqlens), want)
     assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+
+
+@pytest.mark.gpu
+def test_with_kvcache_decode_step_in_a_cuda_graph(device):
+    """nanochat's decode step captured once and replayed as each row's position moves: the
+    append lands at the new positions and the output equals an eager call's. (Its CPU twin:
+    test_with_kvcache_appends_in_place_and_attends.)"""
+    g = torch.Generator().manual_seed(8)
+    k_cache, v_cache = (torch.randn(2, 256, 2, 64, generator=g).to(device, torch.bfloat16)
+                        for _ in range(2))
+    q, k, v = (torch.randn(2, 1, 4 if i == 0 else 2, 64, generator=g).to(device, torch.bfloat16)
+               for i in range(3))
+    seqlens = torch.tensor([3, 40], dtype=torch.int32, device=device)
+
+    def step():
+        return fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens,
+                                          causal=True, window_size=(64, 0))
+    step()  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lengths in ([10, 100], [200, 7]):
+        seqlens.copy_(torch.tensor(lengths, device=device))
+        graph.replay()
+        replayed = out.clone()
+        kc, vc = k_cache.clone(), v_cache.clone()
+        for b, L in enumerate(lengths):
+            assert torch.equal(k_cache[b, L], k[b, 0]) and torch.equal(v_cache[b, L], v[b, 0])
+        torch.testing.assert_close(replayed, step(), rtol=0, atol=0)
+        assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)  # the same slots again
