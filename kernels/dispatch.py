@@ -17,7 +17,7 @@ from .masking import guarded_attention_with_mask, guarded_causal, guarded_masked
 from .packing import block_diagonal_mask, pad, unpad, unpad_rows
 from .reference import (attention_with_mask, causal_attention_reference, causal_mask,
                         key_length_mask, masked_lse, masked_scores, packed_mask)
-from .validation import (check_attention_args, check_backend, check_length_values,
+from .validation import (check_attention_args, check_backend, check_length_values, length_range,
                          check_packed_args, check_seqlens_k, check_sinks, check_softcap,
                          check_window, kv_heads_expanded, with_positive_scale)
 
@@ -105,7 +105,8 @@ def _sdpa(q, k, v, scale, dropout_p, pinned=None, left=None, mask=None, right=0)
         with sdpa_kernel([getattr(SDPBackend, pinned)]):
             return _sdpa(q, k, v, scale, dropout_p, left=left, mask=mask, right=right)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        q, k, v = (t.contiguous() if _overlaps(t) else t for t in (q, k, v))
     q, scale = with_positive_scale(q, scale)  # SDPA's fused kernels give NaN for scale <= 0
     # Grouped-query heads (k, v with fewer heads than q): SDPA's enable_gqa reads them in place.
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
@@ -141,6 +142,20 @@ def _window_mask(Tq, Tk, device, left=None, right=0):
             _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
         mask = _WINDOW_MASKS[key] = causal_mask(Tq, Tk, device, left, right)
     return mask
+
+
+_POSITIONS = {}  # (S, device) -> arange(S): a decode step's key positions, kept
+
+
+def _positions(S, device):
+    if torch.compiler.is_compiling():
+        return torch.arange(S, device=device)
+    found = _POSITIONS.get((S, device))
+    if found is None:
+        if len(_POSITIONS) >= 16:
+            _POSITIONS.clear()
+        found = _POSITIONS[(S, device)] = torch.arange(S, device=device)
+    return found
 
 
 def _auto_backend(q, measure):
@@ -464,14 +479,16 @@ def _run_masked(route, q, k, v, scale, dropout_p, mask, empty=None):
     by a PyTorch route: the reference's arithmetic, or SDPA with the mask. A row that sees no key
     gives zeros (SDPA sees every key there, and the row is zeroed: no NaN in any gradient).
     empty: those rows, (B, 1, Tq, 1) bool, where the caller knows them (else reduced from mask;
-    on a CPU, where reading it is free, nothing is patched when no row is empty)."""
+    on a CPU, where reading it is free, nothing is patched when no row is empty); False: the
+    caller knows that no row is empty."""
     if route == "reference":
         def attend(a, b, c):
             return attention_with_mask(a, b, c, mask, scale, dropout_p)[0]
     else:  # SDPA's backends that take a mask are PyTorch's own choice (no pinning)
         if empty is None:
             empty = ~mask.any(-1, keepdim=True)
-        if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not empty.any():
+        if empty is False or (mask.device.type == "cpu" and not torch.compiler.is_compiling()
+                              and not empty.any()):
             def attend(a, b, c):
                 return _sdpa(a, b, c, scale, dropout_p, mask=mask)
         else:
@@ -561,6 +578,56 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     Returns:
         (B, H, Tq, D) in q's dtype; with return_lse, (that, lse).
     """
+    signature = None
+    if not torch.compiler.is_compiling():  # a decode loop repeats one signature: checked once
+        try:
+            signature = (q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype,
+                         v_cache.dtype, q.device, k_cache.device, v_cache.device,
+                         type(cache_seqlens), getattr(cache_seqlens, "shape", None),
+                         getattr(cache_seqlens, "dtype", None),
+                         getattr(cache_seqlens, "device", None), type(scale), scale, backend,
+                         window, causal, type(softcap), softcap, return_lse, type(num_splits),
+                         num_splits)
+            resolved = _DECODE_RESOLVED.get(signature)
+        except (AttributeError, TypeError):
+            signature = resolved = None
+    if signature is None or resolved is None:
+        resolved = _resolve_decode(q, k_cache, v_cache, cache_seqlens, scale, backend, window,
+                                   causal, softcap, num_splits)
+        if signature is not None:
+            if len(_DECODE_RESOLVED) >= 1024:
+                _DECODE_RESOLVED.clear()
+            _DECODE_RESOLVED[signature] = resolved
+    route, scale, (left, right), softcap = resolved
+    if q.dim() == 3:
+        q, k_cache, v_cache = q.unsqueeze(1), k_cache.unsqueeze(1), v_cache.unsqueeze(1)
+    B, _, Tq, _ = q.shape
+    S = k_cache.shape[2]
+    lengths, shortest = length_range("cache_seqlens", cache_seqlens, f"the cache's {S} slots", S)
+    if route == "triton":
+        lengths = lengths.to(torch.int32).contiguous()  # the kernel reads it by index
+        return flash.decode_attention(q, k_cache, v_cache, lengths, scale, backend == "triton",
+                                      left, right, softcap, return_lse, num_splits)
+    empty = None
+    if Tq == 1 and left is None and right in (0, None):  # one new token: its row's first keys
+        mask = _positions(S, q.device) < lengths.view(B, 1, 1, 1)
+        if shortest is not None and shortest > 0:
+            empty = False  # every row sees a key (read on the CPU by the range check)
+    else:
+        mask = key_length_mask(q, k_cache, lengths, left, cache=True, right=right)
+    if softcap or return_lse:
+        got = _explicit(q, k_cache, v_cache, mask, scale, 0.0, softcap, None)
+        return got if return_lse else got[0]
+    return _run_masked(route, q, k_cache, v_cache, scale, 0.0, mask, empty)
+
+
+_DECODE_RESOLVED = {}  # decode_attention's signature -> _resolve_decode's answer
+
+
+def _resolve_decode(q, k_cache, v_cache, cache_seqlens, scale, backend, window, causal, softcap,
+                    num_splits):
+    """decode_attention's checks of everything but the lengths' values: (route, scale, the
+    mask's (left, right), softcap), or the error naming the argument."""
     check_backend(backend)
     left, right = check_window(window, causal)
     softcap = check_softcap(softcap)
@@ -578,16 +645,4 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: the kernel's choice), got {num_splits!r}")
     scale = D ** -0.5 if scale is None else float(scale)
-    S = k_cache.shape[2]
-    lengths = check_length_values("cache_seqlens", cache_seqlens, f"the cache's {S} slots", S)
-    lengths = lengths.to(torch.int32).contiguous()  # the kernel reads it by index
-    strict = backend == "triton"
-    backend = _backend_for(q, backend, measure=False)
-    if backend == "triton":
-        return flash.decode_attention(q, k_cache, v_cache, lengths, scale, strict, left, right,
-                                      softcap, return_lse, num_splits)
-    mask = key_length_mask(q, k_cache, lengths, left, cache=True, right=right)
-    if softcap or return_lse:
-        got = _explicit(q, k_cache, v_cache, mask, scale, 0.0, softcap, None)
-        return got if return_lse else got[0]
-    return _run_masked(backend, q, k_cache, v_cache, scale, 0.0, mask)
+    return _backend_for(q, backend, measure=False), scale, (left, right), softcap

@@ -55,17 +55,12 @@ def bad_in_window(bad, Tq, left, right=0):
     return counts[..., last + 1] > counts[..., first]
 
 
-def _all_finite(q, k, v):
-    """Whether every entry of q, k and v is finite, judged by their sums (a sum that overflows
-    only sends the caller down its exact path). Views of one tensor no larger than the three
-    together, as a fused qkv projection gives them, are judged by its sum: one contiguous
-    reduction instead of three strided ones. The test runs in Python on the sums' values:
-    each tensor op on a 0-d tensor costs a CPU decode step a few us."""
-    base = q._base
-    if (base is not None and k._base is base and v._base is base and base.is_contiguous()
-            and base.numel() <= q.numel() + k.numel() + v.numel()):
-        return math.isfinite(base.sum().item())
-    return math.isfinite(q.sum().item() + k.sum().item() + v.sum().item())
+def _all_finite(k, v):
+    """Whether every entry of k and v is finite, judged by their sums (a sum that overflows
+    only sends the caller down its exact path). A query's own non-finite entries need no check:
+    they make its row NaN on every path, as the contract says. The test runs in Python on the
+    sums' values: each tensor op on a 0-d tensor costs a CPU decode step a few us."""
+    return math.isfinite(k.sum().item() + v.sum().item())
 
 
 def guarded_causal(attend, q, k, v, left=None, right=0):
@@ -73,6 +68,10 @@ def guarded_causal(attend, q, k, v, left=None, right=0):
     that many keys back; `right`, as packing.visible's: keys past the diagonal, None for all)
     keeping the contract above."""
     Tq, Tk = q.shape[-2], k.shape[-2]
+    if left is None and (right is None or Tq == 1):
+        # Nothing is masked (full attention; one query at the end sees every key): a non-finite
+        # key or value is seen, and plain attention gives the NaN the contract asks for.
+        return attend(q, k, v)
     return _guarded(attend, q, k, v, lambda bad: seen_so_far(bad)[..., Tk - Tq:]
                     if left is None and right == 0 else bad_in_window(bad, Tq, left, right))
 
@@ -104,13 +103,13 @@ def _guarded(attend, q, k, v, sees):
         # On a CPU a check costs no device sync. Without gradients, the output is checked: a
         # non-finite entry that a query should not have seen can only reach its output as NaN
         # (its weight is 0 and 0 * inf = NaN), so a finite output is the contract's output.
-        # With gradients (which a finite output does not vouch for), the inputs are: when the
-        # sum of all their entries is finite (nearly always), so is every entry.
+        # With gradients (which a finite output does not vouch for), the keys and values are:
+        # when the sum of all their entries is finite (nearly always), so is every entry.
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             out = attend(q, k, v)
             if math.isfinite(out.sum().item()):
                 return out
-        elif _all_finite(q, k, v):
+        elif _all_finite(k, v):
             return attend(q, k, v)
     bad = bad_positions(k, v)  # (B, Hk, Tk)
     # (B, H, Tq); with grouped-query heads each key/value head's flags serve its query heads.

@@ -169,11 +169,18 @@ def check_length_values(name, lengths, what, limit):
     """lengths (a 1-D integer tensor), after checking its values lie in [0, limit] where that
     needs no device sync (on CPU, not while torch.compile traces); on a GPU the kernels clamp
     them instead."""
+    return length_range(name, lengths, what, limit)[0]
+
+
+def length_range(name, lengths, what, limit):
+    """(lengths, their smallest value) after check_length_values' check; the smallest is None
+    where it is not read (a GPU, tracing)."""
     if lengths.device.type == "cpu" and lengths.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = (int(x) for x in torch.aminmax(lengths))
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} must lie in [0, {what}], got values from {lo} to {hi}")
-    return lengths
+        return lengths, lo
+    return lengths, None
 
 
 def check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
