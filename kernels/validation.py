@@ -191,6 +191,18 @@ def check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k, max
     device sync), and then the offsets are checked too."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
+    key = None
+    if not torch.compiler.is_compiling():
+        try:  # everything the checks read, the offsets' tensors by identity and version
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+                   v.device, type(scale), scale, type(dropout_p), dropout_p,
+                   id(cu_seqlens_q), cu_seqlens_q._version, id(cu_seqlens_k),
+                   cu_seqlens_k._version, max_seqlen_q, max_seqlen_k)
+            kept = _CHECKED_OFFSETS.get(key)
+        except (AttributeError, TypeError):  # not tensors, or an unhashable argument
+            key = kept = None
+        if kept is not None and kept[0] is cu_seqlens_q and kept[1] is cu_seqlens_k:
+            return kept[2]  # the same call on the same tensors, unchanged since
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -228,4 +240,15 @@ def check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k, max
                                  f"({longest})")
             given = longest if given is None else given
         lengths.append(given)
-    return cu_q, cu_k, lengths[0], lengths[1]
+    checked = cu_q, cu_k, lengths[0], lengths[1]
+    if key is not None:  # a model's layers pass the same cu_seqlens tensors
+        if len(_CHECKED_OFFSETS) >= 16:
+            _CHECKED_OFFSETS.pop(next(iter(_CHECKED_OFFSETS)))
+        _CHECKED_OFFSETS[key] = (cu_seqlens_q, cu_seqlens_k, checked)
+    return checked
+
+
+# (what check_packed_args reads: shapes, dtypes, devices, scale, p, the ids and versions of
+# cu_seqlens, max lengths) -> (the tensors, the checked offsets and lengths): packed calls
+# repeat them layer after layer; torch's version counter says whether one was written to.
+_CHECKED_OFFSETS = {}
