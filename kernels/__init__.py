@@ -7,7 +7,8 @@ multi-head module on it.
 
 Where things are: dispatch.py (causal_attention, decode_attention: checks and routes), sdpa.py
 (scaled_dot_product_attention, SDPA's signature), flash_attn_interface.py (flash-attn's
-functions: `from lecture_flash import flash_attn_interface as flash_attn`), flash.py and its flash_*.py siblings (the
+functions: `from lecture_flash import flash_attn_interface as flash_attn`), context_parallel.py
+(one sequence over several ranks: ring_attention), flash.py and its flash_*.py siblings (the
 Triton kernels), reference.py (the oracle), modules.py (MultiHeadAttention), hf.py (Hugging Face
 transformers), settings.py (process defaults). The lecture's GPT is lecture_flash.gpt.
 

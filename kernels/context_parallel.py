@@ -1,0 +1,313 @@
+"""Context parallelism: one sequence sharded over the ranks of a process group, each rank
+attending its queries to every rank's keys as they travel round a ring, the partial results
+merged through their log-sum-exps in float32.
+
+    from lecture_flash.context_parallel import ring_attention, shard, unshard
+    q_local = shard(q, rank, world)                 # (B, H, T, D) -> this rank's (B, H, ~T/W, D)
+    out_local = ring_attention(q_local, k_local, v_local)   # causal, zigzag-balanced
+    out = unshard(gathered_outs, world)             # back to (B, H, T, D), the sequence's order
+
+Sharding (shard/unshard): the sequence is cut into 2W chunks (torch.tensor_split's sizes, so
+any length works: the first T % 2W chunks are one longer) and rank r holds chunks r and
+2W - 1 - r ("zigzag"), so that under the causal mask every rank has the same work; with
+zigzag=False, W chunks, rank r holding chunk r (for full attention, where work is even anyway).
+Every rank's local length is exchanged once per call (one small all_gather), so uneven chunks
+need nothing more.
+
+The ring (forward): W steps; at step s a rank holds the keys and values of rank r - s, attends
+its query chunks to those key chunks (a chunk before the query's: every key; the same chunk:
+causal; after: none; full attention: every key), merges, and meanwhile sends what it holds to
+rank r + 1 and receives from r - 1 (batch_isend_irecv, overlapping the step's compute). The
+backward circulates the keys and values again with float32 dK/dV accumulators that travel with
+them and arrive home complete after the last step; dQ accumulates locally. Nothing a step saves
+is a key or value of another rank (the ring re-sends them in the backward), so no stale saved
+tensor can leave a gradient wrong.
+
+The stateless pieces, public for others to build on:
+    attention_block(q, k, v, causal, scale) -> (out, lse float32)
+    attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv)   (accumulates)
+    merge(out, lse, block_out, block_lse) -> (out, lse)   (float32)
+
+On CUDA they run the Triton kernels (the backward takes the merged out and lse, as
+FlashAttention's does in a ring); elsewhere PyTorch's arithmetic, float32. Not implemented,
+refused by name: dropout, windows, softcap, sinks, packed rows (an all-gather variant would
+serve the last three's users); docs/context-parallel.md has the communication and memory.
+"""
+import torch
+import torch.distributed as dist
+
+from .validation import check_attention_args, kv_heads_expanded
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding
+# ----------------------------------------------------------------------------------------------
+
+def chunk_sizes(T, world, zigzag=True):
+    """The sizes of the sequence's chunks (2 * world with zigzag, else world), as
+    torch.tensor_split cuts T: the first T % n are one longer."""
+    n = 2 * world if zigzag else world
+    return [T // n + (i < T % n) for i in range(n)]
+
+
+def rank_chunks(rank, world, zigzag=True):
+    """The chunk indices rank holds, in the order its shard stores them."""
+    return (rank, 2 * world - 1 - rank) if zigzag else (rank,)
+
+
+def shard(x, rank, world, dim=2, zigzag=True):
+    """This rank's part of x along dim (the sequence: 2 for (B, H, T, D), 1 for (B, T, H, D))."""
+    chunks = torch.tensor_split(x, 2 * world if zigzag else world, dim=dim)
+    return torch.cat([chunks[c] for c in rank_chunks(rank, world, zigzag)], dim=dim)
+
+
+def unshard(parts, world, dim=2, zigzag=True):
+    """The sequence in order again from every rank's shard (parts[r]: rank r's)."""
+    pieces = {}
+    for r, part in enumerate(parts):
+        cs = rank_chunks(r, world, zigzag)
+        if len(cs) == 1:
+            pieces[cs[0]] = part
+            continue
+        T = sum(p.shape[dim] for p in parts)
+        sizes = chunk_sizes(T, world, zigzag)
+        pieces[cs[0]], pieces[cs[1]] = part.split([sizes[cs[0]], sizes[cs[1]]], dim=dim)
+    return torch.cat([pieces[c] for c in sorted(pieces)], dim=dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stateless pieces
+# ----------------------------------------------------------------------------------------------
+
+# Which arithmetic the stateless pieces use: "auto" (the Triton kernels on CUDA, PyTorch's
+# elsewhere), "triton" (also under the CPU interpreter: tests), or "torch".
+BACKEND = "auto"
+
+
+def _triton_runs(q, scale=1.0):
+    from . import dispatch
+    if BACKEND == "torch" or scale <= 0:  # (the kernels' backward takes scale > 0)
+        return False
+    if BACKEND == "triton":
+        return True
+    return q.device.type == "cuda" and dispatch._triton_unavailable(q) is None
+
+
+def attention_block(q, k, v, causal, scale):
+    """(out, lse) of one block, no autograd: q (B, H, m, D), k and v (B, Hk, n, D); causal: the
+    mask bottom-right aligned (m == n for a ring's diagonal block), else every key. out in q's
+    dtype, lse (B, H, m) float32, natural log."""
+    from .dispatch import causal_attention
+    with torch.no_grad():
+        backend = "triton" if _triton_runs(q, scale) else "reference"
+        out, lse = causal_attention(q, k, v, scale=scale, causal=causal, return_lse=True,
+                                    backend=backend)
+    return out, lse.float()
+
+
+def merge(out, lse, block_out, block_lse):
+    """The attention over two key sets from each one's (out, lse): float32 out and lse, weights
+    exp(lse_part - lse). out None: the first part."""
+    block_out = block_out.float()
+    if out is None:
+        return block_out, block_lse
+    new = torch.logaddexp(lse, block_lse)
+    new_safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    w_old = torch.exp(lse - new_safe).unsqueeze(-1)
+    w_new = torch.exp(block_lse - new_safe).unsqueeze(-1)
+    return out * w_old + block_out * w_new, new
+
+
+def attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv):
+    """Add one block's share of the gradients to the float32 buffers dq (B, H, m, D), dk and dv
+    (B, Hk, n, D), given the output and lse merged over every block (the softmax is the whole
+    row's: P = exp(S - lse), delta = rowsum(dO * O))."""
+    if _triton_runs(q, scale):
+        from . import flash_launch
+        bq, bk, bv = flash_launch.backward(do.to(q.dtype).contiguous(), q, k, v,
+                                           out.to(q.dtype).contiguous(),
+                                           (lse * LOG2E).contiguous(), None, float(scale), 0.0,
+                                           "ieee", True, right=0 if causal else -1)
+        dq += bq.float()
+        dk += bk.float()
+        dv += bv.float()
+        return
+    H, Hk = q.shape[1], k.shape[1]
+    qf, kf, vf = q.float(), kv_heads_expanded(k, H).float(), kv_heads_expanded(v, H).float()
+    s = (qf @ kf.transpose(-2, -1)) * scale
+    if causal:
+        m, n = q.shape[2], k.shape[2]
+        i = torch.arange(m, device=q.device).view(-1, 1) + (n - m)
+        s = s.masked_fill(torch.arange(n, device=q.device).view(1, -1) > i, float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    dof = do.float()
+    delta = (dof * out.float()).sum(-1, keepdim=True)
+    ds = p * (dof @ vf.transpose(-2, -1) - delta) * scale
+    dq += ds @ kf
+    group = H // Hk
+    dk += (ds.transpose(-2, -1) @ qf).unflatten(1, (Hk, group)).sum(2)
+    dv += (p.transpose(-2, -1) @ dof).unflatten(1, (Hk, group)).sum(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ring
+# ----------------------------------------------------------------------------------------------
+
+class _Ring:
+    """One call's layout: the group, every rank's chunks and their sizes, where each of this
+    rank's chunks sits in its shard."""
+
+    def __init__(self, q, group, zigzag):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        local = torch.tensor([q.shape[2]], device=q.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local, group=group)
+        T = int(sum(int(x) for x in gathered))
+        self.sizes = chunk_sizes(T, self.world, zigzag)
+        self.zigzag = zigzag
+        expected = [sum(self.sizes[c] for c in rank_chunks(r, self.world, zigzag))
+                    for r in range(self.world)]
+        if [int(x) for x in gathered] != expected:
+            raise ValueError(f"the ranks' local lengths {[int(x) for x in gathered]} are not "
+                             f"lecture_flash.context_parallel.shard's of {T} positions over "
+                             f"{self.world} ranks ({expected})")
+        self.peers = [dist.get_global_rank(group, r) if group is not None else r
+                      for r in range(self.world)]
+
+    def chunks(self, rank):
+        """[(chunk index, start in the shard, length)] of rank's shard."""
+        found, start = [], 0
+        for c in rank_chunks(rank, self.world, self.zigzag):
+            found.append((c, start, self.sizes[c]))
+            start += self.sizes[c]
+        return found
+
+    def shape_of(self, rank, like):
+        n = sum(size for _, _, size in self.chunks(rank))
+        return (*like.shape[:2], n, like.shape[3])
+
+    def exchange(self, tensors, step):
+        """Start sending `tensors` to the next rank and receiving the previous rank's (which
+        hold rank r - step - 1's): returns (requests, receive buffers)."""
+        source = (self.rank - step - 1) % self.world
+        bufs = [t.new_empty(self.shape_of(source, t)) for t in tensors]
+        nxt, prev = self.peers[(self.rank + 1) % self.world], self.peers[(self.rank - 1) % self.world]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, b, prev, self.group) for b in bufs]
+        return dist.batch_isend_irecv(ops), bufs
+
+    def pairs(self, source, causal):
+        """[(q start, q length, k start, k length, causal)] of the blocks this rank's queries
+        attend in the keys of `source`'s shard."""
+        found = []
+        for qc, qs, qn in self.chunks(self.rank):
+            for kc, ks, kn in self.chunks(source):
+                if qn == 0 or kn == 0 or (causal and kc > qc):
+                    continue
+                found.append((qs, qn, ks, kn, causal and kc == qc))
+        return found
+
+
+def _forward(ring, q, k, v, causal, scale):
+    out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+    held = (k, v)
+    for step in range(ring.world):
+        source = (ring.rank - step) % ring.world
+        pending = ring.exchange(held, step) if step < ring.world - 1 else None
+        for qs, qn, ks, kn, diag in ring.pairs(source, causal):
+            o, l = attention_block(q[:, :, qs:qs + qn], held[0][:, :, ks:ks + kn],
+                                   held[1][:, :, ks:ks + kn], diag, scale)
+            rows = slice(qs, qs + qn)
+            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o, l)
+        if pending is not None:
+            for request in pending[0]:
+                request.wait()
+            held = tuple(pending[1])
+    return out, lse
+
+
+def _backward(ring, do, q, k, v, out, lse, causal, scale):
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    held = (k, v, dk, dv)
+    for step in range(ring.world):
+        source = (ring.rank - step) % ring.world
+        kk, vv, gk, gv = held
+        for qs, qn, ks, kn, diag in ring.pairs(source, causal):
+            rows, keys = slice(qs, qs + qn), slice(ks, ks + kn)
+            part_dk, part_dv = torch.zeros_like(gk[:, :, keys]), torch.zeros_like(gv[:, :, keys])
+            attention_block_backward(do[:, :, rows], q[:, :, rows], kk[:, :, keys],
+                                     vv[:, :, keys], out[:, :, rows], lse[:, :, rows], diag,
+                                     scale, dq[:, :, rows], part_dk, part_dv)
+            gk[:, :, keys] += part_dk
+            gv[:, :, keys] += part_dv
+        # The keys and values move on with their gradients; after the last step they are home.
+        requests, bufs = ring.exchange(held, step)
+        for request in requests:
+            request.wait()
+        held = tuple(bufs)
+    return dq, held[2], held[3]
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, zigzag):
+        ring = _Ring(q, group, zigzag)
+        out, lse = _forward(ring, q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.causal, ctx.scale = ring, causal, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.ring, do, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd", zigzag=None,
+                   dropout_p=0.0, window=None, softcap=0.0, sinks=None):
+    """Attention of a sequence sharded over `group` (default: the whole world), each rank
+    passing its own shard: q (B, H, T_r, D), k and v (B, Hk, T_r, D) (layout "bthd": (B, T_r,
+    H, D)), as shard() cuts them: zigzag (None: True for causal attention, False for full)
+    must be what shard() was given. Returns this rank's part of the output, in q's dtype and
+    layout.
+    Differentiable: the backward runs the ring again. Every rank must call it with the same
+    options.
+
+    causal: the whole sequence's causal mask (query i sees keys j <= i, in global positions);
+    False: every key. scale: multiplier of q @ k^T (default D ** -0.5). Grouped-query heads as
+    causal_attention takes them. Partial outputs merge in float32 whatever the inputs' dtype.
+    dropout_p, window, softcap, sinks: not implemented here; anything but their defaults raises
+    NotImplementedError naming it."""
+    for name, given, none in (("dropout_p", dropout_p, 0.0), ("window", window, None),
+                              ("softcap", softcap, 0.0), ("sinks", sinks, None)):
+        if isinstance(given, torch.Tensor) or given != none:
+            raise NotImplementedError(f"ring_attention: {name} is not implemented (pass "
+                                      f"{name}={none!r}); causal_attention takes it on one device")
+    if layout not in ("bhtd", "bthd"):
+        raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
+    if layout == "bthd":
+        out = ring_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=group,
+                             causal=causal, scale=scale, zigzag=zigzag)
+        return out.transpose(1, 2)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring_attention needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group, or torchrun)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, 0.0, full=True)
+    if three_d:
+        raise ValueError("ring_attention takes 4-D (B, H, T, D) shards")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must hold the same positions of the sequence (self-attention "
+                         f"shards), got {q.shape[2]} and {k.shape[2]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    zigzag = causal if zigzag is None else bool(zigzag)
+    return _RingAttention.apply(q, k, v, causal, scale, group, zigzag)

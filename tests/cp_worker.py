@@ -1,0 +1,38 @@
+"""One rank of tests/test_context_parallel.py's runs (started by it with RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT): ring_attention of a seeded sequence's shard, forward and backward;
+saves this rank's output and gradients for the test to put together."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lecture_flash import context_parallel as cp
+
+
+def main(spec_json, out_path):
+    spec = json.loads(spec_json)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cp.BACKEND = spec.get("backend", "auto")
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    full = [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
+    do = torch.randn(B, H, T, D, generator=g).to(dtype)
+    zigzag = spec["zigzag"]
+    q, k, v = (cp.shard(x, rank, world, zigzag=zigzag).requires_grad_() for x in full)
+    layout = spec.get("layout", "bhtd")
+    args = [x.transpose(1, 2) if layout == "bthd" else x for x in (q, k, v)]
+    out = cp.ring_attention(*args, causal=spec["causal"], zigzag=zigzag, layout=layout,
+                            scale=spec.get("scale"))
+    if layout == "bthd":
+        out = out.transpose(1, 2)
+    out.backward(cp.shard(do, rank, world, zigzag=zigzag))
+    torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}, out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,146 @@
+"""Context parallelism (lecture_flash.context_parallel): a sequence sharded over 2 and 4 gloo
+processes on CPU, its output and gradients held to the tolerance rule against single-process
+attention (the float64 oracle; PyTorch's math in the inputs' dtype as the baseline)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lecture_flash import context_parallel as cp
+from lecture_flash.reference import causal_attention_reference, naive_causal_attention
+from lecture_flash.testing import assert_by_rule
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_gloo_available(),
+                                reason="this torch has no gloo backend")
+WORKER = Path(__file__).with_name("cp_worker.py")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(spec, world, tmp_path):
+    """Start `world` processes of cp_worker.py on spec; their outputs and gradients, put back
+    in the sequence's order."""
+    port = str(_free_port())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    if spec.get("backend") != "triton":
+        env.pop("TRITON_INTERPRET", None)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec), str(tmp_path / f"{r}.pt")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    return {name: cp.unshard([p[name] for p in parts], world, zigzag=spec["zigzag"])
+            for name in ("out", "dq", "dk", "dv")}
+
+
+def single_process(spec):
+    """(float64 oracle, the inputs' dtype baseline) of the whole sequence: out, dq, dk, dv."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    full = [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
+    do = torch.randn(B, H, T, D, generator=g).to(dtype)
+    causal, scale = spec["causal"], spec.get("scale")
+
+    def grads(fn, inputs, d):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        out = fn(*inputs)
+        return [out.detach(), *torch.autograd.grad(out, inputs, d)]
+    ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale),
+                [x.double() for x in full], do.double())
+    mask = None if causal else torch.ones(T, T, dtype=torch.bool)
+    low = grads(lambda a, b, c: naive_causal_attention(a, b, c, scale, mask=mask), full, do)
+    return ref, low
+
+
+CASES = {
+    "causal zigzag, 2 ranks": (dict(B=2, H=2, Hk=2, T=64, D=16, causal=True, zigzag=True), 2),
+    "causal zigzag, 4 ranks, grouped heads, 45 positions": (
+        dict(B=1, H=4, Hk=2, T=45, D=16, causal=True, zigzag=True), 4),
+    "causal contiguous, 4 ranks, bthd": (
+        dict(B=1, H=2, Hk=1, T=40, D=8, causal=True, zigzag=False, layout="bthd"), 4),
+    "full attention, 2 ranks, 33 positions, scale": (
+        dict(B=2, H=2, Hk=2, T=33, D=16, causal=False, zigzag=False, scale=0.3), 2),
+    "full attention, 4 ranks, zigzag shards": (
+        dict(B=1, H=4, Hk=4, T=48, D=8, causal=False, zigzag=True), 4),
+    "bfloat16, causal, 2 ranks": (dict(B=1, H=2, Hk=2, T=32, D=16, causal=True, zigzag=True,
+                                       dtype="bfloat16"), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ring_attention_equals_one_process(case, tmp_path):
+    spec, world = CASES[case]
+    got = run_ranks(spec, world, tmp_path)
+    ref, low = single_process(spec)
+    assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
+
+
+def test_the_kernels_pieces_in_a_ring_under_the_interpreter(tmp_path):
+    """The Triton forward and backward as the blocks of a 2-rank ring (the interpreter)."""
+    if "triton" not in __import__("lecture_flash").available_backends("cpu"):
+        pytest.skip("triton cannot run here (no interpreter)")
+    spec = dict(B=1, H=2, Hk=1, T=40, D=16, causal=True, zigzag=True, backend="triton")
+    got = run_ranks(spec, 2, tmp_path)
+    ref, low = single_process(spec)
+    assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
+
+
+def test_shard_and_unshard_are_inverse_for_any_length():
+    x = torch.arange(2 * 3 * 37 * 2.0).view(2, 3, 37, 2)
+    for world in (1, 2, 3, 4):
+        for zigzag in (True, False):
+            parts = [cp.shard(x, r, world, zigzag=zigzag) for r in range(world)]
+            assert sum(p.shape[2] for p in parts) == 37
+            assert torch.equal(cp.unshard(parts, world, zigzag=zigzag), x)
+    assert cp.rank_chunks(1, 4) == (1, 6)  # rank i holds chunks i and 2W - 1 - i
+
+
+def test_the_stateless_pieces_merge_to_whole_attention():
+    """attention_block over two key halves, merged, is attention over all of them; the
+    backward of each half, accumulated, is the whole backward."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 4, 8, 16, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float64) for _ in range(2))
+    scale = 0.25
+    o1, l1 = cp.attention_block(q, k[:, :, :12], v[:, :, :12], False, scale)
+    o2, l2 = cp.attention_block(q, k[:, :, 12:], v[:, :, 12:], True, scale)
+    out, lse = cp.merge(*cp.merge(None, None, o1, l1), o2, l2)
+    want, want_lse = causal_attention_reference(q, k, v, scale=scale, return_lse=True)
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-6, rtol=0)
+    do = torch.randn_like(q)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for keys, causal in ((slice(0, 12), False), (slice(12, 20), True)):
+        part_k, part_v = torch.zeros_like(k[:, :, keys]), torch.zeros_like(v[:, :, keys])
+        cp.attention_block_backward(do, q, k[:, :, keys], v[:, :, keys], out, lse, causal,
+                                    scale, dq, part_k, part_v)
+        dk[:, :, keys] += part_k
+        dv[:, :, keys] += part_v
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    wants = torch.autograd.grad(causal_attention_reference(qq, kk, vv, scale=scale), (qq, kk, vv), do)
+    for g, w in zip((dq, dk, dv), wants):
+        torch.testing.assert_close(g.double(), w, atol=1e-6, rtol=0)
+
+
+def test_what_the_ring_does_not_implement_is_refused_by_name():
+    q = torch.randn(1, 1, 4, 8)
+    for name, value in (("dropout_p", 0.1), ("window", (2, 0)), ("softcap", 5.0)):
+        with pytest.raises(NotImplementedError, match=name):
+            cp.ring_attention(q, q, q, **{name: value})
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cp.ring_attention(q, q, q)
