@@ -120,6 +120,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         self.apply(self._init_weights)
+        # Context parallelism (gpt/context.py, train.py --context-parallel): while set, forward
+        # computes this rank's shard of every sequence.
+        self.context = None
 
     @staticmethod
     def _init_weights(module):
@@ -134,6 +137,8 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"idx has {T} positions but block_size is {self.config.block_size}; "
                              "crop the context (generate does this)")
+        if self.context is not None:
+            return self.context.forward(self, idx, targets)
         logits = self.to_logits(self.hidden(idx))  # (B, T, vocab)
         loss = None
         if targets is not None:

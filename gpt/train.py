@@ -31,6 +31,7 @@ from .data import Batches, CharTokenizer, DataError, load_text
 from .step import (DDP_WARMUP_STEPS, WARMUP_STEPS, Captured, TrainStep, adamw, adamw_lr,
                    set_lr)
 from .step import autocast as step_autocast
+from .context import ContextParallel
 from .model import GPT, PRESETS, TRAIN_DEFAULTS, GPTConfig
 
 MODEL_KEYS = ("block_size", "n_embd", "n_head", "n_layer", "dropout")
@@ -78,6 +79,10 @@ def parse_args(argv=None):
                         "torchrun the gradient all-reduce too) and the evaluation's forward in "
                         "CUDA graphs and replay them (default: on with --compile on CUDA)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun: shard every sequence over groups of N processes, which "
+                        "attend through a ring (lecture_flash.context_parallel); the processes "
+                        "are WORLD_SIZE / N data-parallel groups of N (default 1: none)")
     p.add_argument("--sample-tokens", type=int, default=300, help="characters sampled at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for key in MODEL_KEYS + TRAIN_KEYS:  # None = take it from the checkpoint or the preset
@@ -114,6 +119,11 @@ def check_args(args):
     device = device_of(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if args.context_parallel < 1:
+        raise UsageError(f"--context-parallel must be at least 1, got {args.context_parallel}")
+    if args.context_parallel > 1 and (args.compile or args.cuda_graphs):
+        raise UsageError("--context-parallel runs eager: pass --no-compile --no-cuda-graphs "
+                         "(the ring's exchanges are not captured or compiled yet)")
     return device
 
 
@@ -249,20 +259,44 @@ def all_finite(model):
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
+@contextlib.contextmanager
+def whole_sequences(model):
+    """The model on whole sequences for a while (rank 0's evaluation: the other ranks of its
+    context-parallel group are not there to share them)."""
+    saved, model.context = model.context, None
+    try:
+        yield
+    finally:
+        model.context = saved
+
+
 class Distributed:
     """This process's place in a torchrun job (rank, world_size, local_rank), or a single
-    process (rank 0 of 1). Data-parallel collectives go through torch.distributed."""
+    process (rank 0 of 1). Data-parallel collectives go through torch.distributed. With
+    context=N the processes are world_size / N data-parallel groups of N consecutive ranks
+    that share each sequence (context parallelism): dp_rank, dp_size, cp_rank, cp_group."""
 
-    def __init__(self, device):
+    def __init__(self, device, context=1):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = device
+        if context > 1 and self.world_size % context:
+            raise UsageError(f"--context-parallel {context} must divide the number of processes "
+                             f"({self.world_size}; torchrun --nproc_per_node sets it)")
+        self.context = context
+        self.dp_size, self.dp_rank = self.world_size // context, self.rank // context
+        self.cp_rank, self.cp_group = self.rank % context, None
         if self.world_size > 1:
             if device.type == "cuda":  # one GPU per process, the local rank's
                 self.device = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if context > 1:  # every process makes every group, in the same order
+                for first in range(0, self.world_size, context):
+                    group = torch.distributed.new_group(list(range(first, first + context)))
+                    if first == self.dp_rank * context:
+                        self.cp_group = group
 
     @property
     def main(self):
@@ -297,7 +331,7 @@ def train(args, build_model=GPT, report=None):
     t_start = time.perf_counter()  # the speedrun's clock: data, model, compile and training
     text = load_text(args.data)  # first: a missing --data is the first thing to say
     created = not Path(args.out_dir).exists()
-    ddp = Distributed(device)
+    ddp = Distributed(device, args.context_parallel)
     try:
         return _train(args, ddp, build_model, {} if report is None else report, text, t_start)
     except BaseException:
@@ -351,11 +385,15 @@ def _train(args, ddp, build_model, report, text, t_start):
         data = tok.encode(text)
     except ValueError as e:
         raise UsageError(f"the data does not fit the checkpoint's tokenizer: {e}") from None
+    # A context-parallel group shares its batches: the data splits over the dp_size groups.
     batches = Batches(data, hp["block_size"], hp["batch_size"], device, seed=args.seed,
-                      rank=ddp.rank, world_size=ddp.world_size)
-    # Rank 0 evaluates alone, on the batches one process would (world_size x batch_size).
+                      rank=ddp.dp_rank, world_size=ddp.dp_size)
+    # Rank 0 evaluates alone, on the batches one process would (dp_size x batch_size).
     eval_batches = batches if ddp.world_size == 1 else Batches(
-        data, hp["block_size"], hp["batch_size"] * ddp.world_size, device, seed=args.seed)
+        data, hp["block_size"], hp["batch_size"] * ddp.dp_size, device, seed=args.seed)
+    if ddp.context > 1 and hp["dropout"] > 0:
+        raise UsageError(f"--context-parallel with dropout {hp['dropout']}: the ring has no "
+                         "dropout yet; pass --dropout 0")
 
     try:
         cfg = GPTConfig(**{**ckpt["config"], "backend": args.backend}) if ckpt else GPTConfig(
@@ -384,6 +422,9 @@ def _train(args, ddp, build_model, report, text, t_start):
     saved_at = start if ckpt else None  # the iteration of the checkpoint on disk from this run
     n_params = sum(p.numel() for p in model.parameters())
     where = f"{ddp.world_size} processes" if ddp.world_size > 1 else f"device {device}"
+    if ddp.context > 1:
+        where += f" ({ddp.dp_size} data-parallel x {ddp.context} context-parallel)"
+        model.context = ContextParallel(ddp.cp_group, ddp.context, ddp.cp_rank)
     say(f"{n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {where}, "
         f"{len(batches.splits['train'])} train tokens, starting at iter {start}", flush=True)
     step_model = model
@@ -406,7 +447,7 @@ def _train(args, ddp, build_model, report, text, t_start):
                            warmup=DDP_WARMUP_STEPS if ddp.world_size > 1 else WARMUP_STEPS)
 
     def eval_loss(x, y):
-        with autocast():
+        with autocast(), whole_sequences(model):
             return eval_model(x, y)[1]
     # Captured too: an evaluation of the lecture's run is 400 forwards.
     eval_forward = Captured(eval_loss) if graphs else eval_loss
@@ -472,7 +513,7 @@ def _train(args, ddp, build_model, report, text, t_start):
         return True
 
     scheduled = hp["warmup_iters"] > 0 or hp["min_lr"] is not None
-    tokens_per_step = hp["batch_size"] * hp["block_size"] * ddp.world_size
+    tokens_per_step = hp["batch_size"] * hp["block_size"] * ddp.dp_size
     t0, done, stopped = time.perf_counter(), 0, None
     for it in range(start, hp["max_iters"]):
         if it % hp["eval_interval"] == 0 and (it != start or start == 0):
@@ -514,6 +555,7 @@ def _train(args, ddp, build_model, report, text, t_start):
             say(f"the val loss did not reach {hp['target_loss']} in {hp['max_iters']} steps",
                 flush=True)
     say(f"checkpoint written to {ckpt_path}", flush=True)
+    model.context = None  # whole sequences from here on (sampling, the caller's use)
     if args.sample_tokens > 0 and ddp.main:
         g = torch.Generator(device=device).manual_seed(args.seed)
         model.eval()

@@ -99,3 +99,60 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(text_path, tmp_p
     ranks(text_path, *run, "--resume", "--out-dir", tmp_path / "resumed")
     got, want = weights(tmp_path / "resumed"), weights(tmp_path / "straight")
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+# Context parallelism: every sequence sharded over a group of processes (gpt/context.py).
+
+def _same_run(got_out, got_dir, want_out, want_dir):
+    got_curve, want_curve = eval_losses(got_out), eval_losses(want_out)
+    assert [s for s, _, _ in got_curve] == [0, 4, 8] == [s for s, _, _ in want_curve]
+    for (_, a, b), (_, c, d) in zip(got_curve, want_curve):
+        assert abs(a - c) < 2e-4 and abs(b - d) < 2e-4, (got_curve, want_curve)
+    got, want = weights(got_dir), weights(want_dir)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_context_parallel_trains_as_one_process(text_path, tmp_path, capsys):
+    """torchrun --context-parallel 2: each sequence of a batch of 4 split over 2 processes
+    (zigzag shards, the ring's attention) trains as one process at batch 4: the same loss curve
+    and weights within float tolerance."""
+    out = torchrun(text_path, *RUN, "--batch-size", "4", "--context-parallel", "2",
+                   "--out-dir", tmp_path / "cp")
+    train_cli.main([*RUN, "--batch-size", "4", "--data", str(text_path), "--out-dir",
+                    str(tmp_path / "one")])
+    assert "(1 data-parallel x 2 context-parallel)" in out
+    _same_run(out, tmp_path / "cp", capsys.readouterr().out, tmp_path / "one")
+
+
+def test_context_and_data_parallel_together(text_path, tmp_path, capsys):
+    """4 processes, 2 data-parallel groups of 2 context-parallel ones, at batch 4 each: as one
+    process at batch 8."""
+    out = ranks(text_path, *RUN, "--batch-size", "4", "--context-parallel", "2", "--out-dir",
+                tmp_path / "cp", nproc=4)
+    train_cli.main([*RUN, "--batch-size", "8", "--data", str(text_path), "--out-dir",
+                    str(tmp_path / "one")])
+    assert "(2 data-parallel x 2 context-parallel)" in out
+    _same_run(out, tmp_path / "cp", capsys.readouterr().out, tmp_path / "one")
+
+
+def test_context_parallel_resumes_exactly(text_path, tmp_path):
+    """4 steps then --resume to 8 ends with the weights of 8 straight, bitwise. (Two processes:
+    with four, gloo's all-reduce adds four values in an order that follows DDP's buckets, which
+    it rebuilds after a process's first step, so a restarted run rounds differently, 1e-8.)"""
+    run = [*RUN, "--batch-size", "4", "--context-parallel", "2"]
+    ranks(text_path, *run, "--out-dir", tmp_path / "straight")
+    ranks(text_path, *run, "--max-iters", "4", "--out-dir", tmp_path / "resumed")
+    ranks(text_path, *run, "--resume", "--out-dir", tmp_path / "resumed")
+    got, want = weights(tmp_path / "resumed"), weights(tmp_path / "straight")
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_context_parallel_is_refused_where_it_cannot_run(text_path):
+    from helpers import cli_error
+    assert "--context-parallel runs eager" in cli_error(
+        train_cli.main, *RUN, "--context-parallel", "2", "--compile", "--data", str(text_path))
+    assert "must be at least 1" in cli_error(
+        train_cli.main, *RUN, "--context-parallel", "0", "--data", str(text_path))
+    assert "must divide the number of processes (1" in cli_error(
+        train_cli.main, *RUN, "--context-parallel", "2", "--data", str(text_path))
