@@ -23,6 +23,10 @@ them and arrive home complete after the last step; dQ accumulates locally. Nothi
 is a key or value of another rank (the ring re-sends them in the backward), so no stale saved
 tensor can leave a gradient wrong.
 
+exchange="allgather" gathers every shard once instead (differentiably: the keys' and values'
+gradients go back summed) and attends each query chunk with causal_attention, which brings its
+windows, dropout and softcap: what a ring does badly (short windows) or lacks.
+
 The stateless pieces, public for others to build on:
     attention_block(q, k, v, causal, scale) -> (out, lse float32)
     attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv)   (accumulates)
@@ -30,8 +34,8 @@ The stateless pieces, public for others to build on:
 
 On CUDA they run the Triton kernels (the backward takes the merged out and lse, as
 FlashAttention's does in a ring); elsewhere PyTorch's arithmetic, float32. Not implemented,
-refused by name: dropout, windows, softcap, sinks, packed rows (an all-gather variant would
-serve the last three's users); docs/context-parallel.md has the communication and memory.
+refused by name: sinks, packed rows; dropout, windows and softcap in the ring (the all-gather
+variant has them). docs/context-parallel.md has the communication and memory.
 """
 import torch
 import torch.distributed as dist
@@ -271,8 +275,57 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+class _GatherShards(torch.autograd.Function):
+    """Every rank's (B, Hk, T_r, D) shard, padded to the longest: forward all_gather; backward
+    each rank's share of the gradients summed over the ranks (reduce_scatter on NCCL; gloo has
+    none, so an all_reduce of them all there)."""
+
+    @staticmethod
+    def forward(ctx, x, longest, group):
+        ctx.group, ctx.n = group, x.shape[2]
+        padded = torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[2])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, padded, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        rank = dist.get_rank(ctx.group)
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            mine = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+        else:
+            dist.all_reduce(grad, group=ctx.group)
+            mine = grad[rank]
+        return mine[:, :, :ctx.n], None, None
+
+
+def _gathered_attention(ring, q, k, v, causal, scale, window, dropout_p, softcap):
+    """The all-gather variant: every rank's keys and values gathered once (differentiably),
+    put in the sequence's order, and each of this rank's query chunks attended by
+    causal_attention to the keys up to its end (causal: bottom-right, windows and dropout as
+    causal_attention has them) or to all of them (full attention)."""
+    from .dispatch import causal_attention
+    lengths = [sum(n for _, _, n in ring.chunks(r)) for r in range(ring.world)]
+    longest = max(lengths)
+    gathered = [_GatherShards.apply(x, longest, ring.group) for x in (k, v)]  # (W, B, Hk, L, D)
+    k_all, v_all = (unshard([g[r][:, :, :lengths[r]] for r in range(ring.world)], ring.world,
+                            zigzag=ring.zigzag) for g in gathered)
+    starts = [sum(ring.sizes[:c]) for c in range(len(ring.sizes))]
+    outs = []
+    for c, qs, qn in ring.chunks(ring.rank):
+        if qn == 0:
+            continue
+        end = starts[c] + qn if causal else k_all.shape[2]
+        outs.append(causal_attention(q[:, :, qs:qs + qn], k_all[:, :, :end], v_all[:, :, :end],
+                                     scale=scale, causal=causal, window=window,
+                                     dropout_p=dropout_p, softcap=softcap))
+    return torch.cat(outs, dim=2)
+
+
 def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd", zigzag=None,
-                   dropout_p=0.0, window=None, softcap=0.0, sinks=None):
+                   dropout_p=0.0, window=None, softcap=0.0, sinks=None, exchange="ring"):
     """Attention of a sequence sharded over `group` (default: the whole world), each rank
     passing its own shard: q (B, H, T_r, D), k and v (B, Hk, T_r, D) (layout "bthd": (B, T_r,
     H, D)), as shard() cuts them: zigzag (None: True for causal attention, False for full)
@@ -284,18 +337,35 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
     causal: the whole sequence's causal mask (query i sees keys j <= i, in global positions);
     False: every key. scale: multiplier of q @ k^T (default D ** -0.5). Grouped-query heads as
     causal_attention takes them. Partial outputs merge in float32 whatever the inputs' dtype.
-    dropout_p, window, softcap, sinks: not implemented here; anything but their defaults raises
-    NotImplementedError naming it."""
-    for name, given, none in (("dropout_p", dropout_p, 0.0), ("window", window, None),
-                              ("softcap", softcap, 0.0), ("sinks", sinks, None)):
-        if isinstance(given, torch.Tensor) or given != none:
-            raise NotImplementedError(f"ring_attention: {name} is not implemented (pass "
-                                      f"{name}={none!r}); causal_attention takes it on one device")
+
+    exchange: "ring" (the default: keys and values travel round the ranks, each step's transfer
+    overlapping the previous step's compute; memory per rank stays one shard) or "allgather"
+    (every rank gathers every shard once, then attends its query chunks with causal_attention;
+    the gradients of the keys and values go back summed; memory per rank holds the whole
+    sequence's keys and values): what a ring does badly, short windows (most ring steps see
+    nothing) and the options the ring lacks. window, dropout_p, softcap: with
+    exchange="allgather" only, as causal_attention takes them (causal; full attention without a
+    window); dropout draws each rank's own mask, so a run's draws differ from one process's
+    (the same distribution). sinks: not implemented (NotImplementedError)."""
+    if exchange not in ("ring", "allgather"):
+        raise ValueError(f"exchange must be 'ring' or 'allgather', got {exchange!r}")
+    if sinks is not None:
+        raise NotImplementedError("ring_attention: sinks is not implemented (pass sinks=None)")
+    if exchange == "ring":
+        for name, given, none in (("dropout_p", dropout_p, 0.0), ("window", window, None),
+                                  ("softcap", softcap, 0.0)):
+            if given != none:
+                raise NotImplementedError(
+                    f"ring_attention: {name} is not implemented by the ring (pass {name}={none!r}, "
+                    "or exchange='allgather', which takes it)")
+    if window is not None and not causal:
+        raise NotImplementedError("ring_attention: a window with causal=False is not implemented")
     if layout not in ("bhtd", "bthd"):
         raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
     if layout == "bthd":
         out = ring_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=group,
-                             causal=causal, scale=scale, zigzag=zigzag)
+                             causal=causal, scale=scale, zigzag=zigzag, dropout_p=dropout_p,
+                             window=window, softcap=softcap, exchange=exchange)
         return out.transpose(1, 2)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs torch.distributed initialised "
@@ -310,4 +380,7 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
                          f"shards), got {q.shape[2]} and {k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     zigzag = causal if zigzag is None else bool(zigzag)
+    if exchange == "allgather":
+        return _gathered_attention(_Ring(q, group, zigzag), q, k, v, causal, scale, window,
+                                   dropout_p, softcap)
     return _RingAttention.apply(q, k, v, causal, scale, group, zigzag)

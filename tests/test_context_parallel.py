@@ -27,24 +27,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(spec, world, tmp_path):
-    """Start `world` processes of cp_worker.py on spec; their outputs and gradients, put back
-    in the sequence's order."""
+def run_ranks(specs, world, out_dir):
+    """Start `world` processes of cp_worker.py on the specs (one process group, each spec in
+    turn: a process start costs seconds); each spec's outputs and gradients, put back in the
+    sequence's order."""
     port = str(_free_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
            "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-    if spec.get("backend") != "triton":
+    if not any(spec.get("backend") == "triton" for spec in specs):
         env.pop("TRITON_INTERPRET", None)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec), str(tmp_path / f"{r}.pt")],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(specs), str(out_dir)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
-    return {name: cp.unshard([p[name] for p in parts], world, zigzag=spec["zigzag"])
-            for name in ("out", "dq", "dk", "dv")}
+    results = []
+    for i, spec in enumerate(specs):
+        parts = [torch.load(Path(out_dir) / f"{i}-{r}.pt") for r in range(world)]
+        results.append({name: cp.unshard([p[name] for p in parts], world, zigzag=spec["zigzag"])
+                        for name in ("out", "dq", "dk", "dv")})
+    return results
 
 
 def single_process(spec):
@@ -55,15 +59,22 @@ def single_process(spec):
     full = [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
     do = torch.randn(B, H, T, D, generator=g).to(dtype)
     causal, scale = spec["causal"], spec.get("scale")
+    window = tuple(spec["window"]) if "window" in spec else None
+    softcap = spec.get("softcap", 0.0)
 
     def grads(fn, inputs, d):
         inputs = [x.detach().requires_grad_() for x in inputs]
         out = fn(*inputs)
         return [out.detach(), *torch.autograd.grad(out, inputs, d)]
-    ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale),
+    ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale,
+                                                           window=window, softcap=softcap),
                 [x.double() for x in full], do.double())
-    mask = None if causal else torch.ones(T, T, dtype=torch.bool)
-    low = grads(lambda a, b, c: naive_causal_attention(a, b, c, scale, mask=mask), full, do)
+    # PyTorch's math in the inputs' dtype: the reference's arithmetic without its float32.
+    low = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale,
+                                                           window=window, softcap=softcap)
+                if softcap else naive_causal_attention(
+                    a, b, c, scale, window=window,
+                    mask=None if causal else torch.ones(T, T, dtype=torch.bool)), full, do)
     return ref, low
 
 
@@ -79,13 +90,33 @@ CASES = {
         dict(B=1, H=4, Hk=4, T=48, D=8, causal=False, zigzag=True), 4),
     "bfloat16, causal, 2 ranks": (dict(B=1, H=2, Hk=2, T=32, D=16, causal=True, zigzag=True,
                                        dtype="bfloat16"), 2),
+    "all-gather, causal, 4 ranks, grouped heads, 45 positions": (
+        dict(B=1, H=4, Hk=2, T=45, D=16, causal=True, zigzag=True, exchange="allgather"), 4),
+    "all-gather, a window of 5, 2 ranks": (dict(B=2, H=2, Hk=1, T=40, D=16, causal=True,
+                                                zigzag=True, exchange="allgather", window=[5, 0]), 2),
+    "all-gather, full attention, 2 ranks": (dict(B=1, H=2, Hk=2, T=33, D=16, causal=False,
+                                                 zigzag=False, exchange="allgather"), 2),
 }
 
 
+_LAUNCHED = {}
+
+
+def launched(world, tmp_path_factory):
+    """Every case of CASES for `world` ranks, run in one launch (kept for the module)."""
+    if world not in _LAUNCHED:
+        names = [name for name, (_, w) in CASES.items() if w == world]
+        got = run_ranks([CASES[name][0] for name in names], world,
+                        tmp_path_factory.mktemp(f"ranks{world}"))
+        _LAUNCHED[world] = dict(zip(names, got))
+    return _LAUNCHED[world]
+
+
+@pytest.mark.xdist_group("context_parallel")  # the launches shared by one worker
 @pytest.mark.parametrize("case", list(CASES))
-def test_ring_attention_equals_one_process(case, tmp_path):
+def test_ring_attention_equals_one_process(case, tmp_path_factory):
     spec, world = CASES[case]
-    got = run_ranks(spec, world, tmp_path)
+    got = launched(world, tmp_path_factory)[case]
     ref, low = single_process(spec)
     assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
 
@@ -95,9 +126,23 @@ def test_the_kernels_pieces_in_a_ring_under_the_interpreter(tmp_path):
     if "triton" not in __import__("lecture_flash").available_backends("cpu"):
         pytest.skip("triton cannot run here (no interpreter)")
     spec = dict(B=1, H=2, Hk=1, T=40, D=16, causal=True, zigzag=True, backend="triton")
-    got = run_ranks(spec, 2, tmp_path)
+    got, = run_ranks([spec], 2, tmp_path)
     ref, low = single_process(spec)
     assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
+
+
+def test_all_gather_variant_takes_softcap_and_dropout(tmp_path):
+    """Softcapping held to the rule (float32 both ways: the rule's baseline is the reference's
+    arithmetic); dropout runs, each rank drawing its own mask: p = 0.5 changes the output, and
+    its gradients are finite."""
+    spec = dict(B=1, H=2, Hk=2, T=24, D=8, causal=True, zigzag=True, exchange="allgather",
+                softcap=1.5)
+    got, dropped, plain = run_ranks([spec, dict(spec, softcap=0.0, dropout_p=0.5),
+                                     dict(spec, softcap=0.0)], 2, tmp_path)
+    ref, low = single_process(spec)
+    assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
+    assert not torch.allclose(dropped["out"], plain["out"])
+    assert all(torch.isfinite(dropped[n]).all() for n in ("out", "dq", "dk", "dv"))
 
 
 def test_shard_and_unshard_are_inverse_for_any_length():
@@ -140,7 +185,11 @@ def test_the_stateless_pieces_merge_to_whole_attention():
 def test_what_the_ring_does_not_implement_is_refused_by_name():
     q = torch.randn(1, 1, 4, 8)
     for name, value in (("dropout_p", 0.1), ("window", (2, 0)), ("softcap", 5.0)):
-        with pytest.raises(NotImplementedError, match=name):
+        with pytest.raises(NotImplementedError, match=f"{name} is not implemented by the ring"):
             cp.ring_attention(q, q, q, **{name: value})
+    with pytest.raises(NotImplementedError, match="sinks"):
+        cp.ring_attention(q, q, q, sinks=torch.zeros(1), exchange="allgather")
+    with pytest.raises(ValueError, match="exchange must be"):
+        cp.ring_attention(q, q, q, exchange="tree")
     with pytest.raises(RuntimeError, match="init_process_group"):
         cp.ring_attention(q, q, q)
