@@ -302,7 +302,8 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
     """
     packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     extras = dict(causal=causal, softcap=softcap, sinks=sinks)
-    if any(x is not None for x in packed):
+    if not (cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None
+            and max_seqlen_k is None):
         if seqlens_k is not None:
             raise ValueError("seqlens_k and cu_seqlens_* describe the rows two ways; pass one")
         if layout != "bhtd":

@@ -98,7 +98,17 @@ def inference_splits(q, k, dropout_p, rows, sinks=None):
     if (dropout_p > 0.0 or sinks is not None or rows.mode not in (DENSE, KEY_LENGTHS)
             or q.shape[2] > DECODE_MAX_TQ):
         return 1
-    return decode_splits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    key = (q.shape, k.shape[2], q.device)
+    splits = _INFERENCE_SPLITS.get(key)
+    if splits is None:  # (a model asks about one shape per layer and step: kept)
+        if len(_INFERENCE_SPLITS) >= 4096:
+            _INFERENCE_SPLITS.clear()
+        splits = _INFERENCE_SPLITS[key] = decode_splits(q.shape[0], q.shape[1], q.shape[2],
+                                                        k.shape[2], q.device)
+    return splits
+
+
+_INFERENCE_SPLITS = {}
 
 
 def all_keys(B, Tk, device):

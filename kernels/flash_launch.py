@@ -7,7 +7,6 @@ its launch out once: the config, the grid and every non-tensor argument, kept as
 calls pass their tensors to the compiled kernel's own launcher, with no argument binding or
 cache lookup per call.
 """
-import math
 import os
 from collections import namedtuple
 
@@ -303,7 +302,7 @@ def _rows_key(rows):
     return (rows.mode, rows.seq_k.shape[0], rows.max_q, rows.max_k)
 
 
-# An inference forward's log-sum-exp rows, which nothing reads: one buffer per (device, size),
+# An inference forward's log-sum-exp rows, which nothing reads: one buffer per (device, shape),
 # reused (the kernels write it in stream order; saves an allocation per call).
 _SCRATCH_LSE = {}
 
@@ -318,17 +317,17 @@ def forward(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse=T
     if keep_lse:
         lse = _new_stats(q, rows)
     else:
-        n = math.prod(_stats_shape(q, rows))
-        lse = _SCRATCH_LSE.get((q.device, n))
+        shape = _stats_shape(q, rows)
+        lse = _SCRATCH_LSE.get((q.device, shape))
         if lse is None:
             if len(_SCRATCH_LSE) >= 64:  # e.g. a prefill per prompt length: keep it bounded
                 _SCRATCH_LSE.clear()
-            lse = _SCRATCH_LSE[(q.device, n)] = torch.empty(n, device=q.device, dtype=torch.float32)
-        lse = lse.view(_stats_shape(q, rows))
+            lse = _SCRATCH_LSE[(q.device, shape)] = torch.empty(shape, device=q.device,
+                                                               dtype=torch.float32)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, scale,
            dropout_p, fp32_precision, _aligned(q, k, v), left, _rows_key(rows), right, softcap,
            sinks is None)
-    qv, kv, vv, ov = (_as_bhtd(t, rows) for t in (q, k, v, o))
+    qv, kv, vv, ov = (q, k, v, o) if rows.mode == DENSE else (_as_bhtd(t, rows) for t in (q, k, v, o))
     tensors = (qv, kv, vv, ov, lse, seed if seed is not None else lse,
                _or(rows.seq_q, lse), _or(rows.seq_k, lse), _or(sinks, lse))
 
@@ -354,7 +353,8 @@ def backward(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, determ
     left, right: the window's reach on either side (-1: no bound); rows as the forward's.
     (With sinks the forward's lse holds them: the recomputed weights are right as they are.)"""
     dq, dk, dv = _new_output(q, rows), _new_output(k, rows), _new_output(v, rows)
-    qv, kv, vv, dov, ov, dqv, dkv, dvv = (_as_bhtd(t, rows) for t in (q, k, v, do, o, dq, dk, dv))
+    qv, kv, vv, dov, ov, dqv, dkv, dvv = ((q, k, v, do, o, dq, dk, dv) if rows.mode == DENSE else
+                                          (_as_bhtd(t, rows) for t in (q, k, v, do, o, dq, dk, dv)))
     B, H, _, D = qv.shape
     Hk = kv.shape[1]  # Hk < H: grouped-query heads
     Tq, Tk = _lengths(qv, kv, rows)
