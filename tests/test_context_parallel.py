@@ -193,3 +193,30 @@ def test_what_the_ring_does_not_implement_is_refused_by_name():
         cp.ring_attention(q, q, q, exchange="tree")
     with pytest.raises(RuntimeError, match="init_process_group"):
         cp.ring_attention(q, q, q)
+
+
+@pytest.mark.gpu
+def test_a_single_rank_ring_on_the_gpu(device, tmp_path):
+    """One GPU: a one-rank NCCL ring (its zigzag chunks attend each other through the Triton
+    pieces: causal diagonal blocks, a full block) against single-process attention under the
+    rule, forward and backward. (Its CPU twins: the gloo runs above.)"""
+    import torch.distributed as dist
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, h, 250, 64, generator=g).to(device, torch.bfloat16)
+                   for h in (4, 2, 2))
+        do = torch.randn(q.shape, generator=g).to(device, torch.bfloat16)
+
+        def grads(fn, inputs, d):
+            inputs = [x.detach().requires_grad_() for x in inputs]
+            out = fn(*inputs)
+            return [out.detach(), *torch.autograd.grad(out, inputs, d)]
+        got = grads(lambda a, b, c: cp.ring_attention(a, b, c), (q, k, v), do)
+        ref = grads(lambda a, b, c: causal_attention_reference(a, b, c),
+                    [x.double() for x in (q, k, v)], do.double())
+        low = grads(lambda a, b, c: naive_causal_attention(a, b, c), (q, k, v), do)
+        assert_by_rule(got, ref, low)
+    finally:
+        dist.destroy_process_group()
