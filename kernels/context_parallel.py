@@ -245,12 +245,10 @@ def _backward(ring, do, q, k, v, out, lse, causal, scale):
         kk, vv, gk, gv = held
         for qs, qn, ks, kn, diag in ring.pairs(source, causal):
             rows, keys = slice(qs, qs + qn), slice(ks, ks + kn)
-            part_dk, part_dv = torch.zeros_like(gk[:, :, keys]), torch.zeros_like(gv[:, :, keys])
+            # (the buffers' slices are views: each block adds into them in place)
             attention_block_backward(do[:, :, rows], q[:, :, rows], kk[:, :, keys],
                                      vv[:, :, keys], out[:, :, rows], lse[:, :, rows], diag,
-                                     scale, dq[:, :, rows], part_dk, part_dv)
-            gk[:, :, keys] += part_dk
-            gv[:, :, keys] += part_dv
+                                     scale, dq[:, :, rows], gk[:, :, keys], gv[:, :, keys])
         # The keys and values move on with their gradients; after the last step they are home.
         requests, bufs = ring.exchange(held, step)
         for request in requests:

@@ -350,7 +350,8 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
     elif softcap or sinks is not None:  # the reference's arithmetic: SDPA has neither
         mask = (causal_mask(q4.shape[2], k4.shape[2], q4.device, left, right) if lengths is None
                 else key_length_mask(q4, k4, lengths, left, right=right))
-        got = _explicit(q4, k4, v4, mask, scale, dropout_p, softcap, sinks)
+        got = guarded_attention_with_mask(q4, k4, v4, mask, scale, dropout_p,
+                                          softcap=softcap, sinks=sinks)
         got = got if return_lse else got[0]
     elif return_lse:  # the PyTorch paths: the reference's log-sum-exp beside their output
         out = _run(backend, q4, k4, v4, scale, dropout_p, left=left, lengths=lengths, right=right)
@@ -362,12 +363,6 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
     if three_d:
         return (got[0].squeeze(1), got[1].squeeze(1)) if return_lse else got.squeeze(1)
     return got
-
-
-def _explicit(q, k, v, mask, scale, dropout_p, softcap, sinks):
-    """(out, lse) by the reference's arithmetic under a bool mask, with softcap and sinks,
-    keeping masking.py's contract (a PyTorch path for what SDPA cannot compute)."""
-    return guarded_attention_with_mask(q, k, v, mask, scale, dropout_p, None, softcap, sinks)
 
 
 def _key_rows(lengths):
@@ -414,7 +409,8 @@ def _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_pr
         mask, empty = block_diagonal_mask(cu_q, cu_k, total_q, total_k, left, right)
         q1, k1, v1 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, total, D)
         if extras:
-            out, lse = _explicit(q1, k1, v1, mask, scale, dropout_p, softcap, sinks)
+            out, lse = guarded_attention_with_mask(q1, k1, v1, mask, scale, dropout_p,
+                                                   softcap=softcap, sinks=sinks)
             return (out[0].transpose(0, 1), lse[0]) if return_lse else out[0].transpose(0, 1)
         out = _run_masked(backend, q1, k1, v1, scale, dropout_p, mask, empty)[0].transpose(0, 1)
         if return_lse:
@@ -424,7 +420,8 @@ def _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_pr
     mask = packed_mask(cu_q, cu_k, Tq, Tk, left, right)
     qp, kp, vp = pad(q, cu_q, Tq), pad(k, cu_k, Tk), pad(v, cu_k, Tk)
     if extras:
-        out, lse = _explicit(qp, kp, vp, mask, scale, dropout_p, softcap, sinks)
+        out, lse = guarded_attention_with_mask(qp, kp, vp, mask, scale, dropout_p,
+                                               softcap=softcap, sinks=sinks)
         out = unpad(out, cu_q, total_q)
         return (out, unpad_rows(lse, cu_q, total_q)) if return_lse else out
     out = unpad(_run_masked(backend, qp, kp, vp, scale, dropout_p, mask), cu_q, total_q)
@@ -617,7 +614,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     else:
         mask = key_length_mask(q, k_cache, lengths, left, cache=True, right=right)
     if softcap or return_lse:
-        got = _explicit(q, k_cache, v_cache, mask, scale, 0.0, softcap, None)
+        got = guarded_attention_with_mask(q, k_cache, v_cache, mask, scale, softcap=softcap)
         return got if return_lse else got[0]
     return _run_masked(route, q, k_cache, v_cache, scale, 0.0, mask, empty)
 

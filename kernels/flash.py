@@ -236,7 +236,7 @@ def _(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deterministic
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, scale, dropout_p, fp32_precision, deterministic, left, seq_q, seq_k, rows,
-     right, softcap, sinks) = (*inputs, 0, 0.0, None)[:15]  # (the last three have defaults)
+     right, softcap, sinks) = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed, seq_q, seq_k, sinks)
     ctx.scale, ctx.dropout_p = scale, dropout_p

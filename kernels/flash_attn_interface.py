@@ -24,6 +24,7 @@ paged cache (block_table). Nothing is accepted and ignored.
 import torch
 
 from . import dispatch
+from .masking import guarded_attention_with_mask
 from .packing import pad
 from .reference import causal_mask, key_length_mask, masked_scores, packed_mask, softmax_and_lse
 from .validation import check_window, kv_heads_expanded
@@ -252,7 +253,7 @@ def _left_padded(q, k, v, total, start, scale, causal, window, softcap):
     mask = key_length_mask(q, k, total, left, cache=True, right=right)
     mask = mask & (torch.arange(k.shape[2], device=q.device) >= start.view(-1, 1, 1, 1))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return dispatch._explicit(q, k, v, mask, scale, 0.0, softcap, None)
+    return guarded_attention_with_mask(q, k, v, mask, scale, softcap=softcap)
 
 
 class _Rotary:
