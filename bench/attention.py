@@ -13,7 +13,7 @@ from lecture_flash.gpt.lecture import per_head_attention
 from lecture_flash import available_backends, causal_attention
 from lecture_flash.reference import naive_causal_attention
 
-from harness import (built, check_forward, fmt, never_ran, print_never_ran, progress, time_pass,
+from harness import (begin_table, built, check_forward, fmt, print_never_ran, progress, pass_fn,
                      time_point)
 
 LECTURE_SHAPE = dict(B=64, H=6, T=256, D=64)
@@ -147,7 +147,7 @@ def run(opts, rows, save):
         base = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, D=D,
                     **({"Hk": Hk} if Hk != H else {}))
         time_point(impls, base, lambda impl: check_forward(impl, *plain[0]),
-                   lambda impl, p: time_pass(impl, p, plain, sets, do, device), flops, rows,
+                   lambda impl, p: pass_fn(impl, p, plain, sets, do), flops, rows,
                    f"attention {base['dtype']} B={B} H={H}{f'/{Hk}' if Hk != H else ''} T={T} "
                    f"D={D}", bar, device)
         sets = plain = do = None  # freed before the next point's inputs
@@ -163,12 +163,11 @@ def _ours(device_type):
 
 
 def print_table(rows, opts):
-    if not rows:
-        return
     cuda = opts.device.type == "cuda"
-    print("\n== attention (causal" + ("; TFLOP/s count 4*B*H*T*T*D/2 forward, 2.5x that for "
-                                       "fwd+bwd" if cuda else "") + ") ==")
-    absent = never_ran(rows)
+    absent = begin_table(rows, "attention (causal" + ("; TFLOP/s count 4*B*H*T*T*D/2 forward, "
+                                                      "2.5x that for fwd+bwd" if cuda else "") + ")")
+    if absent is None:
+        return
     groups = {}
     for r in rows:
         if r["impl"] not in absent:

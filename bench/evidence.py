@@ -15,9 +15,9 @@ its points):
   4. training    the lecture's training step (ours eager, compiled, captured; nanoGPT-style
                  SDPA eager and compiled; the lecture's) and generation
   5. hopper      the opt-in sm_90 forward beside the portable one
-  6. features    grouped heads, packed rows, a sliding window (flash-attn's call), a decode step
+  6. features    grouped heads, packed rows, a sliding window (flash-attn's call), decode steps
 
-The report (bench/run.py's schema, plus "gpu_tests", "host", "decode" and "evidence": each
+The report (bench/run.py's schema, plus "gpu_tests", "host" and "evidence": each
 step's status and seconds) is written after every step, marked complete or cut at the step it
 stopped before: bench/results/<device>-<date>-evidence.json on a GPU (commit it), and under
 --out. It ends with a table of the steps and the sections' verdict lines. On a CPU it runs the
@@ -39,12 +39,12 @@ import harness  # noqa: E402  (first: it says how to install lecture_flash if it
 
 import torch  # noqa: E402
 
-import attention, flash_api, generate, gpt_train, host_overhead, varlen  # noqa: E402
+import attention, decode, flash_api, generate, gpt_train, host_overhead, varlen  # noqa: E402
 import lecture_flash  # noqa: E402
-from lecture_flash import causal_attention, decode_attention, default_device  # noqa: E402
+from lecture_flash import causal_attention, default_device  # noqa: E402
 
 # The report's timing sections, run.py's schema (each module prints and judges its own rows).
-SECTIONS = {"attention": attention, "varlen": varlen, "flash_api": flash_api,
+SECTIONS = {"attention": attention, "varlen": varlen, "flash_api": flash_api, "decode": decode,
             "gpt_train": gpt_train, "generate": generate}
 ATTENTION_IMPLS = ["triton", "project-auto", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
                    "sdpa-math", "flex"]
@@ -146,36 +146,7 @@ def _step_features(ctx):
     ctx.sections_run(varlen, [(dt, 16, 16, 128, docs) if cuda else (dt, 2, 2, 16, docs)], None)
     ctx.sections_run(flash_api, [(dt, 8, 2048, 10, 10, 128, 768) if cuda
                                  else (dt, 2, 64, 2, 2, 16, 16)], None)
-    if ctx.remaining() > ctx.reserve:
-        ctx.report["decode"] = decode_rows(ctx.device, dt)
-
-
-def decode_rows(device, dtype):
-    """One decode step (one query per row against a cache whose rows hold unequal lengths):
-    decode_attention against SDPA with the same key mask, the way a model without it runs."""
-    B, H, Hk, S, D = (8, 32, 8, 4096, 128) if device.type == "cuda" else (2, 4, 2, 64, 16)
-    torch.manual_seed(0)
-    q = torch.randn(B, H, 1, D, device=device, dtype=dtype)
-    kc, vc = (torch.randn(B, Hk, S, D, device=device, dtype=dtype) for _ in range(2))
-    lengths = torch.randint(S // 2, S + 1, (B,), device=device)
-    mask = (torch.arange(S, device=device) < lengths.view(-1, 1)).view(B, 1, 1, S)
-
-    def sdpa():
-        return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
-                                                                enable_gqa=True)
-    impls = {"decode_attention": lambda: decode_attention(q, kc, vc, lengths), "sdpa-masked": sdpa}
-    want = sdpa().float()
-    rows = []
-    for name, fn in impls.items():
-        row = dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
-        try:
-            err = (fn().float() - want).abs().max().item()
-            ms, p20, p80 = harness.measure(fn, device)
-            row.update(ms=ms, ms_p20=p20, ms_p80=p80, max_abs_diff_vs_sdpa=err)
-        except Exception as e:
-            row["skipped"] = harness.skipped_reason(e)
-        rows.append(row)
-    return rows
+    ctx.sections_run(decode, decode.points(ctx.device, [dt], not cuda), None)
 
 
 STEPS = [("gpu_tests", _step_gpu_tests), ("host", _step_host), ("attention", _step_attention),
@@ -195,7 +166,7 @@ class Run:
                        "settings": {"command": "python bench/evidence.py", "budget_s": budget,
                                     "quick": device.type != "cuda", "evidence": True},
                        **{name: [] for name in SECTIONS}, "gpu_tests": None, "host": [],
-                       "decode": [], "evidence": {"steps": [], "cut_at": None}}
+                       "evidence": {"steps": [], "cut_at": None}}
 
     def remaining(self):
         return self.budget - (time.time() - self.t0)
@@ -279,7 +250,7 @@ def main(argv=None):
 
 
 def summary(report, opts):
-    """The steps' table, then the sections' verdict lines and the host and decode figures."""
+    """The steps' table, then the sections' verdict lines and the host figures."""
     print("\n== evidence ==")
     for s in report["evidence"]["steps"]:
         print(f"{s['step']:10} {s['seconds']:7.1f} s  {s['status']}")
@@ -299,10 +270,6 @@ def summary(report, opts):
         lines.append(f"host per call: ours {ours['fwd_us']:.1f} us forward, {ours['fwd_bwd_us']:.1f} "
                      f"us forward+backward ({ours['launches']}); {best['path']} {best['fwd_us']:.1f} "
                      f"and {best['fwd_bwd_us']:.1f} us")
-    timed = {r["impl"]: r["ms"] for r in report["decode"] if "ms" in r}
-    if len(timed) == 2:
-        lines.append(f"decode step: decode_attention {timed['sdpa-masked'] / timed['decode_attention']:.2f}x "
-                     "SDPA with the key mask")
     if lines:
         print("\n== verdict ==")
         print("\n".join(lines))

@@ -19,7 +19,7 @@ from lecture_flash.reference import causal_attention_reference, naive_causal_att
 from lecture_flash.testing import rule_failures
 
 from attention import _geomean, _gqa
-from harness import (built, never_ran, print_never_ran, progress, row_groups, time_pass,
+from harness import (begin_table, built, print_never_ran, progress, row_groups, pass_fn,
                      time_point, timed_groups, timing_cells)
 
 OURS = ("project-flash-api", "triton-flash-api")
@@ -107,7 +107,7 @@ def run(opts, rows, save):
         base = dict(dtype=str(dtype).replace("torch.", ""), B=B, T=T, H=H, D=D, window=window,
                     **({"Hk": Hk} if Hk != H else {}))
         time_point(impls, base, lambda impl: _check(impl, *plain[0], window),
-                   lambda impl, p: time_pass(impl, p, plain, sets, do, device, window),
+                   lambda impl, p: pass_fn(impl, p, plain, sets, do, window),
                    _window_flops(B, T, H, D, window), rows,
                    f"flash_api {base['dtype']} T={T} W={window}", bar, device)
         sets = plain = do = None
@@ -116,12 +116,12 @@ def run(opts, rows, save):
 
 
 def print_table(rows, opts):
-    if not rows:
-        return
     cuda = opts.device.type == "cuda"
-    print("\n== flash_api (flash_attn_func, causal, sliding window; nanochat's call and its SDPA "
-          "fallback" + ("; TFLOP/s count the window's FLOPs" if cuda else "") + ") ==")
-    absent = never_ran(rows)
+    absent = begin_table(rows, "flash_api (flash_attn_func, causal, sliding window; nanochat's "
+                         "call and its SDPA fallback" +
+                         ("; TFLOP/s count the window's FLOPs" if cuda else "") + ")")
+    if absent is None:
+        return
     flops = f" {'TFLOP/s':>8}" if cuda else ""
     print(f"{'dtype':9} {'pass':8} {'B':>3} {'T':>6} {'H':>5} {'D':>4} {'W':>5}  {'impl':18} "
           f"{'ms':>9}{flops} {'vs sdpa-window-mask':>19}  note")

@@ -218,6 +218,15 @@ def never_ran(rows):
             if all("skipped" in r for r in rs)}
 
 
+def begin_table(rows, title):
+    """Print a section table's title: the implementations none of whose rows ran (said once,
+    under the table: print_never_ran), or None where there are no rows (no table)."""
+    if not rows:
+        return None
+    print(f"\n== {title} ==")
+    return never_ran(rows)
+
+
 def built(impls, opts):
     """A section's registry built for this run: name -> factory(device, quick)'s result, for
     every name or, where opts.impls names some (evidence.py), those. (opts.points, where a
@@ -317,10 +326,51 @@ def write_report(report, sections, paths):
                                 report["versions"]["torch"], report["date"]])
 
 
-def time_point(impls, base, check, time_pass, flops, rows, label, bar, device):
-    """Check then time each implementation at one grid point, forward and forward+backward,
-    appending a row per pass to `rows` (base: the point's fields; check(impl) -> None or why it
-    is skipped; time_pass(impl, p) -> (ms, p20, p80, peak MB); flops: of the forward)."""
+def timed_calls(fns, device, inner=1, min_time=0.5, max_reps=50, min_reps=5):
+    """name -> (median, p20, p80) milliseconds per call of each fn(), or a string saying why it
+    could not run. Each is called once first (a warm-up, and whether it runs at all). On CUDA
+    each is then measured on its own (do_bench); on a CPU round-robin, `inner` calls per
+    timing, one timing of each per round (at least min_reps rounds, then more until min_time
+    seconds per fn or max_reps rounds), so that a busy moment of the machine hits every
+    implementation alike instead of whichever was being timed then."""
+    found, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            sync(device)
+            live[name] = fn
+        except Exception as e:  # cannot run here (no kernel for this dtype/device, OOM...)
+            found[name] = skipped_reason(e)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if device.type == "cuda":
+        for name, fn in live.items():
+            try:
+                found[name] = measure(fn, device)
+            except Exception as e:
+                found[name] = skipped_reason(e)
+                torch.cuda.empty_cache()
+        return found
+    times = {name: [] for name in live}
+    start, rounds = time.perf_counter(), 0
+    while live and (rounds < min_reps or (time.perf_counter() - start < min_time * len(live)
+                                          and rounds < max_reps)):
+        for name, fn in live.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) * 1e3 / inner)
+        rounds += 1
+    found.update({name: median_p20_p80(t) for name, t in times.items()})
+    return found
+
+
+def time_point(impls, base, check, make_pass, flops, rows, label, bar, device):
+    """Check then time each implementation at one grid point, forward and forward+backward
+    (timed_calls: on a CPU round-robin over every implementation and pass), appending a row per
+    pass to `rows` (base: the point's fields; check(impl) -> None or why it is skipped;
+    make_pass(impl, p) -> the pass as a callable (pass_fn); flops: of the forward)."""
+    fns, found = {}, {}
     for name, impl in impls.items():
         why = impl if isinstance(impl, str) else None
         if why is None:
@@ -329,30 +379,32 @@ def time_point(impls, base, check, time_pass, flops, rows, label, bar, device):
             except Exception as e:  # cannot run here (no kernel for this dtype/device, OOM...)
                 why = f"skipped: {skipped_reason(e)}"
         for p in ("fwd", "fwd+bwd"):
-            row = dict(impl=name, **{"pass": p}, **base)
+            row = found[(name, p)] = dict(impl=name, **{"pass": p}, **base)
             rows.append(row)
             if why:
                 row["skipped"] = why
-                continue
-            try:
-                ms, p20, p80, mem = time_pass(impl, p)
-            except Exception as e:
-                row["skipped"] = skipped_reason(e)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            fl = flops * (2.5 if p == "fwd+bwd" else 1.0)
-            row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=fl / ms / 1e9, peak_mem_mb=mem)
+            else:
+                fns[(name, p)] = make_pass(impl, p)
+    for key, got in timed_calls(fns, device).items():
+        row = found[key]
+        if isinstance(got, str):
+            row["skipped"] = got
+            continue
+        ms, p20, p80 = got
+        fl = flops * (2.5 if key[1] == "fwd+bwd" else 1.0)
+        row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=fl / ms / 1e9,
+                   peak_mem_mb=peak_memory_mb(fns[key], device))
+    for name, impl in impls.items():
         if not isinstance(impl, str):
             log(f"  {label} {name}: " + ", ".join(
-                f"{r['pass']} {r['ms']:.3f} ms" if "ms" in r else f"{r['pass']} {r['skipped']}"
-                for r in rows[-2:]))
+                f"{p} {found[(name, p)]['ms']:.3f} ms" if "ms" in found[(name, p)]
+                else f"{p} {found[(name, p)]['skipped']}" for p in ("fwd", "fwd+bwd")))
         bar.update(1)
 
 
-def time_pass(impl, p, plain, sets, do, device, *extra):
-    """(ms, p20, p80, peak MB) of one pass of impl(q, k, v, *extra), the inputs rotating
-    between two copies (plain: detached, for the forward; sets: requiring grads)."""
+def pass_fn(impl, p, plain, sets, do, *extra):
+    """One pass of impl(q, k, v, *extra) as a callable, the inputs rotating between two copies
+    (plain: detached, for the forward; sets: requiring grads)."""
     cycle = itertools.cycle(plain if p == "fwd" else sets)
     if p == "fwd":
         def fn():
@@ -364,4 +416,4 @@ def time_pass(impl, p, plain, sets, do, device, *extra):
             impl(*qkv, *extra).backward(do)
             for t in qkv:
                 t.grad = None
-    return (*measure(fn, device), peak_memory_mb(fn, device))
+    return fn

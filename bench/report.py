@@ -146,13 +146,13 @@ def features(reports):
                 "varlen", "triton", ("sdpa-padded", "sdpa-masked", "flex-document"), ("tokens", "docs")),
             ("sliding window, flash_attn_func, fwd+bwd",) + best(
                 "flash_api", "triton-flash-api", ("sdpa-window-mask",), ("T", "window"))]
-    decode = {row["impl"]: row for row in r.get("decode", []) if "ms" in row}
-    if decode:
-        d = decode.get("decode_attention", {})
-        rows.append(("decode step, one query a row", f"S {d.get('S')}, B {d.get('B')}",
-                     d.get("ms"), decode.get("sdpa-masked", {}).get("ms"), "sdpa-masked"))
-    else:
-        rows.append(("decode step, one query a row", "", None, None, None))
+    # the batch of unequal lengths: the rows serving traffic makes (a mask is needed)
+    decode = {row["impl"]: row for row in r.get("decode", [])
+              if "ms" in row and row.get("lengths") == "unequal"}
+    d = decode.get("project", {})
+    rows.append(("decode step, one query a row", f"B {d['B']}, S {d['S']}" if d else "",
+                 d.get("ms"), decode.get("sdpa-masked", {}).get("ms"),
+                 "sdpa-masked" if decode.get("sdpa-masked") else None))
     table = [[what, shape or "", _cell(ours, ".3f"), _cell(alt, ".3f"), name or "",
               _cell(alt / ours if ours and alt else None, ".2f")]
              for what, shape, ours, alt, name in rows]

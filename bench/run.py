@@ -17,7 +17,8 @@ also lists the Triton autotuner's choices, with each timed config's median ("aut
 what backend="auto" measured and chose per class of calls ("auto", kernels/auto.py).
 
 Sections (one module each, each a registry of implementations): bench/attention.py,
-bench/varlen.py (packed documents), bench/gpt_train.py, bench/generate.py,
+bench/varlen.py (packed documents), bench/flash_api.py (flash-attn's call with a window),
+bench/decode.py (a generation step against a KV cache), bench/gpt_train.py, bench/generate.py,
 bench/speedrun.py (GPU only); what they share is in bench/harness.py.
 """
 import argparse
@@ -36,17 +37,17 @@ import harness  # noqa: E402  (first: it says how to install lecture_flash if it
 
 import torch  # noqa: E402
 
-import attention, flash_api, generate, gpt_train, harness, speedrun, varlen  # noqa: E402
+import attention, decode, flash_api, generate, gpt_train, harness, speedrun, varlen  # noqa: E402
 import lecture_flash  # noqa: E402
 from lecture_flash import default_device  # noqa: E402
 
 # Section name -> module with run(opts, rows, save), print_table(rows, opts) and verdict(rows,
 # opts) (plain summary lines), in the report's order.
-SECTIONS = {"attention": attention, "varlen": varlen, "flash_api": flash_api,
+SECTIONS = {"attention": attention, "varlen": varlen, "flash_api": flash_api, "decode": decode,
             "gpt_train": gpt_train, "generate": generate, "speedrun": speedrun}
 # The short sections run first, so a run cut short in the long attention grid still has them
 # (the speedrun, minutes on a GPU and skipped elsewhere, last).
-RUN_ORDER = ("gpt_train", "generate", "varlen", "flash_api", "attention", "speedrun")
+RUN_ORDER = ("gpt_train", "generate", "varlen", "flash_api", "decode", "attention", "speedrun")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

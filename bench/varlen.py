@@ -19,7 +19,7 @@ from lecture_flash.testing import rule_failures
 
 import attention
 from attention import _geomean, _gqa, flex
-from harness import (built, never_ran, print_never_ran, progress, row_groups, time_pass,
+from harness import (begin_table, built, print_never_ran, progress, row_groups, pass_fn,
                      time_point, timed_groups, timing_cells)
 
 # Document lengths summing to 16384 tokens (the GPU point), from 480 to 4096 of them.
@@ -136,7 +136,7 @@ def run(opts, rows, save):
         base = dict(dtype=str(dtype).replace("torch.", ""), H=H, D=D, tokens=total,
                     docs=len(lengths), **({"Hk": Hk} if Hk != H else {}))
         time_point(impls, base, lambda impl: _check(impl, *plain[0], docs),
-                   lambda impl, p: time_pass(impl, p, plain, sets, do, device, docs), flops, rows,
+                   lambda impl, p: pass_fn(impl, p, plain, sets, do, docs), flops, rows,
                    f"varlen {base['dtype']} H={H}/{Hk} tokens={total}", bar, device)
         sets = plain = do = None  # freed before the next point's inputs
         save()
@@ -144,12 +144,11 @@ def run(opts, rows, save):
 
 
 def print_table(rows, opts):
-    if not rows:
-        return
     cuda = opts.device.type == "cuda"
-    print("\n== varlen (packed documents, causal within each" +
-          ("; TFLOP/s count each document's causal FLOPs" if cuda else "") + ") ==")
-    absent = never_ran(rows)
+    absent = begin_table(rows, "varlen (packed documents, causal within each" +
+                         ("; TFLOP/s count each document's causal FLOPs" if cuda else "") + ")")
+    if absent is None:
+        return
     flops = f" {'TFLOP/s':>8}" if cuda else ""
     print(f"{'dtype':9} {'pass':8} {'H':>5} {'D':>4} {'tokens':>7} {'docs':>4}  {'impl':14} "
           f"{'ms':>9}{flops} {'vs best alternative':>19}  note")

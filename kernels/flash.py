@@ -136,7 +136,7 @@ def _fwd_impl(q, k, v, seed, scale, dropout_p, fp32_precision, left=-1, keep_lse
     the call: flash-decoding for splits > 1 (flash_decode.py), the opt-in Hopper forward where
     it applies (hopper.py), else the portable one (flash_fwd.py); by _math_forward where the
     kernels cannot run (the guard above)."""
-    if (q.device, q.dtype, q.shape[-1]) not in FAILED:
+    if not FAILED or (q.device, q.dtype, q.shape[-1]) not in FAILED:
         try:
             qs, s = with_positive_scale(q, scale)  # the forward kernels need scale > 0
             if splits > 1:
@@ -156,7 +156,7 @@ def _bwd_impl(do, q, k, v, o, lse, seed, scale, dropout_p, fp32_precision, deter
               sinks=None):
     """dq, dk, dv by the backward kernels (flash_launch.backward), or where they cannot run by
     _math_backward (the guard above)."""
-    if (q.device, q.dtype, q.shape[-1]) not in FAILED:
+    if not FAILED or (q.device, q.dtype, q.shape[-1]) not in FAILED:
         try:
             return flash_launch.backward(do, q, k, v, o, lse, seed, scale, dropout_p,
                                          fp32_precision, deterministic, dlse, left, rows, right,

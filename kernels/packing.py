@@ -39,7 +39,8 @@ def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None,
     """(mask, empty) over the packed rows themselves: mask (1, 1, total_q, total_k) bool, True
     where packed query t sees packed key u, that is both belong to the same sequence b and, with
     i and j their positions in it, visible(j, i + Lk_b - Lq_b, left, right) (bottom-right
-    within the sequence); empty (1, 1, total_q, 1), the queries that see no key.
+    within the sequence); empty (1, 1, total_q, 1), the queries that see no key, or False where
+    the mask was built on a CPU and no query is such.
 
     A model's layers pass the same cu_seqlens tensors: the last few masks are kept, for those
     tensors unchanged (the same objects, not written to since: torch's version counter)."""
@@ -60,8 +61,10 @@ def block_diagonal_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left=None,
     if right is not None:
         final = torch.minimum(final, last + right)
     # A row sees no key when its first visible position is past its last one.
-    empty = first > final
-    out = seen.view(1, 1, total_q, total_k), empty.view(1, 1, total_q, 1)
+    empty = (first > final).view(1, 1, total_q, 1)
+    if not compiling and empty.device.type == "cpu" and not bool(empty.any()):
+        empty = False  # (read once per kept mask, where that costs no device sync)
+    out = seen.view(1, 1, total_q, total_k), empty
     if not compiling:
         if len(_BLOCK_MASKS) >= 8:
             _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))

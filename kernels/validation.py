@@ -173,14 +173,18 @@ def check_length_values(name, lengths, what, limit):
 
 
 def length_range(name, lengths, what, limit):
-    """(lengths, their smallest value) after check_length_values' check; the smallest is None
-    where it is not read (a GPU, tracing)."""
+    """(lengths, their smallest value, their largest) after check_length_values' check; the
+    smallest and largest are None where they are not read (a GPU, tracing)."""
     if lengths.device.type == "cpu" and lengths.numel() and not torch.compiler.is_compiling():
-        lo, hi = (int(x) for x in torch.aminmax(lengths))
+        if lengths.numel() <= 64:  # a decode batch: one conversion, no reduction ops
+            values = lengths.tolist()
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = (int(x) for x in torch.aminmax(lengths))
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} must lie in [0, {what}], got values from {lo} to {hi}")
-        return lengths, lo
-    return lengths, None
+        return lengths, lo, hi
+    return lengths, None, None
 
 
 def check_packed_args(q, k, v, scale, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

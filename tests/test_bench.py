@@ -51,9 +51,11 @@ def test_quick_bench_writes_the_schema(quick_report):
     assert report["settings"]["quick"] is True  # a CPU's default: the small grid
     assert report["commit"] is None or isinstance(report["commit"], str)  # None outside git
     fields = {"attention": ("impl", "pass", "dtype", "B", "H", "T", "D"),
-              "gpt_train": ("impl", "dtype"), "generate": ("impl",)}
+              "gpt_train": ("impl", "dtype"), "generate": ("impl",),
+              "decode": ("impl", "dtype", "B", "H", "S", "D", "lengths")}
     metrics = {"attention": ("ms", "ms_p20", "ms_p80", "tflops"),
-               "gpt_train": ("tokens_per_s", "ms_per_iter"), "generate": ("tokens_per_s", "new_tokens")}
+               "gpt_train": ("tokens_per_s", "ms_per_iter"), "generate": ("tokens_per_s", "new_tokens"),
+               "decode": ("ms", "ms_p20", "ms_p80")}
     for section in fields:
         rows = report[section]
         assert rows, section
@@ -82,7 +84,8 @@ def test_quick_bench_output_reads_plainly_on_a_cpu(quick_report):
     assert "project:cache: only the positions that fit" in out
     verdict = out[out.index("== verdict =="):]
     for words in ("attention fwd: project-auto", "x the lecture", "training (float32): project",
-                  "x sdpa-batched", "generation: project"):
+                  "x sdpa-batched", "generation: project", "decode: project",
+                  "x SDPA with the key mask"):
         assert words in verdict, verdict
     assert "attention:" in r.stderr  # the progress bar
 
@@ -182,9 +185,11 @@ def test_evidence_runs_every_step_at_tiny_sizes(tmp_path):
     assert any(row.get("Hk") for row in report["attention"])  # grouped heads, step 6
     for section in ("varlen", "flash_api", "gpt_train", "generate"):
         assert any("ms" in row or "tokens_per_s" in row for row in report[section]), section
-    assert {row["impl"] for row in report["decode"] if "ms" in row} == {"decode_attention",
-                                                                        "sdpa-masked"}
-    assert all(row["max_abs_diff_vs_sdpa"] < 1e-5 for row in report["decode"])
+    # decode: checked against the oracle, then timed (sdpa-sliced only where rows share a length)
+    timed = {(row["impl"], row["lengths"]) for row in report["decode"] if "ms" in row}
+    assert timed == {("project", "equal"), ("sdpa-masked", "equal"), ("sdpa-sliced", "equal"),
+                     ("project", "unequal"), ("sdpa-masked", "unequal")}, report["decode"]
+    assert "decode: project" in r.stdout
     assert "== evidence ==" in r.stdout and "== verdict ==" in r.stdout
     assert "attention fwd+bwd: project-auto" in r.stdout and "training (float32)" in r.stdout
 

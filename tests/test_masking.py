@@ -95,6 +95,24 @@ def test_views_of_one_qkv_tensor_keep_the_contract(backend):
     assert torch.equal(g_bad[0, :21, :32], g_clean[0, :21, :32])  # dQ of the blind queries
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_a_bad_query_in_one_qkv_tensor_is_its_own(backend):
+    """The one sum over the qkv tensor also meets the queries: a NaN query fails the check and
+    the exact path runs, where that query's row alone is NaN."""
+    from lecture_flash.modules import split_heads
+    torch.manual_seed(5)
+    qkv = torch.randn(1, 40, 3 * 32, requires_grad=True)
+    clean = attend(backend, *split_heads(qkv, 2))
+    bad = qkv.detach().clone()
+    bad[0, 7, 3] = float("nan")  # query of position 7, head 0
+    bad.requires_grad_(True)
+    out = attend(backend, *split_heads(bad, 2))
+    assert torch.isnan(out[0, 0, 7]).all()
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[7] = False
+    assert torch.equal(out[0, 0, keep], clean[0, 0, keep]) and torch.equal(out[0, 1], clean[0, 1])
+
+
 @pytest.mark.parametrize("backend", EACH)
 def test_a_bad_value_reaches_only_its_queries_in_bfloat16(backend, device):
     """The same in bfloat16, with a value past a row's length (seqlens_k) as well. (Triton's
