@@ -173,7 +173,9 @@ def run_settings(args, device):
     float32, eager. CUDA graphs default to on with compile on CUDA."""
     run = PRESETS[args.preset].get("run", {}) if device.type == "cuda" else {}
     dtype = args.dtype or run.get("dtype", "float32")
-    compile_model = args.compile if args.compile is not None else run.get("compile", False)
+    # (context parallelism runs eager: a preset's compile default does not apply to it)
+    compile_model = args.compile if args.compile is not None else (
+        run.get("compile", False) and args.context_parallel == 1)
     graphs = args.cuda_graphs  # checked in check_args
     if graphs is None:
         graphs = compile_model and device.type == "cuda"
@@ -391,9 +393,6 @@ def _train(args, ddp, build_model, report, text, t_start):
     # Rank 0 evaluates alone, on the batches one process would (dp_size x batch_size).
     eval_batches = batches if ddp.world_size == 1 else Batches(
         data, hp["block_size"], hp["batch_size"] * ddp.dp_size, device, seed=args.seed)
-    if ddp.context > 1 and hp["dropout"] > 0:
-        raise UsageError(f"--context-parallel with dropout {hp['dropout']}: the ring has no "
-                         "dropout yet; pass --dropout 0")
 
     try:
         cfg = GPTConfig(**{**ckpt["config"], "backend": args.backend}) if ckpt else GPTConfig(

@@ -33,9 +33,10 @@ The stateless pieces, public for others to build on:
     merge(out, lse, block_out, block_lse) -> (out, lse)   (float32)
 
 On CUDA they run the Triton kernels (the backward takes the merged out and lse, as
-FlashAttention's does in a ring); elsewhere PyTorch's arithmetic, float32. Not implemented,
-refused by name: sinks, packed rows; dropout, windows and softcap in the ring (the all-gather
-variant has them). docs/context-parallel.md has the communication and memory.
+FlashAttention's does in a ring); elsewhere PyTorch's arithmetic, float32. Packed documents
+(cu_seqlens): the all-gather variant. Not implemented, refused by name: sinks; dropout,
+windows, softcap and packed documents in the ring (the all-gather variant has them).
+docs/context-parallel.md has the communication and memory.
 """
 import torch
 import torch.distributed as dist
@@ -322,8 +323,57 @@ def _gathered_attention(ring, q, k, v, causal, scale, window, dropout_p, softcap
     return torch.cat(outs, dim=2)
 
 
+def _gathered_documents(ring, q, k, v, cu, causal, scale, window, dropout_p, softcap):
+    """The all-gather variant for packed documents: q (T_r, H, D), k, v (T_r, Hk, D), this
+    rank's shard of the packed stream, cu the whole stream's document boundaries (a list).
+    Each query chunk (a run of the stream) attends, document by document, as causal_attention's
+    packed rows: the part of each document it holds, to that document's keys up to the chunk's
+    end (causal, bottom-right: the same positions) or all of them (full attention)."""
+    from .dispatch import causal_attention
+    lengths = [sum(n for _, _, n in ring.chunks(r)) for r in range(ring.world)]
+    longest = max(lengths)
+    gathered = [_GatherShards.apply(x.transpose(0, 1).unsqueeze(0), longest, ring.group)
+                for x in (k, v)]  # (W, 1, Hk, L, D)
+    k_all, v_all = (unshard([g[r][:, :, :lengths[r]] for r in range(ring.world)], ring.world,
+                            zigzag=ring.zigzag)[0].transpose(0, 1) for g in gathered)  # (T, Hk, D)
+    starts = [sum(ring.sizes[:c]) for c in range(len(ring.sizes))]
+    outs = []
+    for c, qs, qn in ring.chunks(ring.rank):
+        if qn == 0:
+            continue
+        a, b = starts[c], starts[c] + qn  # the chunk's positions in the stream
+        # (query rows, key rows) of each document the chunk holds a part of
+        pieces = [(max(a, s), min(b, e), s, min(b, e) if causal else e)
+                  for s, e in zip(cu[:-1], cu[1:]) if s < b and e > a]
+        keys = [(ks, ke) for _, _, ks, ke in pieces]
+        ks_, vs_ = (torch.cat([x[ks:ke] for ks, ke in keys]) for x in (k_all, v_all))
+        lq = [qe - qb for qb, qe, _, _ in pieces]
+        lk = [ke - ks for ks, ke in keys]
+        cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], device=q.device,
+                                   dtype=torch.int32) for n in (lq, lk))
+        outs.append(causal_attention(q[qs:qs + qn], ks_, vs_, scale=scale, causal=causal,
+                                     window=window, dropout_p=dropout_p, softcap=softcap,
+                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
+                                     max_seqlen_k=max(lk)))
+    return torch.cat(outs, dim=0)
+
+
+def _document_bounds(cu_seqlens, T):
+    """cu_seqlens read on the host as a list, checked: integers from 0 to the whole stream's
+    T positions, non-decreasing."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or (
+            cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool):
+        raise TypeError("cu_seqlens must be a 1-D integer tensor of the documents' boundaries")
+    cu = cu_seqlens.tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must run from 0 to the whole stream's {T} positions, "
+                         f"non-decreasing, got {cu}")
+    return cu
+
+
 def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd", zigzag=None,
-                   dropout_p=0.0, window=None, softcap=0.0, sinks=None, exchange="ring"):
+                   dropout_p=0.0, window=None, softcap=0.0, sinks=None, exchange="ring",
+                   cu_seqlens=None):
     """Attention of a sequence sharded over `group` (default: the whole world), each rank
     passing its own shard: q (B, H, T_r, D), k and v (B, Hk, T_r, D) (layout "bthd": (B, T_r,
     H, D)), as shard() cuts them: zigzag (None: True for causal attention, False for full)
@@ -344,7 +394,13 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
     nothing) and the options the ring lacks. window, dropout_p, softcap: with
     exchange="allgather" only, as causal_attention takes them (causal; full attention without a
     window); dropout draws each rank's own mask, so a run's draws differ from one process's
-    (the same distribution). sinks: not implemented (NotImplementedError)."""
+    (the same distribution). sinks: not implemented (NotImplementedError).
+
+    cu_seqlens: packed documents (exchange="allgather" only): q (T_r, H, D), k and v (T_r, Hk,
+    D), this rank's shard of a stream of documents packed one after another (shard(x, rank,
+    world, dim=0)), and cu_seqlens (n + 1,) the whole stream's document boundaries from 0 to T,
+    the same on every rank (read on the host once per call). No query sees another document;
+    within its own, the mask above (causal_attention's packed rows)."""
     if exchange not in ("ring", "allgather"):
         raise ValueError(f"exchange must be 'ring' or 'allgather', got {exchange!r}")
     if sinks is not None:
@@ -358,6 +414,26 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
                     "or exchange='allgather', which takes it)")
     if window is not None and not causal:
         raise NotImplementedError("ring_attention: a window with causal=False is not implemented")
+    if cu_seqlens is not None:
+        if exchange != "allgather":
+            raise NotImplementedError("ring_attention: packed documents (cu_seqlens) are not "
+                                      "implemented by the ring; pass exchange='allgather'")
+        if layout != "bhtd":
+            raise ValueError("packed documents (cu_seqlens) have one layout, (T_r, H, D); leave "
+                             f"layout at 'bhtd', got {layout!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ring_attention needs torch.distributed initialised "
+                               "(torch.distributed.init_process_group, or torchrun)")
+        if not (q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == k.shape[0]
+                and k.shape == v.shape and q.shape[2] == k.shape[2]):
+            raise ValueError("with cu_seqlens, q, k and v are this rank's (T_r, heads, D) shard "
+                             f"of the packed stream, got {tuple(q.shape)}, {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")  # (causal_attention checks the rest)
+        zigzag = causal if zigzag is None else bool(zigzag)
+        ring = _Ring(q.transpose(0, 1).unsqueeze(0), group, zigzag)
+        cu = _document_bounds(cu_seqlens, sum(ring.sizes))
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _gathered_documents(ring, q, k, v, cu, causal, scale, window, dropout_p, softcap)
     if layout not in ("bhtd", "bthd"):
         raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
     if layout == "bthd":

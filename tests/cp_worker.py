@@ -16,21 +16,24 @@ def run(spec, rank, world, out_path):
     g = torch.Generator().manual_seed(0)
     B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
     dtype = getattr(torch, spec.get("dtype", "float32"))
-    full = [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
-    do = torch.randn(B, H, T, D, generator=g).to(dtype)
-    zigzag = spec["zigzag"]
-    q, k, v = (cp.shard(x, rank, world, zigzag=zigzag).requires_grad_() for x in full)
+    shape = (lambda h: (T, h, D)) if "docs" in spec else (lambda h: (B, h, T, D))
+    full = [torch.randn(*shape(h), generator=g).to(dtype) for h in (H, Hk, Hk)]
+    do = torch.randn(*shape(H), generator=g).to(dtype)
+    zigzag, dim = spec["zigzag"], 0 if "docs" in spec else 2
+    q, k, v = (cp.shard(x, rank, world, dim=dim, zigzag=zigzag).requires_grad_() for x in full)
     layout = spec.get("layout", "bhtd")
     args = [x.transpose(1, 2) if layout == "bthd" else x for x in (q, k, v)]
     options = {k: spec[k] for k in ("exchange", "softcap", "dropout_p") if k in spec}
     if "window" in spec:
         options["window"] = tuple(spec["window"])
+    if "docs" in spec:  # packed documents: the whole stream's boundaries
+        options["cu_seqlens"] = torch.tensor([0, *torch.tensor(spec["docs"]).cumsum(0).tolist()])
     torch.manual_seed(rank)  # (dropout: each rank its own draws)
     out = cp.ring_attention(*args, causal=spec["causal"], zigzag=zigzag, layout=layout,
                             scale=spec.get("scale"), **options)
     if layout == "bthd":
         out = out.transpose(1, 2)
-    out.backward(cp.shard(do, rank, world, zigzag=zigzag))
+    out.backward(cp.shard(do, rank, world, dim=dim, zigzag=zigzag))
     torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}, out_path)
 
 

@@ -46,9 +46,18 @@ def run_ranks(specs, world, out_dir):
     results = []
     for i, spec in enumerate(specs):
         parts = [torch.load(Path(out_dir) / f"{i}-{r}.pt") for r in range(world)]
-        results.append({name: cp.unshard([p[name] for p in parts], world, zigzag=spec["zigzag"])
+        dim = 0 if "docs" in spec else 2  # packed documents: (T, heads, D)
+        results.append({name: cp.unshard([p[name] for p in parts], world, dim=dim,
+                                         zigzag=spec["zigzag"])
                         for name in ("out", "dq", "dk", "dv")})
     return results
+
+
+def _grads(fn, inputs, d):
+    """[out, dq, dk, dv] of fn on inputs, gradient d."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    return [out.detach(), *torch.autograd.grad(out, inputs, d)]
 
 
 def single_process(spec):
@@ -56,16 +65,20 @@ def single_process(spec):
     g = torch.Generator().manual_seed(0)
     B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
     dtype = getattr(torch, spec.get("dtype", "float32"))
-    full = [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, Hk, Hk)]
-    do = torch.randn(B, H, T, D, generator=g).to(dtype)
+    shape = (lambda h: (T, h, D)) if "docs" in spec else (lambda h: (B, h, T, D))
+    full = [torch.randn(*shape(h), generator=g).to(dtype) for h in (H, Hk, Hk)]
+    do = torch.randn(*shape(H), generator=g).to(dtype)
     causal, scale = spec["causal"], spec.get("scale")
     window = tuple(spec["window"]) if "window" in spec else None
     softcap = spec.get("softcap", 0.0)
+    if "docs" in spec:  # packed documents: the oracle's packed rows
+        cu = torch.tensor([0, *torch.tensor(spec["docs"]).cumsum(0).tolist()], dtype=torch.int32)
+        rows = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
+        return tuple(_grads(lambda a, b, c: causal_attention_reference(
+            a, b, c, causal=causal, scale=scale, window=window, **rows), inputs, d)
+            for inputs, d in (([x.double() for x in full], do.double()), (full, do)))
 
-    def grads(fn, inputs, d):
-        inputs = [x.detach().requires_grad_() for x in inputs]
-        out = fn(*inputs)
-        return [out.detach(), *torch.autograd.grad(out, inputs, d)]
+    grads = _grads
     ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale,
                                                            window=window, softcap=softcap),
                 [x.double() for x in full], do.double())
@@ -96,6 +109,17 @@ CASES = {
                                                 zigzag=True, exchange="allgather", window=[5, 0]), 2),
     "all-gather, full attention, 2 ranks": (dict(B=1, H=2, Hk=2, T=33, D=16, causal=False,
                                                  zigzag=False, exchange="allgather"), 2),
+    # Packed documents (cu_seqlens): shards of the stream cut across documents' boundaries; an
+    # empty document and a one-token one among them.
+    "all-gather, packed documents, 2 ranks": (
+        dict(B=1, H=2, Hk=2, T=44, D=16, causal=True, zigzag=True, exchange="allgather",
+             docs=[9, 14, 0, 1, 20]), 2),
+    "all-gather, packed documents, 4 ranks, grouped heads, window of 4": (
+        dict(B=1, H=4, Hk=2, T=45, D=8, causal=True, zigzag=True, exchange="allgather",
+             docs=[30, 3, 12], window=[4, 0]), 4),
+    "all-gather, packed documents, full attention, 2 ranks": (
+        dict(B=1, H=2, Hk=1, T=27, D=8, causal=False, zigzag=False, exchange="allgather",
+             docs=[5, 17, 5], scale=0.4), 2),
 }
 
 
@@ -191,6 +215,11 @@ def test_what_the_ring_does_not_implement_is_refused_by_name():
         cp.ring_attention(q, q, q, sinks=torch.zeros(1), exchange="allgather")
     with pytest.raises(ValueError, match="exchange must be"):
         cp.ring_attention(q, q, q, exchange="tree")
+    packed, cu = torch.randn(6, 2, 8), torch.tensor([0, 2, 6])
+    with pytest.raises(NotImplementedError, match="packed documents .cu_seqlens. are not implemented by the ring"):
+        cp.ring_attention(packed, packed, packed, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="one layout"):
+        cp.ring_attention(packed, packed, packed, cu_seqlens=cu, exchange="allgather", layout="bthd")
     with pytest.raises(RuntimeError, match="init_process_group"):
         cp.ring_attention(q, q, q)
 
