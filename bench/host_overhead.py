@@ -17,15 +17,18 @@ decides the speed. Two measurements:
 - "cpu" (on a CPU): PyTorch's SDPA on the same (float32) call, its dispatch and a few
   multiplies: the host time ours is held to there.
 
-Each figure is the median over --repeats runs of --calls calls, after a warm-up.
+Each figure is the median over --repeats rounds of the mean of --calls back-to-back calls, after
+a warm-up; each round times every path once, so that the machine's state weighs on all alike.
 """
 import argparse
 import contextlib
+import statistics
 import sys
+import time
 
 # Python puts bench/ on sys.path, never the repository root (whose kernels/ would shadow Hugging
 # Face's `kernels`): lecture_flash comes from its install (pip install -e .).
-from harness import wall_ms  # noqa: E402  (first: it says how to install lecture_flash if missing)
+from harness import sync  # noqa: E402  (first: it says how to install lecture_flash if missing)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,16 +54,6 @@ def launches_stubbed():
         yield
     finally:
         launch._launch, launch._Plan.__call__, launch._bwd_preprocess = saved
-
-
-def per_call_us(fn, calls, repeats, device):
-    """Median over `repeats` of the mean microseconds per call of `calls` back-to-back calls
-    (one synchronisation at the end of each run)."""
-    def back_to_back():
-        for _ in range(calls):
-            fn()
-    ms = wall_ms(back_to_back, device, min_time=0.0, max_reps=repeats, min_reps=repeats)[0]
-    return ms / calls * 1e3
 
 
 def passes(attend, q, k, v, do):
@@ -102,15 +95,35 @@ def sdpa():
 
 def measure(label, named, tensors, calls, repeats, device):
     """One row per path: {"launches", "path", "fwd_us", "fwd_bwd_us"} (None where it cannot run,
-    with "note" saying why)."""
-    rows = []
+    with "note" saying why): the median over `repeats` rounds of the mean microseconds per call
+    of `calls` back-to-back calls (one synchronisation at the end of each batch), every path's
+    batch once per round, so that the machine's state (a CPU's thread wake-ups, its clock) weighs
+    on every path alike."""
+    fns, notes = {}, {}
     for name, attend in named.items():
-        row = {"launches": label, "path": name}
         for key, fn in zip(("fwd_us", "fwd_bwd_us"), passes(attend, *tensors)):
             try:
-                row[key] = round(per_call_us(fn, calls, repeats, device), 2)
+                fn()  # warm-up, and whether it runs at all
+                sync(device)
+                fns[(name, key)] = fn
             except RuntimeError as e:  # e.g. no cuDNN attention for this GPU or build
-                row[key], row["note"] = None, str(e).splitlines()[0][:60]
+                notes[(name, key)] = str(e).splitlines()[0][:60]
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            times[key].append((time.perf_counter() - start) / calls * 1e6)
+    rows = []
+    for name in named:
+        row = {"launches": label, "path": name}
+        for key in ("fwd_us", "fwd_bwd_us"):
+            if (name, key) in times:
+                row[key] = round(statistics.median(times[(name, key)]), 2)
+            else:
+                row[key], row["note"] = None, notes[(name, key)]
         rows.append(row)
     return rows
 
@@ -128,14 +141,20 @@ def host_rows(device, calls=500, repeats=7):
     tensors = (q, k, v, torch.randn_like(q))
     scale = q.shape[-1] ** -0.5
     rows = []
+    # On a CPU, PyTorch's SDPA is timed in the same rounds as ours stubbed (it launches nothing
+    # of ours), so that both meet the machine in the same state.
+    plain = {} if device.type == "cuda" else {
+        "sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)}
     if device.type == "cuda" or flash.INTERPRET:
         with launches_stubbed():
-            rows += measure("stubbed", ours(scale), tensors, calls, repeats, device)
+            rows += measure("stubbed", {**ours(scale), **plain}, tensors, calls, repeats, device)
+    elif plain:
+        rows += measure("cpu", plain, tensors, calls, repeats, device)
+    for row in rows:
+        if row["path"] in plain:
+            row["launches"] = "cpu"
     if device.type == "cuda":
         rows += measure("launched", {**ours(scale), **sdpa()}, tensors, calls, repeats, device)
-    else:
-        plain = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)}
-        rows += measure("cpu", plain, tensors, calls, repeats, device)
     return rows, (1, 1, 16, 64), str(dtype).replace("torch.", "")
 
 

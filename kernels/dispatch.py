@@ -302,8 +302,6 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
         ValueError / TypeError naming the argument for bad shapes, dtypes, devices, Tq > Tk,
         dropout_p outside [0, 1), an unknown backend or layout, or "triton" where it cannot run.
     """
-    packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    extras = dict(causal=causal, softcap=softcap, sinks=sinks)
     if not (cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None
             and max_seqlen_k is None):
         if seqlens_k is not None:
@@ -312,13 +310,15 @@ def causal_attention(q, k, v, *, scale=None, dropout_p=0.0, backend="auto", dete
             raise ValueError("packed sequences (cu_seqlens_*) have one layout, (total, H, D); "
                              f"leave layout at 'bhtd', got {layout!r}")
         return _packed_attention(q, k, v, scale, dropout_p, backend, deterministic, fp32_precision,
-                                 return_lse, window, *packed, **extras)
+                                 return_lse, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, causal=causal, softcap=softcap, sinks=sinks)
     if layout != "bhtd":  # (B, T, H, D): the same attention on transposed views, no copies
         _check_bthd(layout, q, k, v)
         got = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                scale=scale, dropout_p=dropout_p, backend=backend,
                                deterministic=deterministic, fp32_precision=fp32_precision,
-                               return_lse=return_lse, window=window, seqlens_k=seqlens_k, **extras)
+                               return_lse=return_lse, window=window, seqlens_k=seqlens_k,
+                               causal=causal, softcap=softcap, sinks=sinks)
         return (got[0].transpose(1, 2), got[1]) if return_lse else got.transpose(1, 2)
     resolved, signature = None, None
     if not torch.compiler.is_compiling():  # (torch.compile traces the checks instead)
