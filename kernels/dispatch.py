@@ -573,7 +573,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
     cache_seqlens[b] - Tq + i and sees the keys up to it (causal), within the window, and
     below cache_seqlens[b]. A query that sees no key gets zeros. The Triton kernel skips the
     key tiles past each row's length and, where B * H programs would leave the GPU idle, splits
-    the keys into ranges that run side by side and are merged after (flash-decoding).
+    the keys into ranges that run side by side and are merged after (flash-decoding). On a CPU
+    the PyTorch paths skip the slots past the longest row, and rows of one length need no
+    key mask (_decode_rows).
 
     Returns:
         (B, H, Tq, D) in q's dtype; with return_lse, (that, lse).
