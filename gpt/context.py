@@ -5,10 +5,8 @@ attend through lecture_flash.context_parallel's ring.
 Each rank of a context-parallel group gets the same batch and keeps its zigzag shard of the
 positions (chunks r and 2N - 1 - r of 2N, so the causal work is even): the embeddings of those
 positions, every block with its attention replaced by the ring, and the loss of its targets.
-With attention dropout in training (the lecture's 0.2), the attention gathers every rank's keys
-and values instead (exchange="allgather", which has dropout; the ring does not), and every
-dropout draws each rank's own masks (train.py seeds each process apart): the same distribution
-as one process, not the same draws.
+Dropout in training (the lecture's 0.2), the attention's included, draws each rank's own masks
+(train.py seeds each process apart): the same distribution as one process, not the same draws.
 The loss is this rank's sum over B * T, times N: DistributedDataParallel averages the
 gradients over every process, so each group's gradient comes out as its whole batch's mean
 loss's, and several groups average as data-parallel processes do.
@@ -42,9 +40,6 @@ class ContextParallel:
 
     def _ring(self, sa):
         def attend(q, k, v):
-            dropout_p = sa.attn_dropout if sa.training else 0.0
-            if dropout_p > 0.0:  # the ring has no dropout: the all-gather variant has it
-                return ring_attention(q, k, v, group=self.group, scale=sa.scale,
-                                      dropout_p=dropout_p, exchange="allgather")
-            return ring_attention(q, k, v, group=self.group, scale=sa.scale)
+            return ring_attention(q, k, v, group=self.group, scale=sa.scale,
+                                  dropout_p=sa.attn_dropout if sa.training else 0.0)
         return attend

@@ -81,9 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend")
     p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="under torchrun: shard every sequence over groups of N processes, which "
-                        "attend through a ring (lecture_flash.context_parallel; with attention "
-                        "dropout, by gathering the keys); the processes are WORLD_SIZE / N "
-                        "data-parallel groups of N (default 1: none)")
+                        "attend through a ring (lecture_flash.context_parallel); the processes "
+                        "are WORLD_SIZE / N data-parallel groups of N (default 1: none)")
     p.add_argument("--sample-tokens", type=int, default=300, help="characters sampled at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for key in MODEL_KEYS + TRAIN_KEYS:  # None = take it from the checkpoint or the preset

@@ -21,21 +21,25 @@ rank r + 1 and receives from r - 1 (batch_isend_irecv, overlapping the step's co
 backward circulates the keys and values again with float32 dK/dV accumulators that travel with
 them and arrive home complete after the last step; dQ accumulates locally. Nothing a step saves
 is a key or value of another rank (the ring re-sends them in the backward), so no stale saved
-tensor can leave a gradient wrong.
+tensor can leave a gradient wrong. Dropout: each block (query chunk, key chunk) draws its mask
+from a seed of its own (block_seed, from one seed the rank draws per call from torch's
+generator), and its backward draws the same mask again.
 
 exchange="allgather" gathers every shard once instead (differentiably: the keys' and values'
 gradients go back summed) and attends each query chunk with causal_attention, which brings its
-windows, dropout and softcap: what a ring does badly (short windows) or lacks.
+windows, softcap and packed documents: what a ring does badly (short windows) or lacks.
 
 The stateless pieces, public for others to build on:
-    attention_block(q, k, v, causal, scale) -> (out, lse float32)
-    attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv)   (accumulates)
+    attention_block(q, k, v, causal, scale, dropout_p=0, seed=None) -> (out, lse float32)
+    attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv, dropout_p=0,
+                             seed=None)   (accumulates)
     merge(out, lse, block_out, block_lse) -> (out, lse)   (float32)
+    block_keep_mask(q, k, dropout_p, seed): the dropout mask a block draws for a seed
 
 On CUDA they run the Triton kernels (the backward takes the merged out and lse, as
 FlashAttention's does in a ring); elsewhere PyTorch's arithmetic, float32. Packed documents
-(cu_seqlens): the all-gather variant. Not implemented, refused by name: sinks; dropout,
-windows, softcap and packed documents in the ring (the all-gather variant has them).
+(cu_seqlens): the all-gather variant. Not implemented, refused by name: sinks; windows,
+softcap and packed documents in the ring (the all-gather variant has them).
 docs/context-parallel.md has the communication and memory.
 """
 import torch
@@ -100,12 +104,44 @@ def _triton_runs(q, scale=1.0):
     return q.device.type == "cuda" and dispatch._triton_unavailable(q) is None
 
 
-def attention_block(q, k, v, causal, scale):
+def block_keep_mask(q, k, dropout_p, seed):
+    """The keep mask (True: kept) that a block of q (B, H, m, D) against k (B, Hk, n, D) draws
+    for dropout with this seed (an int), (B, H, m, n) bool: the Triton kernels' draw where they
+    run the block, else torch.rand's from a generator seeded with it. The same seed gives the
+    same mask, so a block's backward drops what its forward dropped."""
+    B, H, m, _ = q.shape
+    n = k.shape[2]
+    if _triton_runs(q):
+        from . import flash
+        return flash.dropout_keep_mask(_seed_tensor(seed, q.device), B, H, m, n, dropout_p)
+    g = torch.Generator(device=q.device).manual_seed(seed)
+    return torch.rand((B, H, m, n), generator=g, device=q.device) >= dropout_p
+
+
+def _seed_tensor(seed, device):
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def attention_block(q, k, v, causal, scale, dropout_p=0.0, seed=None):
     """(out, lse) of one block, no autograd: q (B, H, m, D), k and v (B, Hk, n, D); causal: the
     mask bottom-right aligned (m == n for a ring's diagonal block), else every key. out in q's
-    dtype, lse (B, H, m) float32, natural log."""
+    dtype, lse (B, H, m) float32, natural log. dropout_p, seed (an int): dropout of the block's
+    weights with the mask block_keep_mask draws for that seed; lse stays the undropped scores'
+    (so blocks merge as without dropout, FlashAttention's convention)."""
     from .dispatch import causal_attention
     with torch.no_grad():
+        if dropout_p > 0.0:
+            if _triton_runs(q, scale):
+                from . import flash
+                out, lse = flash._fwd_impl(q, k, v, _seed_tensor(seed, q.device), float(scale),
+                                           float(dropout_p), flash._precision(q), -1,
+                                           keep_lse=True, right=0 if causal else -1)
+                return out, (lse * flash.LN2).float()
+            from .reference import causal_attention_reference
+            out, lse = causal_attention_reference(
+                q, k, v, scale=scale, causal=causal, return_lse=True, dropout_p=dropout_p,
+                dropout_mask=block_keep_mask(q, k, dropout_p, seed))
+            return out, lse.float()
         backend = "triton" if _triton_runs(q, scale) else "reference"
         out, lse = causal_attention(q, k, v, scale=scale, causal=causal, return_lse=True,
                                     backend=backend)
@@ -125,16 +161,21 @@ def merge(out, lse, block_out, block_lse):
     return out * w_old + block_out * w_new, new
 
 
-def attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv):
+def attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv, dropout_p=0.0,
+                             seed=None):
     """Add one block's share of the gradients to the float32 buffers dq (B, H, m, D), dk and dv
     (B, Hk, n, D), given the output and lse merged over every block (the softmax is the whole
-    row's: P = exp(S - lse), delta = rowsum(dO * O))."""
+    row's: P = exp(S - lse), delta = rowsum(dO * O)). dropout_p, seed: the forward's (the same
+    mask is drawn again: dV takes the dropped weights, dS = P (Z dO V^T - delta), Z the mask
+    over 1 - p)."""
     if _triton_runs(q, scale):
         from . import flash_launch
+        seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
         bq, bk, bv = flash_launch.backward(do.to(q.dtype).contiguous(), q, k, v,
                                            out.to(q.dtype).contiguous(),
-                                           (lse * LOG2E).contiguous(), None, float(scale), 0.0,
-                                           "ieee", True, right=0 if causal else -1)
+                                           (lse * LOG2E).contiguous(), seed_t, float(scale),
+                                           float(dropout_p), "ieee", True,
+                                           right=0 if causal else -1)
         dq += bq.float()
         dk += bk.float()
         dv += bv.float()
@@ -149,11 +190,16 @@ def attention_block_backward(do, q, k, v, out, lse, causal, scale, dq, dk, dv):
     p = torch.exp(s - lse.unsqueeze(-1))
     dof = do.float()
     delta = (dof * out.float()).sum(-1, keepdim=True)
-    ds = p * (dof @ vf.transpose(-2, -1) - delta) * scale
+    dp = dof @ vf.transpose(-2, -1)  # the gradient of the (dropped) weights
+    kept = p
+    if dropout_p > 0.0:
+        z = block_keep_mask(q, k, dropout_p, seed).float() / (1.0 - dropout_p)
+        dp, kept = dp * z, p * z
+    ds = p * (dp - delta) * scale
     dq += ds @ kf
     group = H // Hk
     dk += (ds.transpose(-2, -1) @ qf).unflatten(1, (Hk, group)).sum(2)
-    dv += (p.transpose(-2, -1) @ dof).unflatten(1, (Hk, group)).sum(2)
+    dv += (kept.transpose(-2, -1) @ dof).unflatten(1, (Hk, group)).sum(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,27 +252,42 @@ class _Ring:
         return dist.batch_isend_irecv(ops), bufs
 
     def pairs(self, source, causal):
-        """[(q start, q length, k start, k length, causal)] of the blocks this rank's queries
-        attend in the keys of `source`'s shard."""
+        """[(q start, q length, k start, k length, causal, block)] of the blocks this rank's
+        queries attend in the keys of `source`'s shard; block: the (query chunk, key chunk)
+        indices, which name the block's dropout seed."""
         found = []
         for qc, qs, qn in self.chunks(self.rank):
             for kc, ks, kn in self.chunks(source):
                 if qn == 0 or kn == 0 or (causal and kc > qc):
                     continue
-                found.append((qs, qn, ks, kn, causal and kc == qc))
+                found.append((qs, qn, ks, kn, causal and kc == qc, (qc, kc)))
         return found
 
 
-def _forward(ring, q, k, v, causal, scale):
+def block_seed(base, block, n_chunks):
+    """The dropout seed of block (query chunk, key chunk) of a call whose rank drew `base`: one
+    per block, so that blocks draw independent masks, and the backward the forward's again."""
+    qc, kc = block
+    return (base + 104729 * (qc * n_chunks + kc + 1)) % (2**31 - 1)
+
+
+def draw_base_seed():
+    """A ring call's dropout seed, drawn from torch's CPU generator (so torch.manual_seed replays
+    it, and a checkpoint's random state resumes it), without a device sync."""
+    return int(torch.randint(0, 2**31 - 1, (1,)))
+
+
+def _forward(ring, q, k, v, causal, scale, dropout_p=0.0, base=None):
     out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
     held = (k, v)
     for step in range(ring.world):
         source = (ring.rank - step) % ring.world
         pending = ring.exchange(held, step) if step < ring.world - 1 else None
-        for qs, qn, ks, kn, diag in ring.pairs(source, causal):
+        for qs, qn, ks, kn, diag, block in ring.pairs(source, causal):
+            seed = block_seed(base, block, len(ring.sizes)) if dropout_p > 0.0 else None
             o, l = attention_block(q[:, :, qs:qs + qn], held[0][:, :, ks:ks + kn],
-                                   held[1][:, :, ks:ks + kn], diag, scale)
+                                   held[1][:, :, ks:ks + kn], diag, scale, dropout_p, seed)
             rows = slice(qs, qs + qn)
             out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o, l)
         if pending is not None:
@@ -236,7 +297,7 @@ def _forward(ring, q, k, v, causal, scale):
     return out, lse
 
 
-def _backward(ring, do, q, k, v, out, lse, causal, scale):
+def _backward(ring, do, q, k, v, out, lse, causal, scale, dropout_p=0.0, base=None):
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -244,12 +305,14 @@ def _backward(ring, do, q, k, v, out, lse, causal, scale):
     for step in range(ring.world):
         source = (ring.rank - step) % ring.world
         kk, vv, gk, gv = held
-        for qs, qn, ks, kn, diag in ring.pairs(source, causal):
+        for qs, qn, ks, kn, diag, block in ring.pairs(source, causal):
             rows, keys = slice(qs, qs + qn), slice(ks, ks + kn)
+            seed = block_seed(base, block, len(ring.sizes)) if dropout_p > 0.0 else None
             # (the buffers' slices are views: each block adds into them in place)
             attention_block_backward(do[:, :, rows], q[:, :, rows], kk[:, :, keys],
                                      vv[:, :, keys], out[:, :, rows], lse[:, :, rows], diag,
-                                     scale, dq[:, :, rows], gk[:, :, keys], gv[:, :, keys])
+                                     scale, dq[:, :, rows], gk[:, :, keys], gv[:, :, keys],
+                                     dropout_p, seed)
         # The keys and values move on with their gradients; after the last step they are home.
         requests, bufs = ring.exchange(held, step)
         for request in requests:
@@ -260,18 +323,20 @@ def _backward(ring, do, q, k, v, out, lse, causal, scale):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, zigzag):
+    def forward(ctx, q, k, v, causal, scale, group, zigzag, dropout_p):
         ring = _Ring(q, group, zigzag)
-        out, lse = _forward(ring, q, k, v, causal, scale)
+        base = draw_base_seed() if dropout_p > 0.0 else None
+        out, lse = _forward(ring, q, k, v, causal, scale, dropout_p, base)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.causal, ctx.scale = ring, causal, scale
+        ctx.ring, ctx.causal, ctx.scale, ctx.dropout = ring, causal, scale, (dropout_p, base)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.ring, do, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = _backward(ctx.ring, do, q, k, v, out, lse, ctx.causal, ctx.scale,
+                               *ctx.dropout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 class _GatherShards(torch.autograd.Function):
@@ -385,16 +450,18 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
     causal: the whole sequence's causal mask (query i sees keys j <= i, in global positions);
     False: every key. scale: multiplier of q @ k^T (default D ** -0.5). Grouped-query heads as
     causal_attention takes them. Partial outputs merge in float32 whatever the inputs' dtype.
+    dropout_p: dropout of the attention weights, as causal_attention's; each rank draws its own
+    masks (one seed per call from torch's generator, one per block from it), so a run's draws
+    differ from one process's (the same distribution).
 
     exchange: "ring" (the default: keys and values travel round the ranks, each step's transfer
     overlapping the previous step's compute; memory per rank stays one shard) or "allgather"
     (every rank gathers every shard once, then attends its query chunks with causal_attention;
     the gradients of the keys and values go back summed; memory per rank holds the whole
     sequence's keys and values): what a ring does badly, short windows (most ring steps see
-    nothing) and the options the ring lacks. window, dropout_p, softcap: with
-    exchange="allgather" only, as causal_attention takes them (causal; full attention without a
-    window); dropout draws each rank's own mask, so a run's draws differ from one process's
-    (the same distribution). sinks: not implemented (NotImplementedError).
+    nothing) and the options the ring lacks. window, softcap: with exchange="allgather" only,
+    as causal_attention takes them (causal; full attention without a window). sinks: not
+    implemented (NotImplementedError).
 
     cu_seqlens: packed documents (exchange="allgather" only): q (T_r, H, D), k and v (T_r, Hk,
     D), this rank's shard of a stream of documents packed one after another (shard(x, rank,
@@ -406,8 +473,7 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
     if sinks is not None:
         raise NotImplementedError("ring_attention: sinks is not implemented (pass sinks=None)")
     if exchange == "ring":
-        for name, given, none in (("dropout_p", dropout_p, 0.0), ("window", window, None),
-                                  ("softcap", softcap, 0.0)):
+        for name, given, none in (("window", window, None), ("softcap", softcap, 0.0)):
             if given != none:
                 raise NotImplementedError(
                     f"ring_attention: {name} is not implemented by the ring (pass {name}={none!r}, "
@@ -457,4 +523,6 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
     if exchange == "allgather":
         return _gathered_attention(_Ring(q, group, zigzag), q, k, v, causal, scale, window,
                                    dropout_p, softcap)
-    return _RingAttention.apply(q, k, v, causal, scale, group, zigzag)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return _RingAttention.apply(q, k, v, causal, scale, group, zigzag, float(dropout_p))

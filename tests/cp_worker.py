@@ -29,12 +29,15 @@ def run(spec, rank, world, out_path):
     if "docs" in spec:  # packed documents: the whole stream's boundaries
         options["cu_seqlens"] = torch.tensor([0, *torch.tensor(spec["docs"]).cumsum(0).tolist()])
     torch.manual_seed(rank)  # (dropout: each rank its own draws)
+    base = cp.draw_base_seed()  # the ring's dropout seed, as the call below draws it
+    torch.manual_seed(rank)
     out = cp.ring_attention(*args, causal=spec["causal"], zigzag=zigzag, layout=layout,
                             scale=spec.get("scale"), **options)
     if layout == "bthd":
         out = out.transpose(1, 2)
     out.backward(cp.shard(do, rank, world, dim=dim, zigzag=zigzag))
-    torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}, out_path)
+    torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "base": base},
+               out_path)
 
 
 def main(specs_json, out_dir):

@@ -50,6 +50,7 @@ def run_ranks(specs, world, out_dir):
         results.append({name: cp.unshard([p[name] for p in parts], world, dim=dim,
                                          zigzag=spec["zigzag"])
                         for name in ("out", "dq", "dk", "dv")})
+        results[-1]["bases"] = [p["base"] for p in parts]  # each rank's dropout seed
     return results
 
 
@@ -60,7 +61,29 @@ def _grads(fn, inputs, d):
     return [out.detach(), *torch.autograd.grad(out, inputs, d)]
 
 
-def single_process(spec):
+def ring_keep_mask(spec, world, bases, device="cpu"):
+    """The (B, H, T, T) keep mask a ring's dropout drew over the whole sequence: every block's
+    (block_keep_mask of its block_seed from its rank's seed, drawn on `device`) where the ring
+    attended it."""
+    B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
+    sizes = cp.chunk_sizes(T, world, spec["zigzag"])
+    starts = [sum(sizes[:c]) for c in range(len(sizes))]
+    keep = torch.zeros(B, H, T, T, dtype=torch.bool, device=device)
+    for r in range(world):
+        for qc in cp.rank_chunks(r, world, spec["zigzag"]):
+            for kc in range(len(sizes)):
+                if sizes[qc] == 0 or sizes[kc] == 0 or (spec["causal"] and kc > qc):
+                    continue
+                seed = cp.block_seed(bases[r], (qc, kc), len(sizes))
+                rows = slice(starts[qc], starts[qc] + sizes[qc])
+                cols = slice(starts[kc], starts[kc] + sizes[kc])
+                keep[:, :, rows, cols] = cp.block_keep_mask(
+                    torch.empty(B, H, sizes[qc], D, device=device),
+                    torch.empty(B, Hk, sizes[kc], D, device=device), spec["dropout_p"], seed)
+    return keep
+
+
+def single_process(spec, keep=None):
     """(float64 oracle, the inputs' dtype baseline) of the whole sequence: out, dq, dk, dv."""
     g = torch.Generator().manual_seed(0)
     B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
@@ -79,14 +102,15 @@ def single_process(spec):
             for inputs, d in (([x.double() for x in full], do.double()), (full, do)))
 
     grads = _grads
+    drop = dict(dropout_p=spec["dropout_p"], dropout_mask=keep) if keep is not None else {}
     ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale,
-                                                           window=window, softcap=softcap),
+                                                           window=window, softcap=softcap, **drop),
                 [x.double() for x in full], do.double())
     # PyTorch's math in the inputs' dtype: the reference's arithmetic without its float32.
     low = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale,
                                                            window=window, softcap=softcap)
                 if softcap else naive_causal_attention(
-                    a, b, c, scale, window=window,
+                    a, b, c, scale, window=window, **drop,
                     mask=None if causal else torch.ones(T, T, dtype=torch.bool)), full, do)
     return ref, low
 
@@ -145,14 +169,45 @@ def test_ring_attention_equals_one_process(case, tmp_path_factory):
     assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
 
 
-def test_the_kernels_pieces_in_a_ring_under_the_interpreter(tmp_path):
-    """The Triton forward and backward as the blocks of a 2-rank ring (the interpreter)."""
+DROPOUT_CASES = {
+    "causal zigzag, 2 ranks": (dict(B=2, H=2, Hk=2, T=40, D=16, causal=True, zigzag=True,
+                                    dropout_p=0.3), 2),
+    "causal zigzag, 4 ranks, grouped heads, 45 positions": (
+        dict(B=1, H=4, Hk=2, T=45, D=8, causal=True, zigzag=True, dropout_p=0.5), 4),
+    "full attention, 2 ranks": (dict(B=1, H=2, Hk=1, T=33, D=8, causal=False, zigzag=False,
+                                     dropout_p=0.2), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_ring_dropout_is_one_process_under_the_same_mask(case, tmp_path):
+    """Dropout in the ring: its output and gradients are one process's attention under the keep
+    mask its blocks drew (each block's from its own seed, the backward drawing the same again),
+    held to the 2x rule; and the mask drops about p of the weights."""
+    spec, world = DROPOUT_CASES[case]
+    got, = run_ranks([spec], world, tmp_path)
+    keep = ring_keep_mask(spec, world, got["bases"])
+    seen = torch.ones(spec["T"], spec["T"], dtype=torch.bool)
+    seen = seen.tril() if spec["causal"] else seen
+    dropped = 1 - keep[..., seen].float().mean().item()
+    assert abs(dropped - spec["dropout_p"]) < 0.08, dropped
+    ref, low = single_process(spec, keep)
+    assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
+
+
+def test_the_kernels_pieces_in_a_ring_under_the_interpreter(tmp_path, monkeypatch):
+    """The Triton forward and backward as the blocks of a 2-rank ring (the interpreter), with
+    and without dropout."""
     if "triton" not in __import__("lecture_flash").available_backends("cpu"):
         pytest.skip("triton cannot run here (no interpreter)")
     spec = dict(B=1, H=2, Hk=1, T=40, D=16, causal=True, zigzag=True, backend="triton")
-    got, = run_ranks([spec], 2, tmp_path)
+    dropped = dict(spec, dropout_p=0.3)  # the kernels' own dropout draws, forward and backward
+    got, got_dropped = run_ranks([spec, dropped], 2, tmp_path)
     ref, low = single_process(spec)
     assert_by_rule([got[n] for n in ("out", "dq", "dk", "dv")], ref, low)
+    monkeypatch.setattr(cp, "BACKEND", "triton")  # the blocks' masks as the kernels drew them
+    ref, low = single_process(dropped, ring_keep_mask(dropped, 2, got_dropped["bases"]))
+    assert_by_rule([got_dropped[n] for n in ("out", "dq", "dk", "dv")], ref, low)
 
 
 def test_all_gather_variant_takes_softcap_and_dropout(tmp_path):
@@ -208,7 +263,7 @@ def test_the_stateless_pieces_merge_to_whole_attention():
 
 def test_what_the_ring_does_not_implement_is_refused_by_name():
     q = torch.randn(1, 1, 4, 8)
-    for name, value in (("dropout_p", 0.1), ("window", (2, 0)), ("softcap", 5.0)):
+    for name, value in (("window", (2, 0)), ("softcap", 5.0)):
         with pytest.raises(NotImplementedError, match=f"{name} is not implemented by the ring"):
             cp.ring_attention(q, q, q, **{name: value})
     with pytest.raises(NotImplementedError, match="sinks"):
@@ -238,14 +293,24 @@ def test_a_single_rank_ring_on_the_gpu(device, tmp_path):
                    for h in (4, 2, 2))
         do = torch.randn(q.shape, generator=g).to(device, torch.bfloat16)
 
-        def grads(fn, inputs, d):
-            inputs = [x.detach().requires_grad_() for x in inputs]
-            out = fn(*inputs)
-            return [out.detach(), *torch.autograd.grad(out, inputs, d)]
+        grads = _grads
         got = grads(lambda a, b, c: cp.ring_attention(a, b, c), (q, k, v), do)
         ref = grads(lambda a, b, c: causal_attention_reference(a, b, c),
                     [x.double() for x in (q, k, v)], do.double())
         low = grads(lambda a, b, c: naive_causal_attention(a, b, c), (q, k, v), do)
+        assert_by_rule(got, ref, low)
+        # Dropout: the kernels' draws, forward and backward, as the blocks' masks say.
+        torch.manual_seed(1)
+        base = cp.draw_base_seed()
+        torch.manual_seed(1)
+        got = grads(lambda a, b, c: cp.ring_attention(a, b, c, dropout_p=0.2), (q, k, v), do)
+        spec = dict(B=2, H=4, Hk=2, T=250, D=64, causal=True, zigzag=True, dropout_p=0.2)
+        keep = ring_keep_mask(spec, 1, [base], device).to(device)
+        ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, dropout_p=0.2,
+                                                               dropout_mask=keep),
+                    [x.double() for x in (q, k, v)], do.double())
+        low = grads(lambda a, b, c: naive_causal_attention(a, b, c, dropout_p=0.2,
+                                                           dropout_mask=keep), (q, k, v), do)
         assert_by_rule(got, ref, low)
     finally:
         dist.destroy_process_group()

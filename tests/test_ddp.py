@@ -137,7 +137,7 @@ def test_context_and_data_parallel_together(text_path, tmp_path, capsys):
 
 
 def test_context_parallel_resumes_exactly(text_path, tmp_path):
-    """With dropout (the attention's through the all-gather variant; each rank its own draws):
+    """With dropout (the ring's attention's included; each rank its own draws):
     4 steps then --resume to 8 ends with the weights of 8 straight, bitwise. (Two processes:
     with four, gloo's all-reduce adds four values in an order that follows DDP's buckets, which
     it rebuilds after a process's first step, so a restarted run rounds differently, 1e-8.)"""
@@ -149,20 +149,19 @@ def test_context_parallel_resumes_exactly(text_path, tmp_path):
     assert all(torch.equal(got[name], want[name]) for name in want)
 
 
-def test_context_parallel_attention_takes_dropout_through_the_all_gather(monkeypatch):
-    """In training with attention dropout the ring (which has none) gives way to the all-gather
-    variant with the module's dropout; in eval, or without dropout, the ring runs."""
+def test_context_parallel_attention_takes_the_modules_dropout(monkeypatch):
+    """The ring gets the attention's dropout in training, none in eval."""
     from lecture_flash.gpt import GPT, GPTConfig, context
     calls = []
     monkeypatch.setattr(context, "ring_attention", lambda q, k, v, **kw: (calls.append(kw), q)[1])
     cp = context.ContextParallel(group=None, world=1, rank=0)
     idx = torch.zeros(2, 8, dtype=torch.long)
-    for dropout, train, want in ((0.2, True, dict(dropout_p=0.2, exchange="allgather")),
-                                 (0.2, False, {}), (0.0, True, {})):
+    for dropout, train, want in ((0.2, True, 0.2), (0.2, False, 0.0), (0.0, True, 0.0)):
         model = GPT(GPTConfig.from_preset("tiny", dropout=dropout)).train(train)
         calls.clear()
         cp.forward(model, idx)
-        assert len(calls) == 2 and all(kw == dict(group=None, scale=None, **want) for kw in calls)
+        assert len(calls) == 2 and all(kw == dict(group=None, scale=None, dropout_p=want)
+                                       for kw in calls)
 
 
 def test_context_parallel_is_refused_where_it_cannot_run(text_path):
