@@ -18,8 +18,9 @@ The ring (forward): W steps; at step s a rank holds the keys and values of rank 
 its query chunks to those key chunks (a chunk before the query's: every key; the same chunk:
 causal; after: none; full attention: every key), merges, and meanwhile sends what it holds to
 rank r + 1 and receives from r - 1 (batch_isend_irecv, overlapping the step's compute). The
-backward circulates the keys and values again with float32 dK/dV accumulators that travel with
-them and arrive home complete after the last step; dQ accumulates locally. Nothing a step saves
+backward circulates the keys and values again (each transfer overlapping a step's compute, as
+in the forward), and behind them float32 dK/dV accumulators, which arrive home complete after
+the last step; dQ accumulates locally. Nothing a step saves
 is a key or value of another rank (the ring re-sends them in the backward), so no stale saved
 tensor can leave a gradient wrong. Dropout: each block (query chunk, key chunk) draws its mask
 from a seed of its own (block_seed, from one seed the rank draws per call from torch's
@@ -301,10 +302,15 @@ def _backward(ring, do, q, k, v, out, lse, causal, scale, dropout_p=0.0, base=No
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    held = (k, v, dk, dv)
+    held, grads = (k, v), (dk, dv)
     for step in range(ring.world):
         source = (ring.rank - step) % ring.world
-        kk, vv, gk, gv = held
+        # The keys and values for the next step travel while this step computes (as in the
+        # forward); their gradients' accumulators move on once this step has added to them, and
+        # after the last step they are home. (Every rank posts the two exchanges in this order,
+        # so the sends and receives pair up.)
+        pending = ring.exchange(held, step) if step < ring.world - 1 else None
+        (kk, vv), (gk, gv) = held, grads
         for qs, qn, ks, kn, diag, block in ring.pairs(source, causal):
             rows, keys = slice(qs, qs + qn), slice(ks, ks + kn)
             seed = block_seed(base, block, len(ring.sizes)) if dropout_p > 0.0 else None
@@ -313,12 +319,15 @@ def _backward(ring, do, q, k, v, out, lse, causal, scale, dropout_p=0.0, base=No
                                      vv[:, :, keys], out[:, :, rows], lse[:, :, rows], diag,
                                      scale, dq[:, :, rows], gk[:, :, keys], gv[:, :, keys],
                                      dropout_p, seed)
-        # The keys and values move on with their gradients; after the last step they are home.
-        requests, bufs = ring.exchange(held, step)
+        requests, bufs = ring.exchange(grads, step)
         for request in requests:
             request.wait()
-        held = tuple(bufs)
-    return dq, held[2], held[3]
+        grads = tuple(bufs)
+        if pending is not None:
+            for request in pending[0]:
+                request.wait()
+            held = tuple(pending[1])
+    return dq, grads[0], grads[1]
 
 
 class _RingAttention(torch.autograd.Function):
