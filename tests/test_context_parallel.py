@@ -151,10 +151,12 @@ _LAUNCHED = {}
 
 
 def launched(world, tmp_path_factory):
-    """Every case of CASES for `world` ranks, run in one launch (kept for the module)."""
+    """Every case of CASES and DROPOUT_CASES for `world` ranks, run in one launch (kept for the
+    module: a launch costs seconds of process start), by case name."""
     if world not in _LAUNCHED:
-        names = [name for name, (_, w) in CASES.items() if w == world]
-        got = run_ranks([CASES[name][0] for name in names], world,
+        cases = {**CASES, **{"dropout, " + name: case for name, case in DROPOUT_CASES.items()}}
+        names = [name for name, (_, w) in cases.items() if w == world]
+        got = run_ranks([cases[name][0] for name in names], world,
                         tmp_path_factory.mktemp(f"ranks{world}"))
         _LAUNCHED[world] = dict(zip(names, got))
     return _LAUNCHED[world]
@@ -179,13 +181,14 @@ DROPOUT_CASES = {
 }
 
 
+@pytest.mark.xdist_group("context_parallel")  # the launches shared by one worker
 @pytest.mark.parametrize("case", list(DROPOUT_CASES))
-def test_ring_dropout_is_one_process_under_the_same_mask(case, tmp_path):
+def test_ring_dropout_is_one_process_under_the_same_mask(case, tmp_path_factory):
     """Dropout in the ring: its output and gradients are one process's attention under the keep
     mask its blocks drew (each block's from its own seed, the backward drawing the same again),
     held to the 2x rule; and the mask drops about p of the weights."""
     spec, world = DROPOUT_CASES[case]
-    got, = run_ranks([spec], world, tmp_path)
+    got = launched(world, tmp_path_factory)["dropout, " + case]
     keep = ring_keep_mask(spec, world, got["bases"])
     seen = torch.ones(spec["T"], spec["T"], dtype=torch.bool)
     seen = seen.tril() if spec["causal"] else seen
