@@ -326,13 +326,14 @@ def write_report(report, sections, paths):
                                 report["versions"]["torch"], report["date"]])
 
 
-def timed_calls(fns, device, inner=1, min_time=0.5, max_reps=50, min_reps=5):
+def timed_calls(fns, device, inner=1, min_time=0.5, max_reps=50, min_reps=5, wall=False):
     """name -> (median, p20, p80) milliseconds per call of each fn(), or a string saying why it
     could not run. Each is called once first (a warm-up, and whether it runs at all). On CUDA
-    each is then measured on its own (do_bench); on a CPU round-robin, `inner` calls per
-    timing, one timing of each per round (at least min_reps rounds, then more until min_time
-    seconds per fn or max_reps rounds), so that a busy moment of the machine hits every
-    implementation alike instead of whichever was being timed then."""
+    each is then measured on its own (do_bench: the GPU's time); on a CPU, or with wall (the
+    host's time per call, bench/host_overhead.py), round-robin: `inner` calls back to back per
+    timing and one synchronisation after them, one timing of each per round (at least min_reps
+    rounds, then more until min_time seconds per fn or max_reps rounds), so that a busy moment
+    of the machine hits every implementation alike instead of whichever was being timed then."""
     found, live = {}, {}
     for name, fn in fns.items():
         try:
@@ -343,7 +344,7 @@ def timed_calls(fns, device, inner=1, min_time=0.5, max_reps=50, min_reps=5):
             found[name] = skipped_reason(e)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if device.type == "cuda":
+    if device.type == "cuda" and not wall:
         for name, fn in live.items():
             try:
                 found[name] = measure(fn, device)
@@ -359,6 +360,7 @@ def timed_calls(fns, device, inner=1, min_time=0.5, max_reps=50, min_reps=5):
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
+            sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3 / inner)
         rounds += 1
     found.update({name: median_p20_p80(t) for name, t in times.items()})

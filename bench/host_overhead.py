@@ -22,13 +22,11 @@ a warm-up; each round times every path once, so that the machine's state weighs 
 """
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 
 # Python puts bench/ on sys.path, never the repository root (whose kernels/ would shadow Hugging
 # Face's `kernels`): lecture_flash comes from its install (pip install -e .).
-from harness import sync  # noqa: E402  (first: it says how to install lecture_flash if missing)
+from harness import timed_calls  # noqa: E402  (first: it says how to install lecture_flash if missing)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -97,33 +95,21 @@ def measure(label, named, tensors, calls, repeats, device):
     """One row per path: {"launches", "path", "fwd_us", "fwd_bwd_us"} (None where it cannot run,
     with "note" saying why): the median over `repeats` rounds of the mean microseconds per call
     of `calls` back-to-back calls (one synchronisation at the end of each batch), every path's
-    batch once per round, so that the machine's state (a CPU's thread wake-ups, its clock) weighs
-    on every path alike."""
-    fns, notes = {}, {}
-    for name, attend in named.items():
-        for key, fn in zip(("fwd_us", "fwd_bwd_us"), passes(attend, *tensors)):
-            try:
-                fn()  # warm-up, and whether it runs at all
-                sync(device)
-                fns[(name, key)] = fn
-            except RuntimeError as e:  # e.g. no cuDNN attention for this GPU or build
-                notes[(name, key)] = str(e).splitlines()[0][:60]
-    times = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync(device)
-            times[key].append((time.perf_counter() - start) / calls * 1e6)
+    batch once per round (harness.timed_calls, wall clock), so that the machine's state (a CPU's
+    thread wake-ups, its clock) weighs on every path alike."""
+    fns = {(name, key): fn for name, attend in named.items()
+           for key, fn in zip(("fwd_us", "fwd_bwd_us"), passes(attend, *tensors))}
+    found = timed_calls(fns, device, inner=calls, min_time=0.0, max_reps=repeats,
+                        min_reps=repeats, wall=True)
     rows = []
     for name in named:
         row = {"launches": label, "path": name}
         for key in ("fwd_us", "fwd_bwd_us"):
-            if (name, key) in times:
-                row[key] = round(statistics.median(times[(name, key)]), 2)
+            got = found[(name, key)]
+            if isinstance(got, str):  # e.g. no cuDNN attention for this GPU or build
+                row[key], row["note"] = None, got
             else:
-                row[key], row["note"] = None, notes[(name, key)]
+                row[key] = round(got[0] * 1e3, 2)
         rows.append(row)
     return rows
 

@@ -43,6 +43,8 @@ FlashAttention's does in a ring); elsewhere PyTorch's arithmetic, float32. Packe
 softcap and packed documents in the ring (the all-gather variant has them).
 docs/context-parallel.md has the communication and memory.
 """
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -374,18 +376,25 @@ class _GatherShards(torch.autograd.Function):
         return mine[:, :, :ctx.n], None, None
 
 
-def _gathered_attention(ring, q, k, v, causal, scale, window, dropout_p, softcap):
-    """The all-gather variant: every rank's keys and values gathered once (differentiably),
-    put in the sequence's order, and each of this rank's query chunks attended by
-    causal_attention to the keys up to its end (causal: bottom-right, windows and dropout as
-    causal_attention has them) or to all of them (full attention)."""
-    from .dispatch import causal_attention
+def _gathered(ring, k, v):
+    """Every rank's (B, Hk, T_r, D) keys and values gathered once (differentiably: the
+    gradients go back summed) and put in the sequence's order, (B, Hk, T, D) each; and where
+    each chunk starts in the sequence."""
     lengths = [sum(n for _, _, n in ring.chunks(r)) for r in range(ring.world)]
     longest = max(lengths)
     gathered = [_GatherShards.apply(x, longest, ring.group) for x in (k, v)]  # (W, B, Hk, L, D)
     k_all, v_all = (unshard([g[r][:, :, :lengths[r]] for r in range(ring.world)], ring.world,
                             zigzag=ring.zigzag) for g in gathered)
-    starts = [sum(ring.sizes[:c]) for c in range(len(ring.sizes))]
+    return k_all, v_all, [sum(ring.sizes[:c]) for c in range(len(ring.sizes))]
+
+
+def _gathered_attention(ring, q, k, v, causal, scale, window, dropout_p, softcap):
+    """The all-gather variant: every rank's keys and values gathered once, and each of this
+    rank's query chunks attended by causal_attention to the keys up to its end (causal:
+    bottom-right, windows and dropout as causal_attention has them) or to all of them (full
+    attention)."""
+    from .dispatch import causal_attention
+    k_all, v_all, starts = _gathered(ring, k, v)
     outs = []
     for c, qs, qn in ring.chunks(ring.rank):
         if qn == 0:
@@ -404,30 +413,24 @@ def _gathered_documents(ring, q, k, v, cu, causal, scale, window, dropout_p, sof
     packed rows: the part of each document it holds, to that document's keys up to the chunk's
     end (causal, bottom-right: the same positions) or all of them (full attention)."""
     from .dispatch import causal_attention
-    lengths = [sum(n for _, _, n in ring.chunks(r)) for r in range(ring.world)]
-    longest = max(lengths)
-    gathered = [_GatherShards.apply(x.transpose(0, 1).unsqueeze(0), longest, ring.group)
-                for x in (k, v)]  # (W, 1, Hk, L, D)
-    k_all, v_all = (unshard([g[r][:, :, :lengths[r]] for r in range(ring.world)], ring.world,
-                            zigzag=ring.zigzag)[0].transpose(0, 1) for g in gathered)  # (T, Hk, D)
-    starts = [sum(ring.sizes[:c]) for c in range(len(ring.sizes))]
+    k_all, v_all, starts = _gathered(ring, *(x.transpose(0, 1).unsqueeze(0) for x in (k, v)))
+    k_all, v_all = (x[0].transpose(0, 1) for x in (k_all, v_all))  # (T, Hk, D)
     outs = []
     for c, qs, qn in ring.chunks(ring.rank):
         if qn == 0:
             continue
         a, b = starts[c], starts[c] + qn  # the chunk's positions in the stream
-        # (query rows, key rows) of each document the chunk holds a part of
-        pieces = [(max(a, s), min(b, e), s, min(b, e) if causal else e)
-                  for s, e in zip(cu[:-1], cu[1:]) if s < b and e > a]
-        keys = [(ks, ke) for _, _, ks, ke in pieces]
-        ks_, vs_ = (torch.cat([x[ks:ke] for ks, ke in keys]) for x in (k_all, v_all))
-        lq = [qe - qb for qb, qe, _, _ in pieces]
+        docs = [(s, e) for s, e in zip(cu[:-1], cu[1:]) if s < b and e > a]  # those it meets
+        lq = [min(b, e) - max(a, s) for s, e in docs]  # the part of each the chunk holds
+        keys = [(s, min(b, e) if causal else e) for s, e in docs]  # and the keys it sees
         lk = [ke - ks for ks, ke in keys]
-        cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], device=q.device,
+        cu_q, cu_k = (torch.tensor(list(itertools.accumulate(n, initial=0)), device=q.device,
                                    dtype=torch.int32) for n in (lq, lk))
-        outs.append(causal_attention(q[qs:qs + qn], ks_, vs_, scale=scale, causal=causal,
-                                     window=window, dropout_p=dropout_p, softcap=softcap,
-                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
+        outs.append(causal_attention(q[qs:qs + qn], *(torch.cat([x[ks:ke] for ks, ke in keys])
+                                                      for x in (k_all, v_all)),
+                                     scale=scale, causal=causal, window=window,
+                                     dropout_p=dropout_p, softcap=softcap, cu_seqlens_q=cu_q,
+                                     cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
                                      max_seqlen_k=max(lk)))
     return torch.cat(outs, dim=0)
 
@@ -489,28 +492,12 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
                     "or exchange='allgather', which takes it)")
     if window is not None and not causal:
         raise NotImplementedError("ring_attention: a window with causal=False is not implemented")
-    if cu_seqlens is not None:
-        if exchange != "allgather":
-            raise NotImplementedError("ring_attention: packed documents (cu_seqlens) are not "
-                                      "implemented by the ring; pass exchange='allgather'")
-        if layout != "bhtd":
-            raise ValueError("packed documents (cu_seqlens) have one layout, (T_r, H, D); leave "
-                             f"layout at 'bhtd', got {layout!r}")
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ring_attention needs torch.distributed initialised "
-                               "(torch.distributed.init_process_group, or torchrun)")
-        if not (q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == k.shape[0]
-                and k.shape == v.shape and q.shape[2] == k.shape[2]):
-            raise ValueError("with cu_seqlens, q, k and v are this rank's (T_r, heads, D) shard "
-                             f"of the packed stream, got {tuple(q.shape)}, {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")  # (causal_attention checks the rest)
-        zigzag = causal if zigzag is None else bool(zigzag)
-        ring = _Ring(q.transpose(0, 1).unsqueeze(0), group, zigzag)
-        cu = _document_bounds(cu_seqlens, sum(ring.sizes))
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return _gathered_documents(ring, q, k, v, cu, causal, scale, window, dropout_p, softcap)
-    if layout not in ("bhtd", "bthd"):
-        raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
+    if cu_seqlens is not None and exchange != "allgather":
+        raise NotImplementedError("ring_attention: packed documents (cu_seqlens) are not "
+                                  "implemented by the ring; pass exchange='allgather'")
+    if layout not in ("bhtd", "bthd") or (layout == "bthd" and cu_seqlens is not None):
+        raise ValueError(f"layout must be 'bhtd' or 'bthd' (packed documents, cu_seqlens: 'bhtd', "
+                         f"their one layout (T_r, H, D)), got {layout!r}")
     if layout == "bthd":
         out = ring_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=group,
                              causal=causal, scale=scale, zigzag=zigzag, dropout_p=dropout_p,
@@ -521,17 +508,25 @@ def ring_attention(q, k, v, *, group=None, causal=True, scale=None, layout="bhtd
                            "(torch.distributed.init_process_group, or torchrun)")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, 0.0, full=True)
+    zigzag = causal if zigzag is None else bool(zigzag)
+    if cu_seqlens is not None:
+        if not (q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == k.shape[0]
+                and k.shape == v.shape and q.shape[2] == k.shape[2]):
+            raise ValueError("with cu_seqlens, q, k and v are this rank's (T_r, heads, D) shard "
+                             f"of the packed stream, got {tuple(q.shape)}, {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")  # (causal_attention checks the rest)
+        ring = _Ring(q.transpose(0, 1).unsqueeze(0), group, zigzag)
+        cu = _document_bounds(cu_seqlens, sum(ring.sizes))
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _gathered_documents(ring, q, k, v, cu, causal, scale, window, dropout_p, softcap)
+    q4, k4, v4, three_d = check_attention_args(q, k, v, scale, dropout_p, full=True)
     if three_d:
         raise ValueError("ring_attention takes 4-D (B, H, T, D) shards")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must hold the same positions of the sequence (self-attention "
                          f"shards), got {q.shape[2]} and {k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    zigzag = causal if zigzag is None else bool(zigzag)
     if exchange == "allgather":
         return _gathered_attention(_Ring(q, group, zigzag), q, k, v, causal, scale, window,
                                    dropout_p, softcap)
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return _RingAttention.apply(q, k, v, causal, scale, group, zigzag, float(dropout_p))

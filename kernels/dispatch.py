@@ -8,7 +8,6 @@ kernels/auto.py). The PyTorch routes keep masked positions out of their outputs
 (kernels/packing.py).
 """
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -609,22 +608,28 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend=
         lengths = lengths.to(torch.int32).contiguous()  # the kernel reads it by index
         return flash.decode_attention(q, k_cache, v_cache, lengths, scale, backend == "triton",
                                       left, right, softcap, return_lse, num_splits)
-    if lengths_only and not (softcap or return_lse):
-        return _decode_rows(route, q, k_cache, v_cache, lengths, shortest, longest, scale)
     # On a CPU the lengths were read by the range check: the slots past the longest row are
     # never read (views of the cache's first slots), and where every row holds the same number
     # of keys the call is causal_attention's on those slots, its masks relative to the same
     # last positions, with no key-length mask.
+    if lengths_only and not (softcap or return_lse):
+        return _decode_rows(route, q, k_cache, v_cache, lengths, shortest, longest, scale)
+    k_cache, v_cache = _first_slots(k_cache, v_cache, longest)
     if shortest is not None and shortest == longest >= Tq and not (softcap or return_lse):
-        return _run(route, q, k_cache.narrow(2, 0, shortest), v_cache.narrow(2, 0, shortest),
-                    scale, 0.0, left=left, right=right)
-    if longest is not None and 0 < longest < S:
-        k_cache, v_cache, S = k_cache.narrow(2, 0, longest), v_cache.narrow(2, 0, longest), longest
+        return _run(route, q, k_cache, v_cache, scale, 0.0, left=left, right=right)
     mask = key_length_mask(q, k_cache, lengths, left, cache=True, right=right)
     if softcap or return_lse:
         got = guarded_attention_with_mask(q, k_cache, v_cache, mask, scale, softcap=softcap)
         return got if return_lse else got[0]
     return _run_masked(route, q, k_cache, v_cache, scale, 0.0, mask)
+
+
+def _first_slots(k_cache, v_cache, longest):
+    """The caches' first `longest` slots (views), where the range check read it: the slots
+    past the longest row are never read."""
+    if longest is not None and 0 < longest < k_cache.shape[2]:
+        return k_cache.narrow(2, 0, longest), v_cache.narrow(2, 0, longest)
+    return k_cache, v_cache
 
 
 def _decode_rows(route, q, k_cache, v_cache, lengths, shortest, longest, scale):
@@ -635,39 +640,26 @@ def _decode_rows(route, q, k_cache, v_cache, lengths, shortest, longest, scale):
     - Grouped heads: the H // Hk queries of a key/value head see the same keys, so they attend
       as that many rows of one head, a plain SDPA call (1.6x faster on a CPU than SDPA's
       enable_gqa at 8 query heads over 2).
-    - The slots past the longest row are never read (views of the cache's first slots).
     - Rows of one length (one sequence; a batch advancing in step) see every key they hold:
-      no mask, and nothing masked to guard (masking.guarded_causal's first case). Fewer keys
+      no mask, and nothing masked to guard (masking.guarded_causal's first case), so SDPA is
+      called as it is where _sdpa would change nothing (a positive scale, no overlapping
+      strides: judged on the whole caches, whose first slots keep their layout). Fewer keys
       and no mask: faster than SDPA over the whole cache with one.
     """
     B, H, _, D = q.shape
-    Hk, S = k_cache.shape[1], k_cache.shape[2]
+    Hk = k_cache.shape[1]
     rows = q if H == Hk else q.reshape(B, Hk, H // Hk, D)
-    # SDPA called directly where _sdpa would change nothing (a positive scale, no overlapping
-    # strides: judged on the whole caches, of which the views below keep the layout)
     direct = route == "sdpa" and scale > 0 and not (_overlaps(rows) or _overlaps(k_cache)
                                                     or _overlaps(v_cache))
-    if longest is not None and 0 < longest < S:
-        k_cache, v_cache, S = k_cache.narrow(2, 0, longest), v_cache.narrow(2, 0, longest), longest
+    k_cache, v_cache = _first_slots(k_cache, v_cache, longest)
     if shortest is not None and shortest == longest > 0:
-        if direct:
-            out = _torch_sdpa(rows, k_cache, v_cache, scale=scale)
-        else:
-            out = _run(route, rows, k_cache, v_cache, scale, 0.0, left=None, right=None)
+        out = (_torch_sdpa(rows, k_cache, v_cache, scale=scale) if direct else
+               _run(route, rows, k_cache, v_cache, scale, 0.0, left=None, right=None))
     else:
-        mask = _positions(S, q.device) < lengths.view(B, 1, 1, 1)
-        out = None
-        if direct and shortest and not (torch.is_grad_enabled() and (
-                q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)):
-            # Every row sees a key (read by the range check). masking.py's contract without its
-            # layers: without gradients a finite output is the contract's output (a masked
-            # slot's NaN or inf could only reach it as NaN); else the exact path.
-            out = _torch_sdpa(rows, k_cache, v_cache, attn_mask=mask, scale=scale)
-            if not math.isfinite(out.sum().item()):
-                out = None
-        if out is None:
-            out = _run_masked(route, rows, k_cache, v_cache, scale, 0.0, mask,
-                              empty=False if shortest else None)
+        mask = _positions(k_cache.shape[2], q.device) < lengths.view(B, 1, 1, 1)
+        # every row sees a key where the range check read a shortest length above 0
+        out = _run_masked(route, rows, k_cache, v_cache, scale, 0.0, mask,
+                          empty=False if shortest else None)
     return out if H == Hk else out.reshape(B, H, 1, D)
 
 

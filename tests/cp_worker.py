@@ -11,14 +11,23 @@ import torch.distributed as dist
 from lecture_flash import context_parallel as cp
 
 
-def run(spec, rank, world, out_path):
-    cp.BACKEND = spec.get("backend", "auto")
+def spec_inputs(spec):
+    """The whole sequence's seeded q, k, v and output gradient of a spec: (B, heads, T, D), or
+    for packed documents (T, heads, D); and the documents' boundaries (None without)."""
     g = torch.Generator().manual_seed(0)
     B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
     dtype = getattr(torch, spec.get("dtype", "float32"))
     shape = (lambda h: (T, h, D)) if "docs" in spec else (lambda h: (B, h, T, D))
     full = [torch.randn(*shape(h), generator=g).to(dtype) for h in (H, Hk, Hk)]
     do = torch.randn(*shape(H), generator=g).to(dtype)
+    cu = (torch.tensor([0, *torch.tensor(spec["docs"]).cumsum(0).tolist()], dtype=torch.int32)
+          if "docs" in spec else None)
+    return full, do, cu
+
+
+def run(spec, rank, world, out_path):
+    cp.BACKEND = spec.get("backend", "auto")
+    full, do, cu = spec_inputs(spec)
     zigzag, dim = spec["zigzag"], 0 if "docs" in spec else 2
     q, k, v = (cp.shard(x, rank, world, dim=dim, zigzag=zigzag).requires_grad_() for x in full)
     layout = spec.get("layout", "bhtd")
@@ -26,8 +35,8 @@ def run(spec, rank, world, out_path):
     options = {k: spec[k] for k in ("exchange", "softcap", "dropout_p") if k in spec}
     if "window" in spec:
         options["window"] = tuple(spec["window"])
-    if "docs" in spec:  # packed documents: the whole stream's boundaries
-        options["cu_seqlens"] = torch.tensor([0, *torch.tensor(spec["docs"]).cumsum(0).tolist()])
+    if cu is not None:  # packed documents: the whole stream's boundaries
+        options["cu_seqlens"] = cu
     torch.manual_seed(rank)  # (dropout: each rank its own draws)
     base = cp.draw_base_seed()  # the ring's dropout seed, as the call below draws it
     torch.manual_seed(rank)

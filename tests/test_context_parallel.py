@@ -15,6 +15,8 @@ from lecture_flash import context_parallel as cp
 from lecture_flash.reference import causal_attention_reference, naive_causal_attention
 from lecture_flash.testing import assert_by_rule
 
+from cp_worker import spec_inputs
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                 not torch.distributed.is_gloo_available(),
                                 reason="this torch has no gloo backend")
@@ -54,7 +56,7 @@ def run_ranks(specs, world, out_dir):
     return results
 
 
-def _grads(fn, inputs, d):
+def grads(fn, inputs, d):
     """[out, dq, dk, dv] of fn on inputs, gradient d."""
     inputs = [x.detach().requires_grad_() for x in inputs]
     out = fn(*inputs)
@@ -85,23 +87,17 @@ def ring_keep_mask(spec, world, bases, device="cpu"):
 
 def single_process(spec, keep=None):
     """(float64 oracle, the inputs' dtype baseline) of the whole sequence: out, dq, dk, dv."""
-    g = torch.Generator().manual_seed(0)
-    B, H, Hk, T, D = spec["B"], spec["H"], spec["Hk"], spec["T"], spec["D"]
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    shape = (lambda h: (T, h, D)) if "docs" in spec else (lambda h: (B, h, T, D))
-    full = [torch.randn(*shape(h), generator=g).to(dtype) for h in (H, Hk, Hk)]
-    do = torch.randn(*shape(H), generator=g).to(dtype)
+    full, do, cu = spec_inputs(spec)
+    T = spec["T"]
     causal, scale = spec["causal"], spec.get("scale")
     window = tuple(spec["window"]) if "window" in spec else None
     softcap = spec.get("softcap", 0.0)
-    if "docs" in spec:  # packed documents: the oracle's packed rows
-        cu = torch.tensor([0, *torch.tensor(spec["docs"]).cumsum(0).tolist()], dtype=torch.int32)
+    if cu is not None:  # packed documents: the oracle's packed rows
         rows = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
-        return tuple(_grads(lambda a, b, c: causal_attention_reference(
+        return tuple(grads(lambda a, b, c: causal_attention_reference(
             a, b, c, causal=causal, scale=scale, window=window, **rows), inputs, d)
             for inputs, d in (([x.double() for x in full], do.double()), (full, do)))
 
-    grads = _grads
     drop = dict(dropout_p=spec["dropout_p"], dropout_mask=keep) if keep is not None else {}
     ref = grads(lambda a, b, c: causal_attention_reference(a, b, c, causal=causal, scale=scale,
                                                            window=window, softcap=softcap, **drop),
@@ -296,7 +292,6 @@ def test_a_single_rank_ring_on_the_gpu(device, tmp_path):
                    for h in (4, 2, 2))
         do = torch.randn(q.shape, generator=g).to(device, torch.bfloat16)
 
-        grads = _grads
         got = grads(lambda a, b, c: cp.ring_attention(a, b, c), (q, k, v), do)
         ref = grads(lambda a, b, c: causal_attention_reference(a, b, c),
                     [x.double() for x in (q, k, v)], do.double())
