@@ -33,9 +33,33 @@ def _refuse_the_root_on_sys_path():
                     "pip install --no-deps --no-build-isolation -e .)", returncode=4)
 
 
+def _release(version):
+    """'3.6.0+git1' -> (3, 6): the release's major and minor numbers."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+
+
+def _refuse_an_interpreter_that_cannot_run():
+    """Triton 3.6's interpreter (and older) turns its 1-element scalar arrays into ints with
+    int(array), which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"); Triton 3.7 squeezes them first. Under that pair every kernel test would fail on
+    the interpreter's error: say which pair it is instead (GPU runs compile, and are unaffected)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        triton_version, numpy_version = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        pytest.exit(f"Triton {triton_version}'s interpreter cannot run under NumPy {numpy_version} "
+                    "(it converts 1-element arrays to ints, which NumPy 2.4 refuses; Triton 3.7 "
+                    "fixed it): pip install 'numpy<2.4', or a newer triton", returncode=4)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     _refuse_the_root_on_sys_path()
+    _refuse_an_interpreter_that_cannot_run()
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU, with the reason)")
     if not config.pluginmanager.hasplugin("xdist"):  # pytest-xdist registers it itself
         config.addinivalue_line("markers", "xdist_group(name): tests that share one worker")
