@@ -18,11 +18,14 @@ preprocess, and flash-decoding's split forward and its merge.
 --portability compiles, for every target of devices.PORTABILITY, the configs the runtime would
 choose there (kernels/flash_configs.py: first fit by the shared-memory estimate) for the lecture's
 training step (T = 256: the forward and the backward it takes) and a decode step, in fp16, bf16
-and fp32 at D 64 and 128 (--head-dim for more), and prints one verdict line per target: runs,
-falls back to SDPA (where the runtime sends the call to PyTorch, and why), or would fail (a
-compile error, or a chosen config over the target's shared memory: the runtime would then
-compile another). It exits 1 on "would fail". The compile seconds are those the first training
-step of a process pays there (CPU time of the ahead-of-time compiles).
+and fp32 at D 64 and 128 (--head-dim for more), and prints one verdict line per target: runs;
+runs after failed configs (a chosen config does not compile, or needs more shared memory than
+the target has, and the runtime tries the next until one works, as it does on the device); falls
+back to SDPA (where the runtime sends the call to PyTorch, and why); or would fail (no config
+of a kernel works: the first call fails its compiles and the guard sends it to PyTorch). It
+exits 1 on the last two kinds but "falls back" (a config table, or the installed Triton, to fix
+for that target). The compile seconds are those the first training step of a process pays
+there (CPU time of the ahead-of-time compiles, failed ones included).
 
 These are static facts, not timings: a config that spills or does not pipeline is slow, but
 which of the clean ones is fastest only a GPU can say (bench/run.py).
@@ -343,9 +346,11 @@ TRAIN_T = 256  # the lecture's block size: its training step's sequence length
 
 
 def runtime_plan(target, dtype, head_dim):
-    """(why the runtime sends the call to PyTorch, or None; [(kernel, config)] it compiles for
+    """(why the runtime sends the call to PyTorch, or None; [(kernel, configs)] it compiles for
     the lecture's training step and a decode step) on `target`, as flash.supports(),
-    flash.declines() and flash_launch choose on the device."""
+    flash.declines() and flash_launch choose on the device. configs: the kernel's candidates in
+    the order the runtime tries them (autotune.first_that_loads: the first that compiles and
+    loads is kept)."""
     tdtype, hd = TORCH_DTYPES[dtype], flash_launch._head_dim(head_dim)
     es = tdtype.itemsize
     why = (flash_configs.declined(target)
@@ -354,15 +359,15 @@ def runtime_plan(target, dtype, head_dim):
         return why, []
     bucket = flash_launch._bucket(TRAIN_T)
 
-    def first(kernel, tq=bucket, tk=bucket):
-        return flash_configs.candidates(kernel, tdtype, hd, es, tq, tk, target)[0]
-    plan = [("fwd", first("fwd"))]
-    fused = flash_configs.candidates("fused", tdtype, hd, es, bucket, bucket, target)
+    def tried(kernel, tq=bucket, tk=bucket):
+        return flash_configs.candidates(kernel, tdtype, hd, es, tq, tk, target)
+    plan = [("fwd", tried("fwd"))]
+    fused = tried("fused")
     if TRAIN_T <= flash_launch.FUSED_MAX_TK and hd <= 64 and es == 2 and fused:
-        plan.append(("fused", fused[0]))
+        plan.append(("fused", fused))
     else:
-        plan += [("dq", first("dq")), ("dkdv", first("dkdv"))]
-    plan += [("decode", first("fwd", tq=1)), ("combine", FIXED_TILES["combine"])]
+        plan += [("dq", tried("dq")), ("dkdv", tried("dkdv"))]
+    plan += [("decode", tried("fwd", tq=1)), ("combine", [FIXED_TILES["combine"]])]
     return None, plan
 
 
@@ -376,37 +381,60 @@ def _compile_one(job):
         kernel = compile_kernel(kind, dtype, head_dim, flash_configs._cfg(bm, bn, stages, warps),
                                 target)
         return job, inspect(kernel, target), time.process_time() - t0
-    except Exception as e:
-        return job, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}", 0.0
+    except Exception as e:  # a first call pays for the failed compile too
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return job, f"{type(e).__name__}: {why}", time.process_time() - t0
 
 
-def portability(head_dims, jobs):
-    plans = {}
-    work = []
-    for arch in devices.PORTABILITY:
-        target = devices.target(arch)
-        for dtype in ("fp16", "bf16", "fp32"):
-            for D in head_dims:
-                why, plan = runtime_plan(target, dtype, D)
-                plans[(arch, dtype, D)] = (why, plan)
-                work += [(arch, kind, dtype, D, flash_configs._shape(c)) for kind, c in plan]
-    results = {}
+def _why_not(facts, target):
+    """Why a compiled config cannot run on target (None: it can): it did not compile (facts
+    is the error), or it needs more shared memory than a block may have (it fails to load)."""
+    if isinstance(facts, str):
+        return f"does not compile ({facts})"
+    if facts["shared"] > target.shared_memory:
+        return f"needs {facts['shared']} bytes of shared memory"
+    return None
+
+
+def _compile_as_the_runtime(plans, jobs):
+    """{(arch, dtype, D, kernel): [(config, facts or the error, seconds)]}: each planned
+    kernel's candidates compiled in the order the runtime tries them, up to the first that
+    compiles and fits (autotune.first_that_loads), round by round on `jobs` processes."""
+    tried = {(arch, dtype, D, kind): [] for (arch, dtype, D), (_, plan) in plans.items()
+             for kind, _ in plan}
+    configs = {(arch, dtype, D, kind): candidates for (arch, dtype, D), (_, plan) in plans.items()
+               for kind, candidates in plan}
+    pending = list(tried)
     # A cache of its own, so that the compile seconds are what a first call pays (Triton's
     # cache may hold kernels an earlier run compiled).
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-            for job, facts, seconds in pool.map(_compile_one, work):
-                results[job] = (facts, seconds)
+            while pending:
+                work = [(arch, kind, dtype, D, flash_configs._shape(configs[key][len(tried[key])]))
+                        for key in pending for arch, dtype, D, kind in [key]]
+                for key, (_, facts, seconds) in zip(pending, pool.map(_compile_one, work)):
+                    tried[key].append((configs[key][len(tried[key])], facts, seconds))
+                pending = [key for key in pending if len(tried[key]) < len(configs[key])
+                           and _why_not(tried[key][-1][1], devices.target(key[0]))]
+    return tried
+
+
+def portability(head_dims, jobs):
+    plans = {(arch, dtype, D): runtime_plan(devices.target(arch), dtype, D)
+             for arch in devices.PORTABILITY for dtype in ("fp16", "bf16", "fp32") for D in head_dims}
+    tried = _compile_as_the_runtime(plans, jobs)
     print(f"triton {triton.__version__}: the configs the runtime chooses on each target, for the "
-          f"lecture's training step (T = {TRAIN_T}) and a decode step")
+          f"lecture's training step (T = {TRAIN_T}) and a decode step (where a config does not "
+          "compile or load, the next one it would try below it)")
     print(f"{'target':7s} {'dtype':5s} {'D':>3s} {'kernel':10s} {'BMxBN':>7s} {'warps':>5s} "
           f"{'stages':>6s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'limit':>7s} {'mma':>9s} "
           f"{'compile s':>9s}")
+    show = lambda v: "?" if v is None else v  # noqa: E731
     failing, verdicts = 0, []
     for arch in devices.PORTABILITY:
         target = devices.target(arch)
-        runs, falls, fails, seconds, lecture = [], [], [], 0.0, None
+        runs, detours, falls, fails, seconds, lecture = [], [], [], [], 0.0, None
         for dtype in ("fp16", "bf16", "fp32"):
             for D in head_dims:
                 why, plan = plans[(arch, dtype, D)]
@@ -414,36 +442,50 @@ def portability(head_dims, jobs):
                     falls.append(f"{dtype} D {D}")
                     print(f"{target.label:7s} {dtype:5s} {D:3d} falls back to SDPA: {why}")
                     continue
-                failed = []
+                failed, detoured = [], []
                 step = 0.0  # the training step's kernels (not decode's)
-                for kind, c in plan:
-                    facts, s = results[(arch, kind, dtype, D, flash_configs._shape(c))]
-                    seconds += s
-                    step += s if kind not in ("decode", "combine") else 0.0
-                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                    head = (f"{target.label:7s} {dtype:5s} {D:3d} {kind:10s} {f'{bm}x{bn}':>7s} "
-                            f"{c.num_warps:5d} {c.num_stages:6d}")
-                    if isinstance(facts, str):
-                        failed.append(f"{kind} does not compile ({facts})")
-                        print(f"{head}  FAILED to compile: {facts}")
-                        continue
-                    over = facts["shared"] > target.shared_memory
-                    if over:
-                        failed.append(f"{kind} needs {facts['shared']} bytes of shared memory")
-                    show = lambda v: "?" if v is None else v  # noqa: E731
-                    print(f"{head} {show(facts['regs']):>4} {show(facts['stack']):>5} "
-                          f"{facts['shared']:7d} {target.shared_memory:7d} {show(facts['mma']):>9} "
-                          f"{s:9.1f}{'  OVER THE LIMIT' if over else ''}")
-                (fails if failed else runs).append(f"{dtype} D {D}" + (f" ({'; '.join(failed)})"
-                                                                        if failed else ""))
+                for kind, _ in plan:
+                    attempts = tried[(arch, dtype, D, kind)]
+                    for c, facts, s in attempts:
+                        seconds += s
+                        step += s if kind not in ("decode", "combine") else 0.0
+                        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                        head = (f"{target.label:7s} {dtype:5s} {D:3d} {kind:10s} {f'{bm}x{bn}':>7s} "
+                                f"{c.num_warps:5d} {c.num_stages:6d}")
+                        if isinstance(facts, str):
+                            print(f"{head}  FAILED to compile: {facts}")
+                            continue
+                        print(f"{head} {show(facts['regs']):>4} {show(facts['stack']):>5} "
+                              f"{facts['shared']:7d} {target.shared_memory:7d} "
+                              f"{show(facts['mma']):>9} {s:9.1f}"
+                              f"{'  OVER THE LIMIT' if _why_not(facts, target) else ''}")
+                    last, first_why = attempts[-1], _why_not(attempts[0][1], target)
+                    if _why_not(last[1], target):  # no config left: the guard sends it to PyTorch
+                        failed.append(f"{kind}: all {len(attempts)} configs fail (the first "
+                                      f"{first_why})")
+                    elif len(attempts) > 1:
+                        c = last[0]
+                        detoured.append(f"{kind}: {len(attempts) - 1} failed config(s) (the "
+                                        f"first {first_why}), then {c.kwargs['BLOCK_M']}x"
+                                        f"{c.kwargs['BLOCK_N']}, {c.num_warps} warps, "
+                                        f"{c.num_stages} stage(s)")
+                label = f"{dtype} D {D}"
+                if failed:
+                    fails.append(f"{label} ({'; '.join(failed)})")
+                elif detoured:
+                    detours.append(f"{label} ({'; '.join(detoured)})")
+                else:
+                    runs.append(label)
                 if (dtype, D) == ("bf16", 64):  # the lecture's model, trained under autocast
                     lecture = step
         verdict = f"{target.label}: runs {', '.join(runs) or 'nothing'}"
+        if detours:
+            verdict += f"; runs after failed configs: {', '.join(detours)}"
         if falls:
             verdict += f"; falls back to SDPA for {', '.join(falls)}"
         if fails:
             verdict += f"; would fail: {', '.join(fails)}"
-            failing += 1
+        failing += bool(detours or fails)
         verdict += f"; {seconds:.0f} s of compiling in all"
         if lecture is not None:
             verdict += f", {lecture:.1f} s for the lecture's first training step (bf16, D 64)"

@@ -392,6 +392,51 @@ def test_tuned_configs_are_written_from_autotuned_reports(tmp_path):
     assert all(len(key) == 6 and len(value) == 4 for key, value in TUNED.items())
 
 
+# A stand-in compiler for --portability: every fused config wider than 32 rows fails to compile
+# (as Triton 3.6's pipeliner fails them on sm_100 and sm_120), and on sm_80 so does every dq.
+_FALLING_THROUGH = """
+import concurrent.futures, sys
+sys.path.insert(0, sys.argv[1])
+import compile_report as cr
+
+def compile_one(job):
+    arch, kind, dtype, D, (bm, bn, warps, stages) = job
+    if (kind == "fused" and bm > 32) or (kind == "dq" and arch == 80):
+        return job, "RuntimeError: PassManager::run failed", 0.5
+    return job, dict(regs=100, stack=0, shared=1024, mma="mma.sync"), 0.25
+
+cr._compile_one = compile_one
+cr.concurrent.futures.ProcessPoolExecutor = concurrent.futures.ThreadPoolExecutor
+sys.exit(cr.portability([64], 1))
+"""
+
+
+def test_portability_follows_the_runtime_past_a_config_that_fails():
+    """--portability tries a kernel's next config where the chosen one does not compile or load,
+    as the runtime does (autotune.first_that_loads), counts the failed compiles in a first
+    step's seconds and says so in its verdict; a kernel none of whose configs works would fail.
+    Either exits 1. A kernel whose first config works compiles that one alone."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _FALLING_THROUGH, str(BENCH)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    verdict = {line.split(":")[0]: line for line in r.stdout.split("== verdict ==")[1].splitlines()
+               if line.strip()}
+    sm90 = verdict["sm_90"]
+    assert "runs fp32 D 64; runs after failed configs: fp16 D 64 (fused: " in sm90, sm90
+    assert "failed config(s) (the first does not compile (RuntimeError: PassManager::run " \
+           "failed)), then 32x32, 4 warps, 1 stage(s))" in sm90, sm90
+    tried = [row for row in map(str.split, r.stdout.splitlines()) if row[:3] == ["sm_90", "bf16", "64"]]
+    kinds = [row[3] for row in tried]
+    assert kinds.count("fwd") == kinds.count("decode") == 1, kinds
+    failed = sum(1 for row in tried if row[3] == "fused" and "FAILED" in row)
+    assert failed >= 1 and kinds.count("fused") == failed + 1, tried
+    # the lecture's first step: fwd and the fused kernel's failed and final compiles
+    assert f"{0.25 + 0.5 * failed + 0.25:.1f} s for the lecture's first training step" in sm90, sm90
+    assert "would fail: fp32 D 64 (dq: all " in verdict["sm_80"], verdict["sm_80"]
+    assert verdict["sm_75"].startswith("sm_75: runs nothing; falls back to SDPA for"), verdict["sm_75"]
+
+
 @pytest.mark.skipif(not _can_compile_for_cuda(), reason="this triton has no GPU backends to compile with")
 def test_compile_report_reads_amd_and_blackwell_builds():
     """compile_report on an MI300 (AMD: registers and scratch from the code object's notes,
