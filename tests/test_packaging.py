@@ -40,9 +40,12 @@ def wheel(tmp_path_factory):
     isolation = []
     try:
         import setuptools
-        if int(setuptools.__version__.split(".")[0]) >= 64:
+        version = tuple(int(part) for part in setuptools.__version__.split(".")[:2])
+        # bdist_wheel is setuptools' own from 70.1 on, the `wheel` package's before (a new
+        # Python 3.11 venv has setuptools 65 and no `wheel`: then the isolated build).
+        if version >= (70, 1) or (version >= (64, 0) and importlib.util.find_spec("wheel")):
             isolation = ["--no-build-isolation"]
-    except ImportError:
+    except (ImportError, ValueError):
         pass
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
                         "-w", str(out), str(src)], capture_output=True, text=True, timeout=300,
