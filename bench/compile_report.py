@@ -400,21 +400,21 @@ def _compile_as_the_runtime(plans, jobs):
     """{(arch, dtype, D, kernel): [(config, facts or the error, seconds)]}: each planned
     kernel's candidates compiled in the order the runtime tries them, up to the first that
     compiles and fits (autotune.first_that_loads), round by round on `jobs` processes."""
-    tried = {(arch, dtype, D, kind): [] for (arch, dtype, D), (_, plan) in plans.items()
-             for kind, _ in plan}
     configs = {(arch, dtype, D, kind): candidates for (arch, dtype, D), (_, plan) in plans.items()
                for kind, candidates in plan}
-    pending = list(tried)
+    tried = {key: [] for key in configs}
+    pending = list(configs)
     # A cache of its own, so that the compile seconds are what a first call pays (Triton's
     # cache may hold kernels an earlier run compiled).
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
             while pending:
-                work = [(arch, kind, dtype, D, flash_configs._shape(configs[key][len(tried[key])]))
-                        for key in pending for arch, dtype, D, kind in [key]]
-                for key, (_, facts, seconds) in zip(pending, pool.map(_compile_one, work)):
-                    tried[key].append((configs[key][len(tried[key])], facts, seconds))
+                nexts = [configs[key][len(tried[key])] for key in pending]
+                work = [(arch, kind, dtype, D, flash_configs._shape(c))
+                        for (arch, dtype, D, kind), c in zip(pending, nexts)]
+                for key, c, (_, facts, seconds) in zip(pending, nexts, pool.map(_compile_one, work)):
+                    tried[key].append((c, facts, seconds))
                 pending = [key for key in pending if len(tried[key]) < len(configs[key])
                            and _why_not(tried[key][-1][1], devices.target(key[0]))]
     return tried
